@@ -1,0 +1,8 @@
+"""bebop-trl: faster RL post-training of LLMs with multi-token-prediction speculative rollouts."""
+
+from .modeling import MTPHead, MTPHeadConfig
+
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["MTPHead", "MTPHeadConfig"]

@@ -1,0 +1,474 @@
+"""The MTP draft head: a small recurrent module on the policy's last hidden state."""
+
+import copy
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub import CommitInfo, HfApi
+from torch import nn
+from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
+
+from .configuration_mtp_head import MTP_LAYOUT, MTPHeadConfig
+from .hub import (
+    CONFIG_NAME,
+    MODEL_CARD_NAME,
+    WEIGHTS_NAME,
+    head_model_card,
+    load_tensors,
+    read_json,
+    resolve_file,
+    save_tensors,
+)
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MTPHeadOutput:
+    """Output of one head step.
+
+    Attributes:
+        last_hidden_state: [B, T, H] the head's final hidden state: the policy's lm_head turns it into draft
+            logits, and it is the hidden-state input of the next draft step.
+        past_key_values: The head's own KV cache (when `use_cache`).
+    """
+
+    last_hidden_state: torch.Tensor
+    past_key_values: Cache | None = None
+
+
+class MTPHead(nn.Module):
+    """Multi-token-prediction draft head, stored as an adapter of its policy.
+
+    Step 1 reads the policy's final hidden state `h_t` (after its final norm) and the embedding of token
+    `x_{t+1}`, concatenates them (embedding first), projects 2H -> H, runs one or a few decoder layers of the
+    policy's own architecture and predicts `x_{t+2}` with the policy's lm_head. Step j feeds the head's own output
+    hidden state and the embedding of `x_{t+j}` back in, with the same weights. The `mtp` layout adds RMSNorms
+    before the projection and after the block; the `eagle` layout has neither (see
+    [`MTPHeadConfig`][bebop_trl.MTPHeadConfig]).
+
+    The embedding and lm_head are the policy's: shared, frozen, never stored in the head. [`bind`][bebop_trl.MTPHead.bind]
+    attaches a head to its policy after checking that they match.
+
+    Example:
+        ```python
+        head = MTPHead.from_model(policy)          # new head, bound to `policy`
+        head.save_pretrained("my-head")            # config.json + model.safetensors + README.md
+        head = MTPHead.from_pretrained("my-head", policy=policy)
+        ```
+    """
+
+    config_class = MTPHeadConfig
+
+    def __init__(self, config: MTPHeadConfig):
+        super().__init__()
+        self.config = config
+        decoder_config = dict(config.decoder_config or {})
+        model_type = decoder_config.pop("model_type", config.base_model_type)
+        if model_type is None:
+            raise ValueError(
+                "MTPHeadConfig.decoder_config has no model_type: build the config with from_policy_config."
+            )
+        # The head reads embeddings from the policy, so its decoder stack needs no vocabulary of its own.
+        decoder_config.update(
+            vocab_size=1, pad_token_id=None, bos_token_id=None, eos_token_id=None, num_hidden_layers=config.num_layers
+        )
+        decoder = AutoModel.from_config(AutoConfig.for_model(model_type, **decoder_config))
+        if not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
+            raise ValueError(
+                f"Cannot build an MTP head for model type {model_type!r}: its base model has no `layers`/`norm`. "
+                "Use a decoder-only causal LM policy."
+            )
+        decoder.embed_tokens = None
+        hidden_size = config.hidden_size
+        self.fc = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        if config.layout == MTP_LAYOUT:
+            self.pre_fc_norm_embedding = copy.deepcopy(decoder.norm)
+            self.pre_fc_norm_hidden = copy.deepcopy(decoder.norm)
+        else:
+            # EAGLE-1: the projection feeds the first layer's attention directly and its output goes to the lm_head.
+            decoder.layers[0].input_layernorm = nn.Identity()
+            decoder.norm = nn.Identity()
+        self.model = decoder
+        self._policy_io: tuple[nn.Module, nn.Module] | None = None
+
+    # ----------------------------------------------------------------------------------------------------- policy
+
+    def bind(self, policy: nn.Module, *, check_base_model: bool = True) -> "MTPHead":
+        """Checks that the head matches `policy` and shares the policy's embedding and lm_head with it.
+
+        The policy's modules are referenced, not copied: updates of the policy's weights are seen at once.
+
+        Args:
+            policy: The causal LM the head drafts for (a PEFT or accelerate wrapper is fine).
+            check_base_model: Also require the policy's name to match the head's `base_model_name_or_path`.
+
+        Returns:
+            The head itself.
+
+        Raises:
+            ValueError: If hidden size, vocabulary, architecture or base model do not match.
+        """
+        self.validate_policy(policy, check_base_model=check_base_model)
+        # A plain attribute (not a submodule): the policy's weights stay out of the head's state dict.
+        object.__setattr__(self, "_policy_io", (policy.get_input_embeddings(), policy.get_output_embeddings()))
+        return self
+
+    def validate_policy(self, policy: nn.Module, *, check_base_model: bool = True) -> None:
+        """Raises `ValueError` naming both values if the head was not built for a policy like `policy`.
+
+        Args:
+            policy: The causal LM to check against.
+            check_base_model: Also compare the policy's name with the head's `base_model_name_or_path`.
+        """
+        text_config = policy.config.get_text_config()
+        head = self.config
+        built_for = head.base_model_name_or_path or "another policy"
+        fix = "Load the head trained for this policy, or build one with MTPHead.from_model(policy)."
+        if head.hidden_size != text_config.hidden_size:
+            raise ValueError(
+                f"MTP head hidden size {head.hidden_size} does not match the policy's hidden size "
+                f"{text_config.hidden_size} (the head was built for {built_for}). {fix}"
+            )
+        lm_head = policy.get_output_embeddings()
+        policy_vocab = lm_head.weight.shape[0] if lm_head is not None else text_config.vocab_size
+        if head.vocab_size != policy_vocab:
+            raise ValueError(
+                f"MTP head vocabulary size {head.vocab_size} does not match the policy's lm_head rows {policy_vocab} "
+                f"(the head was built for {built_for}). {fix}"
+            )
+        if head.base_model_type and head.base_model_type != text_config.model_type:
+            raise ValueError(
+                f"MTP head architecture {head.base_model_type!r} ({head.base_architecture}) does not match the "
+                f"policy's {text_config.model_type!r}. {fix}"
+            )
+        policy_name = policy.config.name_or_path
+        if check_base_model and not _same_model_name(head.base_model_name_or_path, policy_name):
+            raise ValueError(
+                f"MTP head was built for base model {head.base_model_name_or_path!r}, but the policy is "
+                f"{policy_name!r}. {fix} If the policy is a fine-tune of that model, pass check_base_model=False."
+            )
+
+    @property
+    def is_bound(self) -> bool:
+        """Whether the head shares a policy's embedding and lm_head (see [`bind`][bebop_trl.MTPHead.bind])."""
+        return self._policy_io is not None
+
+    def _bound_io(self) -> tuple[nn.Module, nn.Module]:
+        if self._policy_io is None:
+            raise RuntimeError("This MTP head is not bound to a policy: call head.bind(policy) first.")
+        return self._policy_io
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The policy's lm_head weight [V, H] (shared and frozen)."""
+        return self._bound_io()[1].weight
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Embeds token ids with the policy's input embedding."""
+        return self._bound_io()[0](input_ids)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Draft logits from head hidden states, through the policy's lm_head."""
+        lm_head = self._bound_io()[1]
+        return lm_head(hidden_states.to(lm_head.weight.dtype))
+
+    # ---------------------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+    ) -> MTPHeadOutput:
+        """Runs one draft step over a sequence of slots.
+
+        For step 1, `hidden_states[:, t]` is the policy's final hidden state at position t and `input_ids[:, t]`
+        is token t+1; for step j > 1, `hidden_states` is the previous step's `last_hidden_state`. The slots run
+        causally in parallel (teacher forcing), or one by one with `past_key_values` when drafting.
+
+        Args:
+            hidden_states: [B, T, H] policy (step 1) or head (later steps) hidden states.
+            input_ids: [B, T] ids of the next tokens, embedded with the policy's embedding.
+            inputs_embeds: [B, T, H] the same tokens already embedded (instead of `input_ids`).
+            attention_mask: [B, past + T] validity of the slots (1 = attend). Slot t pairs the hidden state at
+                position t with token t+1, so with left padding it is the policy's mask shifted by one slot.
+            position_ids: [B, T] positions of the slots; only differences matter (rotary embeddings), so the
+                policy's positions of the hidden states or of the tokens both work if used consistently.
+            past_key_values: The head's KV cache from earlier calls (see [`new_cache`][bebop_trl.MTPHead.new_cache]).
+            use_cache: Return the updated cache.
+
+        Returns:
+            The head's final hidden states and its cache.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds to the MTP head.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        dtype = self.fc.weight.dtype
+        inputs_embeds, hidden_states = inputs_embeds.to(dtype), hidden_states.to(dtype)
+        if self.config.layout == MTP_LAYOUT:
+            inputs_embeds = self.pre_fc_norm_embedding(inputs_embeds)
+            hidden_states = self.pre_fc_norm_hidden(hidden_states)
+        projected = self.fc(torch.cat([inputs_embeds, hidden_states], dim=-1))
+        out = self.model(
+            inputs_embeds=projected,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        return MTPHeadOutput(out.last_hidden_state, out.past_key_values if use_cache else None)
+
+    def new_cache(self) -> DynamicCache:
+        """An empty KV cache for drafting with this head."""
+        return DynamicCache(config=self.model.config)
+
+    # -------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_model(
+        cls,
+        policy: PreTrainedModel,
+        num_layers: int = 1,
+        layout: str | None = None,
+        *,
+        init_from_policy: bool = True,
+        **config_kwargs,
+    ) -> "MTPHead":
+        """Builds a new head for `policy`, bound to it.
+
+        The head starts close to the policy so that its draft distribution already overlaps the policy's: its
+        decoder layers copy the policy's last decoder layers (where shapes allow), the `mtp` final norm copies the
+        policy's final norm, and the projection passes the hidden-state half through (identity) and starts the
+        embedding half at zero.
+
+        Args:
+            policy: The causal LM to draft for.
+            num_layers: Number of decoder layers in the head.
+            layout: `"mtp"` or `"eagle"`; by default the layout vLLM loads as is for this policy.
+            init_from_policy: Initialise from the policy as above; otherwise keep the architecture's random init.
+            **config_kwargs: Further [`MTPHeadConfig`][bebop_trl.MTPHeadConfig] fields (e.g. `recipe`).
+        """
+        config = MTPHeadConfig.from_policy_config(policy.config, num_layers=num_layers, layout=layout, **config_kwargs)
+        lm_head = policy.get_output_embeddings()
+        if lm_head is not None:
+            config.vocab_size = lm_head.weight.shape[0]
+        head = cls(config)
+        if init_from_policy:
+            head._init_from_policy(policy)
+        reference = policy.get_input_embeddings().weight
+        head.to(device=reference.device, dtype=reference.dtype)
+        return head.bind(policy)
+
+    @torch.no_grad()
+    def _init_from_policy(self, policy: PreTrainedModel) -> None:
+        hidden_size = self.config.hidden_size
+        self.fc.weight.zero_()
+        self.fc.weight[:, hidden_size:].copy_(torch.eye(hidden_size))
+        decoder = _policy_decoder(policy)
+        if decoder is None:
+            logger.warning("The policy exposes no decoder layers; the MTP head keeps its random initialisation.")
+            return
+        sources = list(decoder.layers)
+        for head_layer in reversed(self.model.layers):
+            # Copy from the deepest policy layer whose parameters have the same names and shapes (hybrid models
+            # interleave layer kinds, e.g. linear and full attention).
+            while sources and not _copy_matching(sources[-1], head_layer):
+                sources.pop()
+            if not sources:
+                logger.warning("No policy decoder layer matches the head's layers; they keep their random init.")
+                break
+            sources.pop()
+        if self.config.layout == MTP_LAYOUT:
+            _copy_matching(decoder.norm, self.model.norm)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *,
+        policy: nn.Module | None = None,
+        check_base_model: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ) -> "MTPHead":
+        """Loads a head saved with [`save_pretrained`][bebop_trl.MTPHead.save_pretrained] from a folder or the Hub.
+
+        Args:
+            pretrained_model_name_or_path: A local folder or a Hub repo id.
+            policy: If given, the head is checked against it and bound to it.
+            check_base_model: With `policy`, also require the policy's name to match the head's base model.
+            dtype: Cast the weights to this dtype (default: as stored).
+            device: Move the head to this device (default: the policy's device, else CPU).
+            revision: Hub revision.
+            token: Hub token.
+            cache_dir: Hub cache folder.
+            local_files_only: Do not download.
+
+        Raises:
+            OSError: If a file is missing, corrupt or truncated.
+            ValueError: If the checkpoint is not an MTP head, its weights do not fit its config, or it does not
+                match `policy`.
+        """
+        hub_kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        config_dict = read_json(resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs))
+        model_type = config_dict.get("model_type")
+        if model_type != MTPHeadConfig.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is not an MTP head checkpoint (model_type={model_type!r}). "
+                "To import the MTP weights a model checkpoint ships, use MTPHead.from_native(path_or_repo)."
+            )
+        config = MTPHeadConfig.from_dict(config_dict)
+        state = load_tensors(resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs))
+        head = cls(config)
+        head.load_head_state_dict(state, source=str(pretrained_model_name_or_path))
+        if device is None and policy is not None:
+            device = policy.get_input_embeddings().weight.device
+        head.to(device=device, dtype=dtype)
+        if policy is not None:
+            head.bind(policy, check_base_model=check_base_model)
+        return head
+
+    def load_head_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
+        """Loads head weights exactly (the head takes the stored dtype), with a clear error on any mismatch.
+
+        Args:
+            state: Tensors keyed as in `head.state_dict()`.
+            source: Where the tensors come from, for error messages.
+        """
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong_shape = [
+            f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if missing or unexpected or wrong_shape:
+            raise ValueError(
+                f"The weights in {source} do not fit the head's config: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, wrong shapes {wrong_shape[:5]}. The weights file and config.json come from "
+                "different heads; save the head again."
+            )
+        stored_dtype = next(iter(state.values())).dtype
+        self.to(stored_dtype)
+        self.load_state_dict(state, strict=True)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Saves the head as an adapter repo: `config.json`, `model.safetensors` and a `README.md` model card.
+
+        Only the head's own weights are saved (never the policy's embedding or lm_head), always as safetensors.
+
+        Args:
+            save_directory: Folder to write (created if needed).
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        self.config.save_pretrained(save_directory)
+        save_tensors(self.state_dict(), os.path.join(save_directory, WEIGHTS_NAME))
+        head_model_card(self.config).save(os.path.join(save_directory, MODEL_CARD_NAME))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload MTP head",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> CommitInfo:
+        """Uploads the head (the files of [`save_pretrained`][bebop_trl.MTPHead.save_pretrained]) to a Hub repo.
+
+        Args:
+            repo_id: The repo to create or update, e.g. `"my-org/SmolLM2-135M-Instruct-mtp-head"`.
+            commit_message: Message of the commit.
+            private: Create the repo as private (ignored if it exists).
+            token: Hub token (default: the logged-in user's).
+            revision: Branch to push to.
+            create_pr: Open a pull request instead of committing to the branch.
+
+        Returns:
+            The commit on the Hub.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+    # ------------------------------------------------------------------------------------------------ native MTP
+
+    @classmethod
+    def from_native(cls, policy_name_or_path: str | os.PathLike, **kwargs) -> "MTPHead":
+        """Imports the MTP weights a checkpoint ships (Qwen3.5 / Qwen3-Next `mtp.*` tensors) as a head.
+
+        Args:
+            policy_name_or_path: Folder or Hub id of the policy checkpoint.
+            **kwargs: `policy`, `dtype`, `device`, and the Hub arguments of
+                [`from_pretrained`][bebop_trl.MTPHead.from_pretrained].
+        """
+        from .native import load_native_head
+
+        return load_native_head(cls, policy_name_or_path, **kwargs)
+
+    def save_native(self, save_directory: str | os.PathLike) -> str:
+        """Writes the head's weights under the checkpoint's native `mtp.*` names (inverse of `from_native`).
+
+        Args:
+            save_directory: Folder to write `mtp.safetensors` into.
+
+        Returns:
+            The path of the written file.
+        """
+        from .native import save_native_weights
+
+        return save_native_weights(self, save_directory)
+
+
+def _policy_decoder(policy: nn.Module) -> nn.Module | None:
+    """The module holding the policy's decoder `layers` and final `norm` (PEFT wrappers unwrapped)."""
+    if hasattr(policy, "get_base_model"):
+        policy = policy.get_base_model()
+    decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else None
+    return decoder if decoder is not None and hasattr(decoder, "layers") and hasattr(decoder, "norm") else None
+
+
+def _copy_matching(source: nn.Module, target: nn.Module) -> bool:
+    """Copies `source`'s parameters into `target` if every target parameter has a same-named, same-shaped twin."""
+    src, dst = source.state_dict(), target.state_dict()
+    if not all(k in src and src[k].shape == v.shape for k, v in dst.items()):
+        return False
+    target.load_state_dict({k: src[k] for k in dst})
+    return True
+
+
+def _same_model_name(a: str | None, b: str | None) -> bool:
+    """Whether two model names or paths refer to the same model (a Hub id matches a local folder of that name)."""
+    if not a or not b:
+        return True
+
+    def canonical(name: str) -> str:
+        return os.path.basename(os.path.normpath(str(name))).lower()
+
+    return canonical(a) == canonical(b)

@@ -1,0 +1,98 @@
+"""Import and export of the MTP weights that checkpoints ship natively (Qwen3.5, Qwen3-Next: `mtp.*`)."""
+
+import os
+
+from transformers import AutoConfig
+
+from .configuration_mtp_head import MTP_LAYOUT, NATIVE_MTP_MODEL_TYPES, MTPHeadConfig
+from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_tensors, read_json, resolve_file, save_tensors
+
+
+NATIVE_PREFIX = "mtp."
+NATIVE_WEIGHTS_NAME = "mtp.safetensors"
+# Native names of the decoder stack, and their place in the head (the rest, fc and pre-fc norms, keep their name).
+_DECODER_NAMES = ("layers.", "norm.")
+
+
+def native_to_head_key(key: str) -> str:
+    """`mtp.layers.0.mlp.up_proj.weight` -> `model.layers.0.mlp.up_proj.weight`; `mtp.fc.weight` -> `fc.weight`."""
+    name = key.removeprefix(NATIVE_PREFIX)
+    return f"model.{name}" if name.startswith(_DECODER_NAMES) else name
+
+
+def head_to_native_key(key: str) -> str:
+    """Inverse of [`native_to_head_key`][bebop_trl.modeling.native.native_to_head_key]."""
+    return NATIVE_PREFIX + key.removeprefix("model.")
+
+
+def load_native_head(
+    head_cls,
+    policy_name_or_path: str | os.PathLike,
+    *,
+    policy=None,
+    check_base_model: bool = True,
+    dtype=None,
+    device=None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+):
+    """Builds a head from the `mtp.*` tensors of a policy checkpoint (see `MTPHead.from_native`)."""
+    hub_kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    policy_config = AutoConfig.from_pretrained(policy_name_or_path, **{k: v for k, v in hub_kwargs.items() if v})
+    text_config = policy_config.get_text_config()
+    if text_config.model_type not in NATIVE_MTP_MODEL_TYPES:
+        raise ValueError(
+            f"{policy_name_or_path} is a {text_config.model_type!r} checkpoint, which ships no MTP weights "
+            f"(native MTP: {', '.join(NATIVE_MTP_MODEL_TYPES)}). Build a new head with MTPHead.from_model(policy)."
+        )
+    native = _read_native_tensors(policy_name_or_path, hub_kwargs)
+    layer_ids = {int(k.split(".")[2]) for k in native if k.startswith(NATIVE_PREFIX + "layers.")}
+    num_layers = getattr(text_config, "mtp_num_hidden_layers", None) or len(layer_ids)
+    config = MTPHeadConfig.from_policy_config(policy_config, num_layers=num_layers, layout=MTP_LAYOUT)
+    config.base_model_name_or_path = str(policy_name_or_path)
+    head = head_cls(config)
+    head.load_head_state_dict(
+        {native_to_head_key(k): v for k, v in native.items()}, source=f"the mtp.* tensors of {policy_name_or_path}"
+    )
+    if device is None and policy is not None:
+        device = policy.get_input_embeddings().weight.device
+    head.to(device=device, dtype=dtype)
+    if policy is not None:
+        head.bind(policy, check_base_model=check_base_model)
+    return head
+
+
+def _read_native_tensors(path_or_repo, hub_kwargs) -> dict:
+    index_file = resolve_file(path_or_repo, WEIGHTS_INDEX_NAME, required=False, **hub_kwargs)
+    if index_file is not None:
+        weight_map = read_json(index_file)["weight_map"]
+        keys_by_file: dict[str, list[str]] = {}
+        for key, file in weight_map.items():
+            if key.startswith(NATIVE_PREFIX):
+                keys_by_file.setdefault(file, []).append(key)
+    else:
+        keys_by_file = {WEIGHTS_NAME: None}
+    native = {}
+    for file, keys in keys_by_file.items():
+        tensors = load_tensors(resolve_file(path_or_repo, file, **hub_kwargs), keys)
+        native.update({k: v for k, v in tensors.items() if k.startswith(NATIVE_PREFIX)})
+    if not native:
+        raise ValueError(
+            f"{path_or_repo} has no MTP weights (no `{NATIVE_PREFIX}*` tensors). "
+            "Build a new head with MTPHead.from_model(policy)."
+        )
+    return native
+
+
+def save_native_weights(head, save_directory: str | os.PathLike) -> str:
+    """Writes `head`'s weights under native `mtp.*` names to `save_directory/mtp.safetensors`."""
+    if head.config.layout != MTP_LAYOUT:
+        raise ValueError(
+            f"Only `mtp`-layout heads have native `mtp.*` names; this head has layout {head.config.layout!r}."
+        )
+    os.makedirs(save_directory, exist_ok=True)
+    path = os.path.join(save_directory, NATIVE_WEIGHTS_NAME)
+    save_tensors({head_to_native_key(k): v for k, v in head.state_dict().items()}, path)
+    return path

@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny checkpoints written once per test session and loaded through `from_pretrained`."""
+
+import os
+
+
+# Before anything imports huggingface_hub: tests never reach the Hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bebop_trl.testing import TINY_ARCHITECTURES, save_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Folder of a tiny checkpoint (model + character tokenizer) per architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny_checkpoint(root / f"tiny-{arch}", arch) for arch in (*TINY_ARCHITECTURES, "qwen3_5")}
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_checkpoints):
+    """Loads a fresh copy of a tiny model: `load_tiny("qwen3")`."""
+
+    def load(architecture: str = "llama", dtype: torch.dtype = torch.float32):
+        return AutoModelForCausalLM.from_pretrained(tiny_checkpoints[architecture], dtype=dtype).eval()
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_checkpoints):
+    return AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
