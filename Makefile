@@ -10,6 +10,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+export NO_MKDOCS_2_WARNING ?= 1
 
 STAMP := $(VENV)/.bebop-installed
 

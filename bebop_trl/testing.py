@@ -5,6 +5,7 @@ Every model has head_dim 32, which the CPU build of vLLM supports, so the same c
 
 import json
 import os
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -55,7 +56,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(architecture: str = "llama", **overrides) -> PreTrainedConfig:
+def tiny_config(architecture: str = "llama", **overrides: Any) -> PreTrainedConfig:
     """Config of a 2-layer causal LM with hidden size 64, 2 heads of dim 32 and a 128-token vocabulary.
 
     Args:
@@ -97,7 +98,7 @@ def tiny_config(architecture: str = "llama", **overrides) -> PreTrainedConfig:
     return config_classes[architecture](**common)
 
 
-def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides) -> PreTrainedModel:
+def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A randomly initialised tiny causal LM (float32, eval mode) with EOS and padding set for generation."""
     config = tiny_config(architecture, **overrides)
     torch.manual_seed(seed)

@@ -31,7 +31,7 @@ class MTPHeadConfig(PreTrainedConfig):
     A head is an adapter: it holds only its own weights and names the policy it drafts for. The policy's
     embedding and lm_head are shared and never stored in the head.
 
-    Args:
+    Attributes:
         base_model_name_or_path: Hub id or path of the policy the head was built for.
         base_model_type: `model_type` of the policy's text model (e.g. `"llama"`, `"qwen3"`).
         base_architecture: The policy's architecture class name (e.g. `"LlamaForCausalLM"`).
@@ -69,7 +69,7 @@ class MTPHeadConfig(PreTrainedConfig):
 
     @classmethod
     def from_policy_config(
-        cls, policy_config: PreTrainedConfig, *, num_layers: int = 1, layout: str | None = None, **kwargs
+        cls, policy_config: PreTrainedConfig, *, num_layers: int = 1, layout: str | None = None, **kwargs: Any
     ) -> "MTPHeadConfig":
         """Builds the config of a new head for a policy.
 

@@ -5,6 +5,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from huggingface_hub import CommitInfo, HfApi
@@ -244,7 +245,7 @@ class MTPHead(nn.Module):
         layout: str | None = None,
         *,
         init_from_policy: bool = True,
-        **config_kwargs,
+        **config_kwargs: Any,
     ) -> "MTPHead":
         """Builds a new head for `policy`, bound to it.
 
@@ -420,7 +421,7 @@ class MTPHead(nn.Module):
     # ------------------------------------------------------------------------------------------------ native MTP
 
     @classmethod
-    def from_native(cls, policy_name_or_path: str | os.PathLike, **kwargs) -> "MTPHead":
+    def from_native(cls, policy_name_or_path: str | os.PathLike, **kwargs: Any) -> "MTPHead":
         """Imports the MTP weights a checkpoint ships (Qwen3.5 / Qwen3-Next `mtp.*` tensors) as a head.
 
         Args:
