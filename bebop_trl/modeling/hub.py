@@ -35,13 +35,18 @@ def resolve_file(path_or_repo: str | os.PathLike, filename: str, *, required: bo
         if required:
             raise OSError(f"{path_or_repo} has no file named {filename}.")
         return None
-    return cached_file(
-        path_or_repo,
-        filename,
-        _raise_exceptions_for_missing_entries=required,
-        _raise_exceptions_for_connection_errors=required,
-        **{k: v for k, v in hub_kwargs.items() if v is not None},
-    )
+    try:
+        return cached_file(
+            path_or_repo,
+            filename,
+            _raise_exceptions_for_missing_entries=required,
+            _raise_exceptions_for_connection_errors=required,
+            **{k: v for k, v in hub_kwargs.items() if v is not None},
+        )
+    except OSError as e:
+        raise OSError(
+            f"Cannot get {filename} from {path_or_repo!r} (not a local folder, so tried the Hub): {e}"
+        ) from e
 
 
 def load_tensors(file: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

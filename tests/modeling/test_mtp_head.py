@@ -266,3 +266,39 @@ def test_two_layer_head(load_tiny, tokens):
     torch.testing.assert_close(head.model.layers[1].mlp.up_proj.weight, policy.model.layers[-1].mlp.up_proj.weight)
     torch.testing.assert_close(head.model.layers[0].mlp.up_proj.weight, policy.model.layers[-2].mlp.up_proj.weight)
     assert "model.layers.1.input_layernorm.weight" in head.state_dict()
+
+
+def test_hub_id_that_cannot_be_resolved_offline_gives_os_error():
+    with pytest.raises(OSError, match="does-not-exist"):
+        MTPHead.from_pretrained("some-org/does-not-exist")
+
+
+def test_load_with_dtype_and_policy_device(load_tiny, tmp_path):
+    policy = load_tiny("qwen2")
+    MTPHead.from_model(policy).save_pretrained(tmp_path)
+    head = MTPHead.from_pretrained(tmp_path, policy=policy, dtype=torch.bfloat16)
+    assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
+    assert head.fc.weight.device == policy.lm_head.weight.device
+
+
+def test_bind_to_a_peft_wrapped_policy(load_tiny, tokens):
+    from peft import LoraConfig, get_peft_model
+
+    policy = load_tiny("llama")
+    head = MTPHead.from_model(policy)
+    peft_policy = get_peft_model(policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    head.bind(peft_policy)
+    assert head.lm_head_weight is policy.lm_head.weight
+    with torch.no_grad():
+        hidden = peft_policy(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
+        assert head.compute_logits(head(hidden[:, :-1], tokens[:, 1:]).last_hidden_state).shape == (2, 11, 128)
+
+
+def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):
+    from bebop_trl.embedded import default_cache_dir
+
+    monkeypatch.setenv("BEBOP_TRL_CACHE", str(tmp_path))
+    assert default_cache_dir() == str(tmp_path)
+    monkeypatch.delenv("BEBOP_TRL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == str(tmp_path / "xdg" / "bebop_trl")
