@@ -277,7 +277,7 @@ class MTPHead(nn.Module):
         hidden_size = self.config.hidden_size
         self.fc.weight.zero_()
         self.fc.weight[:, hidden_size:].copy_(torch.eye(hidden_size))
-        decoder = _policy_decoder(policy)
+        decoder = policy_decoder(policy)
         if decoder is None:
             logger.warning("The policy exposes no decoder layers; the MTP head keeps its random initialisation.")
             return
@@ -447,7 +447,7 @@ class MTPHead(nn.Module):
         return save_native_weights(self, save_directory)
 
 
-def _policy_decoder(policy: nn.Module) -> nn.Module | None:
+def policy_decoder(policy: nn.Module) -> nn.Module | None:
     """The module holding the policy's decoder `layers` and final `norm` (PEFT wrappers unwrapped)."""
     if hasattr(policy, "get_base_model"):
         policy = policy.get_base_model()

@@ -1,0 +1,126 @@
+"""Teacher-forced unrolling of a head along whole sequences: the slots that training and evaluation score."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling_mtp_head import MTPHead, policy_decoder
+
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class UnrolledDraft:
+    """Draft and target hidden states of every (draft step, start position) slot of a batch.
+
+    Start position t of sequence b is slot n = b * (T - 1) + t. At draft step j (0-based), the head has read the
+    policy's hidden state at t and tokens x_{t+1} .. x_{t+j+1}; it predicts x_{t+j+2}, whose policy distribution
+    comes from the policy's hidden state at t+j+1.
+
+    Attributes:
+        draft_hidden: [S, N, H] the head's final hidden states.
+        target_hidden: [S, N, H] the policy's final hidden states of the same token slots (detached).
+        mask: [S, N] True where the slot lies inside the sequence (prefix-closed along S).
+        labels: [S, N] the data's token x_{t+j+2}, `IGNORE_INDEX` where the sequence has none.
+    """
+
+    draft_hidden: torch.Tensor
+    target_hidden: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def label_mask(self) -> torch.Tensor:
+        """[S, N] slots with a data label (for `ce`): `mask` without each sequence's last position."""
+        return self.mask & (self.labels != IGNORE_INDEX)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Position ids that skip padding on either side (as `generate` computes them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def final_hidden_states(
+    policy: nn.Module, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The policy's final hidden states [B, T, H] (after its final norm), without computing any logits.
+
+    Args:
+        policy: A causal LM (a PEFT wrapper is fine: its adapters stay active).
+        input_ids: [B, T] token ids.
+        attention_mask: [B, T] padding mask, left or right padding.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    decoder = policy_decoder(policy)
+    if decoder is None:
+        raise ValueError(f"{type(policy).__name__} exposes no decoder (get_decoder()); use a causal LM policy.")
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions_from_mask(attention_mask))
+    return out.last_hidden_state
+
+
+def unroll_teacher_forced(
+    head: MTPHead,
+    input_ids: torch.LongTensor,
+    policy_hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    num_steps: int = 1,
+) -> UnrolledDraft:
+    """Runs the head `num_steps` draft steps from every position of a batch, with the data's tokens as inputs.
+
+    Each step runs over all start positions at once (causal attention along the sequence, like a decoder layer of
+    the policy); step j feeds the head's own hidden states of step j-1 and the tokens one further along.
+
+    Args:
+        head: The MTP head (bound to the policy).
+        input_ids: [B, T] token ids.
+        policy_hidden: [B, T, H] the policy's final hidden states of `input_ids` (see
+            [`final_hidden_states`][bebop_trl.modeling.teacher_forcing.final_hidden_states]).
+        attention_mask: [B, T] padding mask, left or right padding.
+        num_steps: Number of draft steps S.
+
+    Returns:
+        The hidden states, validity mask and labels of the S x B(T-1) slots.
+    """
+    length = input_ids.shape[1]
+    if length < 2:
+        raise ValueError(f"Sequences need at least 2 tokens to train an MTP head, got length {length}.")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    valid_token = attention_mask.bool()
+    starts = length - 1
+    slot_mask, slot_positions = attention_mask[:, :starts], positions_from_mask(attention_mask)[:, :starts]
+    policy_hidden = policy_hidden.detach()
+
+    def ahead(x: torch.Tensor, j: int, fill) -> torch.Tensor:
+        """x[:, t + j] for t < T - 1, padded with `fill` past the end of the sequence."""
+        shifted = x[:, j : j + starts]
+        pad = starts - shifted.shape[1]
+        if pad == 0:
+            return shifted
+        pad_shape = (0, 0, 0, pad) if x.dim() == 3 else (0, pad)
+        return F.pad(shifted, pad_shape, value=fill)
+
+    draft, target, masks, labels = [], [], [], []
+    hidden = policy_hidden[:, :starts]
+    inside = valid_token[:, :starts]
+    for j in range(1, num_steps + 1):
+        hidden = head(
+            hidden, ahead(input_ids, j, 0), attention_mask=slot_mask, position_ids=slot_positions
+        ).last_hidden_state
+        inside = inside & ahead(valid_token, j, False)
+        draft.append(hidden)
+        target.append(ahead(policy_hidden, j, 0.0))
+        masks.append(inside)
+        next_token_valid = ahead(valid_token, j + 1, False)
+        labels.append(torch.where(inside & next_token_valid, ahead(input_ids, j + 1, 0), IGNORE_INDEX))
+
+    def flat(steps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(steps).flatten(1, 2)
+
+    return UnrolledDraft(flat(draft), flat(target), flat(masks), flat(labels))

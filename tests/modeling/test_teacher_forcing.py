@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from bebop_trl import MTPHead
+from bebop_trl.modeling.teacher_forcing import (
+    IGNORE_INDEX,
+    final_hidden_states,
+    positions_from_mask,
+    unroll_teacher_forced,
+)
+
+
+@pytest.fixture
+def policy_and_head(load_tiny):
+    policy = load_tiny("llama")
+    head = MTPHead.from_model(policy)
+    with torch.no_grad():
+        head.fc.weight.add_(0.05 * torch.randn_like(head.fc.weight))  # make steps differ from each other
+    return policy, head
+
+
+def test_final_hidden_states_match_the_full_forward(load_tiny):
+    policy = load_tiny("qwen3")
+    ids = torch.randint(4, 100, (2, 9))
+    expected = policy(ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(final_hidden_states(policy, ids), expected)
+
+
+def test_slots_follow_the_documented_semantics(policy_and_head):
+    policy, head = policy_and_head
+    torch.manual_seed(0)
+    ids = torch.randint(4, 100, (2, 8))
+    with torch.no_grad():
+        hidden = final_hidden_states(policy, ids)
+        out = unroll_teacher_forced(head, ids, hidden, num_steps=3)
+        batch, length = ids.shape
+        starts = length - 1
+        assert out.draft_hidden.shape == (3, batch * starts, 64)
+        # Reference: step by step on explicit prefixes, one slot at a time.
+        previous = hidden[:, :starts]
+        for j in range(1, 4):
+            step = torch.zeros_like(previous)
+            for t in range(starts):
+                if t + j >= length:
+                    continue
+                prefix_tokens = ids[:, j : t + j + 1]
+                step[:, t] = head(previous[:, : t + 1], prefix_tokens).last_hidden_state[:, -1]
+            for b in range(batch):
+                for t in range(starts):
+                    n = b * starts + t
+                    inside = t + j < length
+                    assert out.mask[j - 1, n] == inside
+                    if not inside:
+                        continue
+                    torch.testing.assert_close(out.draft_hidden[j - 1, n], step[b, t], rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(out.target_hidden[j - 1, n], hidden[b, t + j])
+                    expected_label = ids[b, t + j + 1] if t + j + 1 < length else IGNORE_INDEX
+                    assert out.labels[j - 1, n] == expected_label
+            previous = step
+
+
+def test_masks_are_prefix_closed_and_padding_does_not_leak(policy_and_head):
+    policy, head = policy_and_head
+    torch.manual_seed(1)
+    ids = torch.randint(4, 100, (1, 10))
+    pad = 3
+    left = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+    left_mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    right = torch.cat([ids, torch.zeros(1, pad, dtype=torch.long)], dim=1)
+    right_mask = left_mask.flip(-1)
+    with torch.no_grad():
+        alone = unroll_teacher_forced(head, ids, final_hidden_states(policy, ids), num_steps=2)
+        for padded, mask in ((left, left_mask), (right, right_mask)):
+            out = unroll_teacher_forced(head, padded, final_hidden_states(policy, padded, mask), mask, num_steps=2)
+            assert (out.mask[1:] <= out.mask[:-1]).all(), "mask must be prefix-closed along the steps"
+            assert out.mask.sum() == alone.mask.sum()
+            assert (out.label_mask.sum(-1) == alone.label_mask.sum(-1)).all()
+            torch.testing.assert_close(
+                out.draft_hidden[out.mask], alone.draft_hidden[alone.mask], rtol=1e-4, atol=1e-5
+            )
+            torch.testing.assert_close(out.target_hidden[out.mask], alone.target_hidden[alone.mask])
+            assert torch.equal(out.labels[out.label_mask], alone.labels[alone.label_mask])
+
+
+def test_gradients_reach_only_the_head(policy_and_head):
+    policy, head = policy_and_head
+    ids = torch.randint(4, 100, (2, 6))
+    hidden = final_hidden_states(policy, ids)
+    out = unroll_teacher_forced(head, ids, hidden, num_steps=2)
+    out.draft_hidden[out.mask].pow(2).mean().backward()
+    assert head.fc.weight.grad is not None and head.fc.weight.grad.abs().sum() > 0
+    assert not out.target_hidden.requires_grad
+
+
+def test_positions_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 2]]
+
+
+def test_bad_lengths(policy_and_head):
+    _, head = policy_and_head
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        unroll_teacher_forced(head, torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, 64))
+    with pytest.raises(ValueError, match="num_steps must be >= 1"):
+        unroll_teacher_forced(head, torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3, 64), num_steps=0)
