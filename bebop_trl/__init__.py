@@ -1,8 +1,9 @@
 """bebop-trl: faster RL post-training of LLMs with multi-token-prediction speculative rollouts."""
 
 from .modeling import MTPHead, MTPHeadConfig
+from .speculative import SpeculativeGenerator
 
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["MTPHead", "MTPHeadConfig"]
+__all__ = ["MTPHead", "MTPHeadConfig", "SpeculativeGenerator"]

@@ -1,0 +1,19 @@
+"""Speculative decoding with an MTP draft head: sampling helpers, exact rejection sampling and the engine."""
+
+from .engine import DRAFT_SAMPLING_MODES, GenerationOutput, SpeculativeGenerator
+from .rejection import rejection_sample
+from .sampling import probs_from_logits, process_logits, sample, validate_sampling_params
+from .stats import AcceptanceStats
+
+
+__all__ = [
+    "DRAFT_SAMPLING_MODES",
+    "AcceptanceStats",
+    "GenerationOutput",
+    "SpeculativeGenerator",
+    "probs_from_logits",
+    "process_logits",
+    "rejection_sample",
+    "sample",
+    "validate_sampling_params",
+]

@@ -1,0 +1,62 @@
+"""Acceptance statistics of a speculative generation run."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AcceptanceStats:
+    """How many drafted tokens the policy accepted, and how uncertain the policy was.
+
+    A draft is one cycle of one row: the head proposes `num_speculative_tokens` tokens and the policy verifies
+    them in one forward pass. Counts cover the rows still generating at the start of each cycle.
+
+    Attributes:
+        num_speculative_tokens: Drafted tokens per cycle (k; 0 without a head).
+        num_drafts: Draft cycles, summed over rows.
+        num_draft_tokens: Drafted tokens (`num_drafts * k`).
+        num_accepted_tokens: Drafted tokens the policy accepted.
+        accepted_per_position: [k] how often the j-th drafted token of a cycle was accepted.
+        entropy: [B, L] entropy (nats) of the processed policy distribution at every emitted token, 0 after the end
+            of each row.
+        mean_entropy: Mean of `entropy` over the emitted tokens.
+    """
+
+    num_speculative_tokens: int
+    num_drafts: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    accepted_per_position: torch.Tensor
+    entropy: torch.Tensor
+    mean_entropy: float
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / drafted tokens (0 without drafts)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def acceptance_per_position(self) -> torch.Tensor:
+        """[k] fraction of cycles whose j-th draft was accepted (the j-th draft is only verified if the earlier ones
+        passed, so this is the probability that the first j + 1 drafts all pass)."""
+        return self.accepted_per_position.double() / max(self.num_drafts, 1)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Accepted drafts per cycle; a cycle emits this plus one token (0 without drafts)."""
+        return self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        """Flat scalar metrics for logging."""
+        metrics = {
+            "num_drafts": float(self.num_drafts),
+            "num_draft_tokens": float(self.num_draft_tokens),
+            "num_accepted_tokens": float(self.num_accepted_tokens),
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "mean_entropy": self.mean_entropy,
+        }
+        for j, rate in enumerate(self.acceptance_per_position.tolist()):
+            metrics[f"acceptance_position_{j + 1}"] = rate
+        return metrics
