@@ -1,0 +1,321 @@
+"""Distillation losses of an MTP draft head against its frozen policy, without materialising the logits.
+
+The draft head and the policy share the policy's frozen lm_head `W` [V, H]. For a token slot (draft step `j`,
+start position `t`) the head's distribution is `q = softmax(draft_hidden @ W^T / T)` and the policy's is
+`p = softmax(target_hidden @ W^T / T)`. [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] trains `q` towards `p`
+and reports how often a speculative verifier would accept the draft, tiling over slots and vocabulary so that no
+[slots, V] logits tensor ever exists.
+"""
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from .chunked import MTPDivergenceFunction, TileMath, TorchTileMath, compute_dtype
+
+
+LossType = Literal["ce", "kl", "rkl", "tv", "e2e_tv"]
+Backend = Literal["auto", "torch", "triton"]
+
+DEFAULT_TOKEN_TILE = 512
+DEFAULT_VOCAB_TILE = 65536
+
+
+@dataclass
+class MTPLossOutput:
+    """Loss and acceptance statistics of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
+
+    All fields are float32 (float64 for float64 inputs). A draft step without any valid slot has NaN `tv` and
+    `acceptance`, since there is nothing to average.
+
+    Attributes:
+        loss: Scalar training loss; differentiable with respect to `draft_hidden` only.
+        tv: [S] mean total-variation distance between `p` and `q` per draft step, over valid slots (detached).
+        acceptance: [S] mean acceptance probability `1 - TV` per draft step, over valid slots (detached).
+        expected_accepted_length: Scalar (detached): expected number of accepted draft tokens per start position,
+            `sum_j prod_{i<=j} (1 - TV_{t,i})` over the valid steps of `t`, averaged over start positions with at
+            least one valid slot.
+    """
+
+    loss: Tensor
+    tv: Tensor
+    acceptance: Tensor
+    expected_accepted_length: Tensor
+
+
+def mtp_loss(
+    draft_hidden: Tensor,
+    target_hidden: Tensor,
+    lm_head_weight: Tensor,
+    *,
+    loss_type: LossType = "e2e_tv",
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    temperature: float = 1.0,
+    token_tile: int = DEFAULT_TOKEN_TILE,
+    vocab_tile: int = DEFAULT_VOCAB_TILE,
+    backend: Backend = "auto",
+) -> MTPLossOutput:
+    """Distillation loss of an MTP draft head against its frozen policy, computed tile by tile.
+
+    With `q` the head's and `p` the policy's next-token distribution at a slot, the loss types are:
+
+    - `"ce"`: cross-entropy `-log q(label)` against `labels`.
+    - `"kl"`: forward KL divergence `KL(p || q)`.
+    - `"rkl"`: reverse KL divergence `KL(q || p)`.
+    - `"tv"`: total-variation distance `TV(p, q) = 1 - sum_v min(p_v, q_v)`, which is one minus the probability
+      that speculative sampling accepts the drafted token.
+    - `"e2e_tv"`: one minus the expected accepted prefix length, normalised: with `alpha_{t,j} = 1 - TV(p, q)` at
+      start position `t` and draft step `j`, the loss is `1 - sum_{t,j} prod_{i<=j} alpha_{t,i} / (#valid slots)`.
+      A step's TV thereby also receives gradient through every later step's acceptance product.
+
+    `"ce"`, `"kl"`, `"rkl"` and `"tv"` are averaged over the valid slots. TV statistics are returned for every loss
+    type, so training with any of them can be monitored by acceptance.
+
+    The logits `h @ W^T / T` of either model are never materialised: the op walks over tiles of `token_tile` slots
+    by up to `vocab_tile` vocabulary entries with an online log-sum-exp, so its extra memory is a few float32 tiles
+    plus [valid slots, H] buffers. It sweeps the vocabulary twice, since TV needs both models' normalisers before
+    it can compare probabilities; the second sweep starts on the tile the first ended on and does not recompute
+    it. The defaults therefore keep vocabularies of up to 65536 entries in a single tile, so that nothing is
+    recomputed, at about four [512, V] float32 tiles of memory; smaller tiles use less memory and recompute more.
+    Tile math runs in float32 (float64 for float64 inputs) whatever the input dtype. On CUDA with Triton installed,
+    fused Triton kernels do the element-wise tile math.
+
+    Only `draft_hidden` receives a gradient. The lm_head and the policy are frozen: `lm_head_weight` and
+    `target_hidden` get no gradient, even if they require one.
+
+    Args:
+        draft_hidden: [S, N, H] the head's final hidden state for draft step `j` (`j < S`) at start position `n`.
+        target_hidden: [S, N, H] the policy's final hidden state for the same token slot.
+        lm_head_weight: [V, H] the policy's lm_head weight, shared by both models.
+        loss_type: Which divergence to train on, see above.
+        mask: [S, N] bool, True for valid slots; `None` means all valid. It must be prefix-closed along the draft
+            steps (`mask[j]` implies `mask[j - 1]`), since step `j` can only be accepted after step `j - 1`.
+        labels: [S, N] token ids, required for `"ce"` and ignored otherwise; masked slots may hold any value
+            (e.g. -100).
+        temperature: Softmax temperature `T > 0` applied to both models' logits.
+        token_tile: Slots per tile.
+        vocab_tile: Maximum vocabulary entries per tile; the vocabulary is split into equal tiles.
+        backend: `"auto"` uses Triton for CUDA inputs when it is installed and PyTorch otherwise; `"torch"` and
+            `"triton"` force one (`"triton"` needs CUDA inputs in float32, bfloat16 or float16).
+
+    Returns:
+        The loss and the acceptance statistics.
+
+    Raises:
+        ValueError: If shapes, dtypes or options are inconsistent, the mask is not prefix-closed or has no valid
+            slot, or `labels` are missing or out of range for `"ce"`.
+
+    Example:
+        ```python
+        out = mtp_loss(head_hidden, policy_hidden, policy.lm_head.weight, mask=valid)
+        out.loss.backward()
+        print(out.acceptance, out.expected_accepted_length)
+        ```
+    """
+    mask = validate_inputs(draft_hidden, target_hidden, lm_head_weight, loss_type, mask, labels, temperature)
+    if token_tile < 1 or vocab_tile < 1:
+        raise ValueError(f"token_tile and vocab_tile must be positive, got {token_tile} and {vocab_tile}.")
+    dtype = compute_dtype(draft_hidden, target_hidden, lm_head_weight)
+    tile_math = _tile_math(_select_backend(backend, lm_head_weight.device, dtype))
+
+    # Masked slots are dropped before the vocabulary sweeps, so padding costs nothing.
+    value, tv = MTPDivergenceFunction.apply(
+        draft_hidden[mask],
+        target_hidden.detach()[mask],
+        lm_head_weight.detach(),
+        labels[mask] if loss_type == "ce" else None,
+        loss_type,
+        float(temperature),
+        token_tile,
+        vocab_tile,
+        tile_math,
+    )
+
+    # The reductions run on [S, N] per-slot values with ordinary torch ops, so autograd propagates the e2e_tv
+    # products back to each step's TV exactly.
+    valid = mask.to(value.dtype)
+    if loss_type == "e2e_tv":
+        # Masked slots have TV 0, i.e. acceptance 1: they neither break the products nor are counted.
+        survival = torch.cumprod(1 - value.new_zeros(mask.shape).masked_scatter(mask, value), dim=0)
+        loss = 1 - (survival * valid).sum() / len(value)
+    else:
+        loss = value.mean()
+
+    with torch.no_grad():
+        slot_tv = tv.new_zeros(mask.shape).masked_scatter(mask, tv)
+        step_tv = slot_tv.sum(dim=1) / valid.sum(dim=1)
+        accepted = (torch.cumprod(1 - slot_tv, dim=0) * valid).sum(dim=0)
+        # With a prefix-closed mask, a start position has a valid slot exactly when its first step is valid.
+        expected_accepted_length = accepted[mask[0]].mean()
+
+    return MTPLossOutput(
+        loss=loss, tv=step_tv, acceptance=1 - step_tv, expected_accepted_length=expected_accepted_length
+    )
+
+
+class MTPLoss(nn.Module):
+    """Module form of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss], holding its options.
+
+    Args:
+        loss_type: Which divergence to train on, see [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
+        temperature: Softmax temperature applied to both models' logits.
+        token_tile: Slots per tile.
+        vocab_tile: Vocabulary entries per tile.
+        backend: `"auto"`, `"torch"` or `"triton"`.
+
+    Example:
+        ```python
+        criterion = MTPLoss(loss_type="kl")
+        out = criterion(head_hidden, policy_hidden, policy.lm_head.weight, mask=valid)
+        ```
+    """
+
+    def __init__(
+        self,
+        loss_type: LossType = "e2e_tv",
+        temperature: float = 1.0,
+        token_tile: int = DEFAULT_TOKEN_TILE,
+        vocab_tile: int = DEFAULT_VOCAB_TILE,
+        backend: Backend = "auto",
+    ) -> None:
+        super().__init__()
+        self.loss_type = loss_type
+        self.temperature = temperature
+        self.token_tile = token_tile
+        self.vocab_tile = vocab_tile
+        self.backend = backend
+
+    def forward(
+        self,
+        draft_hidden: Tensor,
+        target_hidden: Tensor,
+        lm_head_weight: Tensor,
+        mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> MTPLossOutput:
+        """Computes the loss, see [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] for the arguments."""
+        return mtp_loss(
+            draft_hidden,
+            target_hidden,
+            lm_head_weight,
+            loss_type=self.loss_type,
+            mask=mask,
+            labels=labels,
+            temperature=self.temperature,
+            token_tile=self.token_tile,
+            vocab_tile=self.vocab_tile,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"loss_type={self.loss_type!r}, temperature={self.temperature}"
+
+
+def validate_inputs(
+    draft_hidden: Tensor,
+    target_hidden: Tensor,
+    lm_head_weight: Tensor,
+    loss_type: str,
+    mask: Tensor | None,
+    labels: Tensor | None,
+    temperature: float,
+) -> Tensor:
+    """Checks the arguments shared by [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] and its reference implementation.
+
+    Returns:
+        The [S, N] bool validity mask, all True when `mask` is None.
+
+    Raises:
+        ValueError: On the first inconsistency found, naming it and how to fix it.
+    """
+    if loss_type not in get_args(LossType):
+        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(get_args(LossType))}.")
+    if draft_hidden.dim() != 3:
+        raise ValueError(
+            f"draft_hidden must be [S, N, H] (draft steps, start positions, hidden size), got shape "
+            f"{tuple(draft_hidden.shape)}; stack the per-step hidden states along a leading dimension."
+        )
+    if target_hidden.shape != draft_hidden.shape:
+        raise ValueError(
+            f"target_hidden has shape {tuple(target_hidden.shape)} but draft_hidden has {tuple(draft_hidden.shape)}; "
+            "pass the policy's hidden state for exactly the same token slots."
+        )
+    num_steps, num_positions, hidden_size = draft_hidden.shape
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden_size:
+        raise ValueError(
+            f"lm_head_weight must be [V, H] with H = {hidden_size} (the hidden size of draft_hidden), got shape "
+            f"{tuple(lm_head_weight.shape)}; pass the policy's lm_head weight, not its transpose."
+        )
+    for name, tensor in (("draft_hidden", draft_hidden), ("target_hidden", target_hidden)):
+        if not tensor.is_floating_point() or tensor.device != lm_head_weight.device:
+            raise ValueError(
+                f"{name} must be a floating-point tensor on the device of lm_head_weight ({lm_head_weight.device}), "
+                f"got {tensor.dtype} on {tensor.device}."
+            )
+    if not lm_head_weight.is_floating_point():
+        raise ValueError(f"lm_head_weight must be floating-point, got {lm_head_weight.dtype}.")
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}.")
+
+    if mask is None:
+        mask = torch.ones(num_steps, num_positions, dtype=torch.bool, device=draft_hidden.device)
+    elif mask.shape != (num_steps, num_positions) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must be a bool tensor of shape [S, N] = {[num_steps, num_positions]}, got {mask.dtype} of shape "
+            f"{tuple(mask.shape)}; build it with a comparison such as `lengths[None, :] > steps[:, None]`."
+        )
+    if (mask[1:] & ~mask[:-1]).any():
+        raise ValueError(
+            "mask must be prefix-closed along the draft steps: mask[j, n] True requires mask[j - 1, n] True, because "
+            "a draft token can only be accepted after all earlier ones; clear every slot after a position's first "
+            "invalid step."
+        )
+    if not mask.any():
+        raise ValueError("mask has no valid slot, so the loss is undefined; skip this batch instead.")
+
+    if loss_type == "ce" and labels is None:
+        raise ValueError('loss_type="ce" needs labels: pass the [S, N] token ids the draft head should predict.')
+    if labels is not None:
+        if labels.shape != (num_steps, num_positions) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be an integer tensor of shape [S, N] = {[num_steps, num_positions]}, got {labels.dtype} "
+                f"of shape {tuple(labels.shape)}."
+            )
+        if loss_type == "ce":
+            valid_labels = labels[mask]
+            if ((valid_labels < 0) | (valid_labels >= lm_head_weight.shape[0])).any():
+                raise ValueError(
+                    f"labels of valid slots must lie in [0, {lm_head_weight.shape[0]}) (the vocabulary of "
+                    "lm_head_weight); mark padded slots invalid in mask instead of using an ignore index."
+                )
+    return mask
+
+
+def _select_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Literal["torch", "triton"]:
+    """Resolves `backend` for inputs on `device` whose tile math runs in `dtype`, without importing Triton."""
+    if backend not in get_args(Backend):
+        raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(get_args(Backend))}.")
+    if backend == "torch":
+        return "torch"
+    # The Triton kernels compute in float32; float64 inputs (e.g. gradcheck) stay on the PyTorch path.
+    triton_ok = device.type == "cuda" and dtype == torch.float32 and importlib.util.find_spec("triton") is not None
+    if backend == "triton" and not triton_ok:
+        raise ValueError(
+            'backend="triton" needs CUDA tensors in float32, bfloat16 or float16 and the triton package; '
+            'use backend="torch" or "auto" otherwise.'
+        )
+    return "triton" if triton_ok else "torch"
+
+
+def _tile_math(backend: Literal["torch", "triton"]) -> TileMath:
+    if backend == "torch":
+        return TorchTileMath()
+    # Imported here so that CPU users never import triton.
+    from .triton_kernels import TritonTileMath
+
+    return TritonTileMath()

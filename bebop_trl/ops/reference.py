@@ -1,0 +1,80 @@
+"""Naive reference for [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss]: full logits and plain autograd.
+
+It materialises both models' [S, N, V] logits and lets autograd differentiate through softmax, so it needs
+memory proportional to S * N * V. It exists to check the tiled implementation and to benchmark against it, and
+shares nothing with it but the input checks and the output type.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .mtp_loss import LossType, MTPLossOutput, validate_inputs
+
+
+def mtp_loss_reference(
+    draft_hidden: Tensor,
+    target_hidden: Tensor,
+    lm_head_weight: Tensor,
+    *,
+    loss_type: LossType = "e2e_tv",
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    temperature: float = 1.0,
+) -> MTPLossOutput:
+    """Same contract as [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss], minus the tiling and backend options.
+
+    Args:
+        draft_hidden: [S, N, H] the head's final hidden states.
+        target_hidden: [S, N, H] the policy's final hidden states for the same slots (no gradient).
+        lm_head_weight: [V, H] the shared lm_head weight (no gradient).
+        loss_type: `"ce"`, `"kl"`, `"rkl"`, `"tv"` or `"e2e_tv"`.
+        mask: [S, N] bool prefix-closed validity mask; `None` means all valid.
+        labels: [S, N] token ids, required for `"ce"`.
+        temperature: Softmax temperature.
+
+    Returns:
+        The loss and acceptance statistics, computed in float32 (float64 for float64 inputs).
+    """
+    mask = validate_inputs(draft_hidden, target_hidden, lm_head_weight, loss_type, mask, labels, temperature)
+    dtype = torch.promote_types(draft_hidden.dtype, torch.float32)
+    weight = lm_head_weight.detach().to(dtype)
+    log_q = F.log_softmax(draft_hidden.to(dtype) @ weight.T / temperature, dim=-1)
+    log_p = F.log_softmax(target_hidden.detach().to(dtype) @ weight.T / temperature, dim=-1)
+    q, p = log_q.exp(), log_p.exp()
+    tv = 0.5 * (p - q).abs().sum(dim=-1)
+
+    valid = mask.to(dtype)
+    num_valid = valid.sum()
+    accepted = _accepted_lengths(tv, mask)
+    if loss_type == "e2e_tv":
+        loss = 1 - accepted.sum() / num_valid
+    else:
+        if loss_type == "ce":
+            per_slot = -log_q.gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
+        elif loss_type == "kl":
+            per_slot = (p * (log_p - log_q)).sum(dim=-1)
+        elif loss_type == "rkl":
+            per_slot = (q * (log_q - log_p)).sum(dim=-1)
+        else:
+            per_slot = tv
+        loss = torch.where(mask, per_slot, 0.0).sum() / num_valid
+
+    with torch.no_grad():
+        step_tv = torch.stack([tv[step][mask[step]].mean() for step in range(tv.shape[0])])
+        expected_accepted_length = accepted[mask.any(dim=0)].mean()
+
+    return MTPLossOutput(
+        loss=loss, tv=step_tv, acceptance=1 - step_tv, expected_accepted_length=expected_accepted_length
+    )
+
+
+def _accepted_lengths(tv: Tensor, mask: Tensor) -> Tensor:
+    """[N] expected accepted draft length per start position, walking the draft steps one by one."""
+    survival = torch.ones_like(tv[0])
+    accepted = torch.zeros_like(tv[0])
+    for step in range(tv.shape[0]):
+        # A drafted prefix survives a valid step with probability 1 - TV; invalid steps are skipped.
+        survival = survival * torch.where(mask[step], 1 - tv[step], 1.0)
+        accepted = accepted + torch.where(mask[step], survival, 0.0)
+    return accepted
