@@ -249,10 +249,13 @@ class MTPHead(nn.Module):
     ) -> "MTPHead":
         """Builds a new head for `policy`, bound to it.
 
-        The head starts close to the policy so that its draft distribution already overlaps the policy's: its
-        decoder layers copy the policy's last decoder layers (where shapes allow), the `mtp` final norm copies the
-        policy's final norm, and the projection passes the hidden-state half through (identity) and starts the
-        embedding half at zero.
+        The head starts as the identity on the policy's hidden state, so that its first draft distribution is the
+        policy's own next-token distribution, at the right scale, and TV-family losses get a useful gradient from
+        the first step: the projection passes the hidden-state half through and starts the embedding half at zero;
+        the decoder layers copy the policy's last decoder layers (where shapes allow) with the output projections
+        of their residual branches (`o_proj`, `down_proj`) set to zero; the `mtp` final norm copies the policy's
+        final norm. Copying a layer with its branches on would feed the policy's residual-stream scale to the
+        lm_head without the final norm (eagle layout) and make the first drafts near-deterministic and wrong.
 
         Args:
             policy: The causal LM to draft for.
@@ -293,6 +296,13 @@ class MTPHead(nn.Module):
             sources.pop()
         if self.config.layout == MTP_LAYOUT:
             _copy_matching(decoder.norm, self.model.norm)
+        zeroed = [m for n, m in self.model.layers.named_modules() if n.endswith(_RESIDUAL_OUTPUT_PROJECTIONS)]
+        if not zeroed:
+            logger.warning("Found no o_proj/down_proj in the head's layers: their residual branches start as copied.")
+        for projection in zeroed:
+            projection.weight.zero_()
+            if getattr(projection, "bias", None) is not None:
+                projection.bias.zero_()
 
     @classmethod
     def from_pretrained(
@@ -445,6 +455,10 @@ class MTPHead(nn.Module):
         from .native import save_native_weights
 
         return save_native_weights(self, save_directory)
+
+
+# The last linear map of each residual branch of a decoder layer (attention, MLP or experts), by its usual name.
+_RESIDUAL_OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
 
 
 def policy_decoder(policy: nn.Module) -> nn.Module | None:

@@ -12,6 +12,15 @@ from bebop_trl.modeling import EAGLE_LAYOUT, MTP_LAYOUT, default_layout
 from bebop_trl.testing import save_native_mtp_checkpoint, save_tiny_checkpoint, tiny_causal_lm
 
 
+def perturbed(head: MTPHead) -> MTPHead:
+    """The head with noise on every weight, so that attention and MLP contribute (they start at zero)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return head
+
+
 def policy_hidden(policy, input_ids, attention_mask=None):
     out = policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
     return out.hidden_states[-1]
@@ -42,15 +51,22 @@ def test_from_model_builds_head_of_policy_architecture(load_tiny, arch, tokens):
     assert torch.isfinite(logits).all()
 
 
-def test_init_copies_last_policy_layer_and_passes_hidden_state_through(load_tiny):
+def test_init_copies_last_policy_layer_and_starts_as_identity(load_tiny, tokens):
     policy = load_tiny("qwen3")
     head = MTPHead.from_model(policy)
     source = policy.model.layers[-1].state_dict()
     for name, tensor in head.model.layers[0].state_dict().items():
-        torch.testing.assert_close(tensor, source[name], rtol=0, atol=0)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert tensor.abs().sum() == 0, f"{name}: residual branches start at zero"
+        else:
+            torch.testing.assert_close(tensor, source[name], rtol=0, atol=0)
     hidden_size = policy.config.hidden_size
     torch.testing.assert_close(head.fc.weight[:, hidden_size:], torch.eye(hidden_size))
     assert head.fc.weight[:, :hidden_size].abs().sum() == 0
+    # An eagle head starts as the identity: its first drafts are the policy's own next-token distributions.
+    with torch.no_grad():
+        hidden = policy_hidden(policy, tokens)
+        torch.testing.assert_close(head(hidden, tokens).last_hidden_state, hidden)
 
     random_head = MTPHead.from_model(policy, init_from_policy=False)
     assert not torch.equal(random_head.model.layers[0].mlp.up_proj.weight, source["mlp.up_proj.weight"])
@@ -59,7 +75,7 @@ def test_init_copies_last_policy_layer_and_passes_hidden_state_through(load_tiny
 @pytest.mark.parametrize("layout", [EAGLE_LAYOUT, MTP_LAYOUT])
 def test_cached_drafting_matches_parallel_teacher_forcing(load_tiny, layout, tokens):
     policy = load_tiny("llama")
-    head = MTPHead.from_model(policy, layout=layout)
+    head = perturbed(MTPHead.from_model(policy, layout=layout))
     with torch.no_grad():
         hidden = policy_hidden(policy, tokens)[:, :-1]
         parallel = head(hidden, tokens[:, 1:]).last_hidden_state
@@ -73,7 +89,7 @@ def test_cached_drafting_matches_parallel_teacher_forcing(load_tiny, layout, tok
 
 def test_left_padding_is_masked(load_tiny, tokens):
     policy = load_tiny("qwen2")
-    head = MTPHead.from_model(policy)
+    head = perturbed(MTPHead.from_model(policy))
     pad = 3
     padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), tokens[:1]], dim=1)
     mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(tokens[:1])], dim=1)

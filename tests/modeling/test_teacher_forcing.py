@@ -14,8 +14,10 @@ from bebop_trl.modeling.teacher_forcing import (
 def policy_and_head(load_tiny):
     policy = load_tiny("llama")
     head = MTPHead.from_model(policy)
-    with torch.no_grad():
-        head.fc.weight.add_(0.05 * torch.randn_like(head.fc.weight))  # make steps differ from each other
+    torch.manual_seed(0)
+    with torch.no_grad():  # the attention and MLP branches start at zero: make them contribute
+        for param in head.parameters():
+            param.add_(0.05 * torch.randn_like(param))
     return policy, head
 
 
