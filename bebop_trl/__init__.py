@@ -2,8 +2,9 @@
 
 from .modeling import MTPHead, MTPHeadConfig
 from .speculative import SpeculativeGenerator
+from .trainers import MTPConfig, MTPTrainer
 
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["MTPHead", "MTPHeadConfig", "SpeculativeGenerator"]
+__all__ = ["MTPConfig", "MTPHead", "MTPHeadConfig", "MTPTrainer", "SpeculativeGenerator"]

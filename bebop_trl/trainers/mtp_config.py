@@ -1,0 +1,119 @@
+"""Configuration of [`MTPTrainer`][bebop_trl.MTPTrainer]."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+LOSS_TYPES = ("e2e_tv", "tv", "kl", "rkl", "ce")
+
+
+@dataclass
+class MTPConfig(TrainingArguments):
+    """Configuration of [`MTPTrainer`][bebop_trl.MTPTrainer]: pre-RL training of an MTP head on a frozen policy.
+
+    Only the fields specific to head training are listed here; every `transformers.TrainingArguments` field applies
+    too. Some defaults differ from `TrainingArguments` (learning rate, logging interval, checkpoint format). With
+    [`TrlParser`](https://huggingface.co/docs/trl/main/en/script_utils) every field is a command-line flag.
+    """
+
+    # Head
+    mtp_head: str | None = field(
+        default=None,
+        metadata={
+            "help": "Head to start from: a folder or Hub id of a saved head, 'native' to import the MTP weights the "
+            "policy checkpoint ships (Qwen3.5, Qwen3-Next), or None for a new head built from the policy."
+        },
+    )
+    head_layout: str | None = field(
+        default=None,
+        metadata={
+            "help": "Layout of a new head: 'mtp' or 'eagle'. None picks the layout vLLM loads as is for the policy "
+            "('mtp' for native-MTP model types, 'eagle' otherwise)."
+        },
+    )
+    head_num_layers: int = field(default=1, metadata={"help": "Number of decoder layers of a new head."})
+
+    # Loss
+    loss_type: str = field(
+        default="e2e_tv",
+        metadata={
+            "help": "Head loss: 'e2e_tv' (one minus the expected accepted length over the unrolled steps), 'tv' "
+            "(total variation = one minus acceptance), 'kl' (KL(p||q)), 'rkl' (KL(q||p)) or 'ce' (cross-entropy "
+            "on the data's tokens).",
+            "choices": list(LOSS_TYPES),
+        },
+    )
+    num_mtp_steps: int = field(
+        default=5, metadata={"help": "Draft steps unrolled in training (teacher forcing along the sequence)."}
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of the RL rollouts the head is trained for: both the policy's and the "
+            "head's distributions are taken at this temperature, and self-distillation samples at it."
+        },
+    )
+    token_tile: int | None = field(
+        default=None, metadata={"help": "Token tile of the chunked loss (None: the op's default)."}
+    )
+    vocab_tile: int | None = field(
+        default=None, metadata={"help": "Vocabulary tile of the chunked loss (None: the op's default)."}
+    )
+
+    # Data
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Truncate tokenised sequences to this many tokens (None: no truncation)."}
+    )
+    dataset_text_field: str = field(default="text", metadata={"help": "Column holding plain text."})
+
+    # Self-distillation
+    distill_samples_per_prompt: int = field(
+        default=1, metadata={"help": "Completions sampled from the frozen policy per prompt of a prompt-only dataset."}
+    )
+    distill_max_new_tokens: int = field(
+        default=256, metadata={"help": "Maximum length of a self-distilled completion."}
+    )
+    distill_top_p: float = field(default=1.0, metadata={"help": "Top-p of self-distillation sampling."})
+    distill_top_k: int = field(default=0, metadata={"help": "Top-k of self-distillation sampling (0: off)."})
+    distill_batch_size: int = field(default=8, metadata={"help": "Prompts per generation batch in self-distillation."})
+    distill_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where self-distilled datasets are cached (keyed by policy, prompts and sampling settings), so a "
+            "rerun reuses them. None: `$BEBOP_TRL_CACHE/self_distillation` (default `~/.cache/bebop_trl`)."
+        },
+    )
+
+    # Evaluation with the real engine
+    num_speculative_tokens: int = field(
+        default=3, metadata={"help": "Draft length k of the measured acceptance in evaluation."}
+    )
+    eval_num_prompts: int = field(
+        default=16, metadata={"help": "Held-out prompts on which evaluation measures the engine's acceptance."}
+    )
+    eval_max_new_tokens: int = field(
+        default=64, metadata={"help": "Tokens generated per prompt when measuring acceptance."}
+    )
+
+    # TrainingArguments defaults that differ for head training
+    learning_rate: float = field(default=1e-3, metadata={"help": "Initial learning rate of AdamW for the head."})
+    logging_steps: float = field(
+        default=10, metadata={"help": "Log every X update steps (a float in (0, 1) is a ratio of total steps)."}
+    )
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "The scheduler type to use."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Linear warmup: steps, or a ratio of total steps."})
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"Unknown loss_type {self.loss_type!r}: use one of {LOSS_TYPES}.")
+        if self.num_mtp_steps < 1 or self.num_speculative_tokens < 1:
+            raise ValueError(
+                f"num_mtp_steps ({self.num_mtp_steps}) and num_speculative_tokens ({self.num_speculative_tokens}) "
+                "must be >= 1."
+            )
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0 (the head is trained on sampled rollouts), got {self.temperature}."
+            )
+        super().__post_init__()

@@ -1,0 +1,319 @@
+"""[`MTPTrainer`][bebop_trl.MTPTrainer]: pre-RL training of an MTP head on a frozen policy."""
+
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+)
+from transformers.trainer_callback import TrainerCallback
+
+from ..modeling import MTPHead
+from ..modeling.hub import WEIGHTS_NAME, head_model_card, load_tensors
+from ..modeling.teacher_forcing import final_hidden_states, unroll_teacher_forced
+from ..ops import MTPLossOutput, mtp_loss
+from ..rollout.torch_engine import generate_from_ids
+from ..speculative import DRAFT_SAMPLING_MODES
+from .mtp_config import MTPConfig
+from .mtp_data import PROMPT_LENGTH, needs_self_distillation, prompt_ids_of, self_distill, tokenize_dataset
+
+
+class MTPTrainingModule(nn.Module):
+    """The frozen policy and the trainable head as one module, so that `Trainer` and DDP see a single model.
+
+    Its forward scores one batch: a policy forward for the hidden states (no gradient), the head unrolled over
+    `num_mtp_steps` steps with teacher forcing, and [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] on every valid slot.
+    """
+
+    def __init__(self, policy: PreTrainedModel, head: MTPHead, args: MTPConfig):
+        super().__init__()
+        self.policy = policy
+        self.head = head
+        self.loss_kwargs = dict(loss_type=args.loss_type, temperature=args.temperature)
+        self.loss_kwargs.update({k: v for k in ("token_tile", "vocab_tile") if (v := getattr(args, k)) is not None})
+        self.num_mtp_steps = args.num_mtp_steps
+
+    def train(self, mode: bool = True) -> "MTPTrainingModule":
+        super().train(mode)
+        self.policy.eval()  # frozen: no dropout, whatever mode the trainer sets
+        return self
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> MTPLossOutput:
+        with torch.no_grad():
+            policy_hidden = final_hidden_states(self.policy, input_ids, attention_mask)
+        slots = unroll_teacher_forced(self.head, input_ids, policy_hidden, attention_mask, self.num_mtp_steps)
+        is_ce = self.loss_kwargs["loss_type"] == "ce"
+        return mtp_loss(
+            slots.draft_hidden,
+            slots.target_hidden,
+            self.head.lm_head_weight,
+            mask=slots.label_mask if is_ce else slots.mask,
+            labels=slots.labels if is_ce else None,
+            **self.loss_kwargs,
+        )
+
+
+class MTPTrainer(Trainer):
+    """Trains an MTP draft head on a frozen policy, before RL.
+
+    The policy is frozen (eval mode, no gradients) and only the head is optimised. Each batch takes one policy
+    forward for the hidden states; the head is unrolled `num_mtp_steps` steps along the sequence with teacher
+    forcing, and [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] gives the loss and the per-step acceptance 1 - TV. Evaluation
+    adds the acceptance measured with the real [`SpeculativeGenerator`][bebop_trl.SpeculativeGenerator] on held-out
+    prompts, in both drafting modes. Checkpoints hold the head only (an adapter repo) plus the trainer state.
+
+    Args:
+        model: The policy: a model or the folder / Hub id of one.
+        args: The training configuration.
+        train_dataset: Data in one of the formats of
+            [`detect_format`][bebop_trl.trainers.mtp_data.detect_format]; prompt-only data is completed by sampling
+            from the policy at `args.temperature` (self-distillation), cached on disk.
+        eval_dataset: Held-out data in the same formats.
+        processing_class: The policy's tokenizer (loaded from `model` when None).
+        head: The head to train; by default built as `args.mtp_head`, `args.head_layout` and
+            `args.head_num_layers` say.
+        data_collator: Pads batches (default: `DataCollatorWithPadding` of the tokenizer).
+        callbacks: Extra `TrainerCallback`s.
+        optimizers: An `(optimizer, scheduler)` pair to use instead of AdamW and the configured schedule.
+
+    Example:
+        ```python
+        from datasets import Dataset
+        from bebop_trl import MTPConfig, MTPTrainer
+
+        prompts = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is 17 * 3?"}]] * 64})
+        trainer = MTPTrainer("HuggingFaceTB/SmolLM2-135M-Instruct", MTPConfig("smollm2-head"), prompts)
+        trainer.train()
+        trainer.save_model()  # the head, as an adapter repo with its model card
+        ```
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | str,
+        args: MTPConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        head: MTPHead | None = None,
+        data_collator: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config.name_or_path
+            args = MTPConfig(f"{os.path.basename(str(name).rstrip('/')) or 'policy'}-mtp-head")
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config.name_or_path)
+        policy = model.eval().requires_grad_(False)
+        self.policy = policy
+        self.head = self._build_head(policy, head, args)
+        self.head.config.recipe = _recipe(args)
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._last_eval_averages: dict[str, float] = {}
+
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare_dataset(v, processing_class, args, k) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+        if data_collator is None:
+            data_collator = DataCollatorWithPadding(processing_class)
+        super().__init__(
+            model=MTPTrainingModule(policy, self.head, args),
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+    @staticmethod
+    def _build_head(policy: PreTrainedModel, head: MTPHead | None, args: MTPConfig) -> MTPHead:
+        if head is not None:
+            return head.bind(policy)
+        if args.mtp_head == "native":
+            head = MTPHead.from_native(policy.config.name_or_path, policy=policy)
+        elif args.mtp_head:
+            head = MTPHead.from_pretrained(args.mtp_head, policy=policy)
+        else:
+            head = MTPHead.from_model(policy, num_layers=args.head_num_layers, layout=args.head_layout)
+        # The policy may run in bf16; the head's master weights stay in float32 for the optimizer.
+        return head.float()
+
+    def _prepare_dataset(self, dataset: Dataset | None, tokenizer, args: MTPConfig, name: str) -> Dataset | None:
+        if dataset is None:
+            return None
+        if needs_self_distillation(dataset, args.dataset_text_field):
+            prompts = prompt_ids_of(dataset, tokenizer, args.dataset_text_field)
+            # The main process samples and caches; the others then read its cache.
+            with args.main_process_first(desc=f"self-distillation of the {name} prompts"):
+                dataset = self_distill(
+                    self.policy,
+                    tokenizer,
+                    prompts,
+                    samples_per_prompt=args.distill_samples_per_prompt,
+                    max_new_tokens=args.distill_max_new_tokens,
+                    temperature=args.temperature,
+                    top_p=args.distill_top_p,
+                    top_k=args.distill_top_k,
+                    batch_size=args.distill_batch_size,
+                    seed=args.seed,
+                    cache_dir=args.distill_cache_dir,
+                )
+        return tokenize_dataset(dataset, tokenizer, text_field=args.dataset_text_field, max_length=args.max_length)
+
+    # --------------------------------------------------------------------------------------------------- training
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | None = None,
+    ):
+        """One batch's head loss; records the per-step acceptance, TV and expected accepted length.
+
+        Raises:
+            FloatingPointError: If the loss is NaN or infinite: the step is not taken, and the error names the
+                step and the batch.
+        """
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        if not torch.isfinite(out.loss):
+            lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None
+            raise FloatingPointError(
+                f"The MTP loss is {out.loss.item()} at global step {self.state.global_step} (epoch "
+                f"{self.state.epoch}) on a batch of {inputs['input_ids'].shape[0]} sequences of lengths {lengths}; "
+                "the head was not updated with it. Lower the learning rate or check the data, then resume from the "
+                "last checkpoint (resume_from_checkpoint=True)."
+            )
+        mode = "train" if model.training else "eval"
+        metrics = self._metrics[mode]
+        for step, (acceptance, tv) in enumerate(zip(out.acceptance.tolist(), out.tv.tolist(), strict=True), 1):
+            metrics[f"acceptance/step_{step}"].append(acceptance)
+            metrics[f"tv/step_{step}"].append(tv)
+        metrics["expected_accepted_length"].append(out.expected_accepted_length.item())
+        return (out.loss, out) if return_outputs else out.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        averaged = {}
+        for name, values in self._metrics[mode].items():
+            gathered = self.accelerator.gather_for_metrics(torch.tensor(values, device=self.args.device))
+            averaged[f"{prefix}{name}"] = gathered.float().mean().item()
+        self._metrics[mode].clear()
+        if mode == "eval":
+            self._last_eval_averages = averaged
+        super().log({**logs, **averaged}, start_time)
+
+    # ------------------------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The loss and analytic acceptance on `eval_dataset`, plus the acceptance measured with the real engine.
+
+        The engine drafts `num_speculative_tokens` tokens from the head on up to `eval_num_prompts` held-out prompts
+        at the training temperature, in both drafting modes; the figures also go into the head's model card.
+        """
+        self._last_eval_averages = {}
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        # The per-step statistics went to the loggers as eval_*; return them under the caller's prefix too.
+        metrics.update(
+            {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in self._last_eval_averages.items()}
+        )
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict) or dataset is None:
+            return metrics
+        measured = {f"{metric_key_prefix}_{k}": v for k, v in self.measure_acceptance(dataset).items()}
+        self.head.config.metrics = {k.removeprefix(f"{metric_key_prefix}_"): round(v, 4) for k, v in measured.items()}
+        self.log(measured)
+        return {**metrics, **measured}
+
+    def measure_acceptance(self, dataset: Dataset) -> dict[str, float]:
+        """Acceptance of the real engine on the prompts of `dataset`, in both drafting modes.
+
+        A row's prompt is its first `prompt_length` tokens, or its first half where the data has no prompt.
+        """
+        rows = dataset.select(range(min(self.args.eval_num_prompts, len(dataset))))
+        prompts = [
+            ids[: length if length > 0 else max(1, len(ids) // 2)]
+            for ids, length in zip(rows["input_ids"], rows[PROMPT_LENGTH], strict=True)
+        ]
+        results = {}
+        for mode in DRAFT_SAMPLING_MODES:
+            generator = torch.Generator(device=self.policy.device).manual_seed(self.args.seed)
+            out = generate_from_ids(
+                self.policy,
+                self.processing_class,
+                prompts,
+                head=self.head,
+                num_speculative_tokens=self.args.num_speculative_tokens,
+                draft_sampling=mode,
+                max_new_tokens=self.args.eval_max_new_tokens,
+                temperature=self.args.temperature,
+                generator=generator,
+            )
+            stats = out.stats
+            results[f"measured_acceptance_{mode}"] = stats.acceptance_rate
+            results[f"measured_accepted_length_{mode}"] = stats.mean_accepted_length
+            for position, rate in enumerate(stats.acceptance_per_position.tolist(), 1):
+                results[f"measured_acceptance_{mode}/position_{position}"] = rate
+        return results
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Saves the head only (an adapter repo with its model card) and the training arguments."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.head.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self.head.load_head_state_dict(
+            load_tensors(os.path.join(resume_from_checkpoint, WEIGHTS_NAME)), source=resume_from_checkpoint
+        )
+        self.head.float()
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Writes the head's model card (recipe and measured acceptance) into `output_dir`."""
+        if self.is_world_process_zero():
+            head_model_card(self.head.config).save(os.path.join(self.args.output_dir, "README.md"))
+
+
+def _recipe(args: MTPConfig) -> dict[str, Any]:
+    """The training settings recorded in the head's config and model card."""
+    return {
+        "trainer": "MTPTrainer",
+        "loss_type": args.loss_type,
+        "num_mtp_steps": args.num_mtp_steps,
+        "temperature": args.temperature,
+        "learning_rate": args.learning_rate,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "max_steps": args.max_steps,
+        "num_train_epochs": args.num_train_epochs,
+    }

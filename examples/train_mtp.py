@@ -1,0 +1,79 @@
+"""Train an MTP head on a frozen policy before RL.
+
+By default: SmolLM2-135M-Instruct (the embedded model, no hub access), prompts of a reasoning-gym task,
+completions self-distilled from the policy at the RL temperature, and the end-to-end TV loss.
+
+    python examples/train_mtp.py --output_dir outputs/smollm2-head --max_steps 300
+    accelerate launch --config_file examples/accelerate_configs/single_process.yaml examples/train_mtp.py \
+        --output_dir outputs/smollm2-head --loss_type tv
+    # two processes on CPU (gloo)
+    accelerate launch --config_file examples/accelerate_configs/cpu_2proc.yaml examples/train_mtp.py \
+        --output_dir outputs/smollm2-head --use_cpu
+    # any Hub model and dataset on GPUs
+    accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train_mtp.py \
+        --model_name_or_path Qwen/Qwen3-8B --dataset_name my-org/prompts --bf16 --output_dir qwen3-8b-head
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from datasets import load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+from bebop_trl import MTPConfig, MTPTrainer
+from bebop_trl.embedded import smollm2_path
+from bebop_trl.tasks import reasoning_gym_dataset
+
+
+@dataclass
+class TrainMTPArguments:
+    """What to train on; the training settings are the fields of `MTPConfig`."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Policy to train a head for (default: the embedded SmolLM2-135M-Instruct)."}
+    )
+    dtype: str = field(
+        default="float32", metadata={"help": "Dtype of the frozen policy.", "choices": ["float32", "bfloat16"]}
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local path of a dataset (default: prompts of the reasoning-gym `task`)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Config name of `dataset_name`."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (None: none)."})
+    task: str = field(default="basic_arithmetic", metadata={"help": "reasoning-gym task of the default prompts."})
+    num_train_prompts: int = field(default=512, metadata={"help": "Prompts of the default task to train on."})
+    num_eval_prompts: int = field(default=32, metadata={"help": "Held-out prompts of the default task."})
+
+
+def main(script_args: TrainMTPArguments, training_args: MTPConfig) -> None:
+    model_path = script_args.model_name_or_path or smollm2_path()
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, script_args.dtype))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if script_args.dataset_name:
+        data = load_dataset(script_args.dataset_name, script_args.dataset_config)
+        train_dataset = data[script_args.dataset_train_split]
+        eval_dataset = data[script_args.dataset_test_split] if script_args.dataset_test_split else None
+    else:
+        train_dataset = reasoning_gym_dataset(script_args.task, script_args.num_train_prompts, seed=training_args.seed)
+        eval_dataset = reasoning_gym_dataset(
+            script_args.task, script_args.num_eval_prompts, seed=training_args.seed + 1
+        )
+
+    trainer = MTPTrainer(policy, training_args, train_dataset, eval_dataset, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if eval_dataset is not None:
+        trainer.evaluate()
+    trainer.save_model()
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
+
+
+if __name__ == "__main__":
+    parser = TrlParser((TrainMTPArguments, MTPConfig))
+    main(*parser.parse_args_and_config())
