@@ -12,7 +12,7 @@ from .modeling import MTPHead
 
 logger = logging.getLogger(__name__)
 
-# Stages of the full job that this version does not run yet; the report names them instead of faking figures.
+# Stages of the full job that the quickstart does not run yet; the report names them instead of faking figures.
 NOT_BUILT_YET = (
     "self-distillation of a reasoning-gym task",
     "MTP head training with ce and e2e_tv (MTPTrainer)",
@@ -54,7 +54,7 @@ def run_quickstart(output_dir: str = "outputs/quickstart", fast: bool = False, s
         f"parameters, saved to `{head_dir}`; reload bit-exact: {bit_exact}",
         f"- wall time: {time.perf_counter() - started:.1f} s",
         "",
-        "## Not built yet",
+        "## Not run by the quickstart yet",
         "",
         *[f"- {stage}" for stage in NOT_BUILT_YET],
     ]
