@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,27 @@ def test_tokenize_formats(tokenizer):
         assert row["prompt_length"] == prompt_length, name
     truncated = tokenize_dataset(Dataset.from_dict({"text": ["abcdef", "a"]}), tokenizer, max_length=4)
     assert truncated["input_ids"] == [tokenizer("abcd")["input_ids"]], "truncated, and 1-token rows dropped"
+
+
+def test_push_to_hub_uploads_the_head_and_its_card(load_tiny, tokenizer, distilled_train, tmp_path, monkeypatch):
+    uploaded = {}
+
+    class FakeApi:
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            uploaded["repo_id"] = repo_id
+            uploaded["files"] = sorted(os.listdir(folder_path))
+            uploaded["card"] = Path(folder_path, "README.md").read_text()
+            uploaded["weights"] = load_tensors(os.path.join(folder_path, "model.safetensors"))
+            return "commit"
+
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: FakeApi())
+    trainer = MTPTrainer(
+        load_tiny("llama"), config(tmp_path, max_steps=1), distilled_train, processing_class=tokenizer
+    )
+    trainer.train()
+    trainer.hub_model_id = "org/tiny-head"  # as init_hf_repo sets it when push_to_hub=True
+    assert trainer.push_to_hub() == "commit"
+    assert uploaded["repo_id"] == "org/tiny-head"
+    assert {"README.md", "config.json", "model.safetensors"} <= set(uploaded["files"])
+    assert "library_name: bebop-trl" in uploaded["card"] and "| loss_type | e2e_tv |" in uploaded["card"]
+    assert uploaded["weights"].keys() == trainer.head.state_dict().keys()
