@@ -183,6 +183,7 @@ def self_distill(
 def _weights_fingerprint(policy: PreTrainedModel) -> str:
     """A cheap fingerprint of the policy's weights (a fine-tune under the same name gets other samples)."""
     digest = hashlib.sha256()
-    for _, param in list(policy.named_parameters())[:: max(1, len(list(policy.parameters())) // 8)]:
+    params = list(policy.parameters())
+    for param in params[:: max(1, len(params) // 8)]:
         digest.update(param.detach().float().flatten()[:4096].cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
