@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from bebop_trl.embedded import load_smollm2
 from bebop_trl.modeling import MTPHead
+from bebop_trl.modeling.teacher_forcing import positions_from_mask
 from bebop_trl.speculative import SpeculativeGenerator, probs_from_logits, sample
 
 
@@ -132,7 +133,7 @@ def step_costs(model, head, batch, ks: list[int], repeats: int) -> dict[str, flo
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     batch_size = input_ids.shape[0]
     cache = DynamicCache(config=model.config)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = positions_from_mask(attention_mask)
     model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache)
     hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
     head_cache = head.new_cache()

@@ -348,12 +348,31 @@ class MTPHead(nn.Module):
         state = load_tensors(resolve_file(pretrained_model_name_or_path, WEIGHTS_NAME, **hub_kwargs))
         head = cls(config)
         head.load_head_state_dict(state, source=str(pretrained_model_name_or_path))
+        return head.place(policy, dtype=dtype, device=device, check_base_model=check_base_model)
+
+    def place(
+        self,
+        policy: nn.Module | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        check_base_model: bool = True,
+    ) -> "MTPHead":
+        """Moves the head to `device` and `dtype`, and binds it to `policy` if given.
+
+        Args:
+            policy: The causal LM to check the head against and share the embedding and lm_head with.
+            dtype: Cast the weights to this dtype (default: keep).
+            device: Move the head to this device (default: the policy's device, else keep).
+            check_base_model: With `policy`, also require the policy's name to match the head's base model.
+
+        Returns:
+            The head itself.
+        """
         if device is None and policy is not None:
             device = policy.get_input_embeddings().weight.device
-        head.to(device=device, dtype=dtype)
-        if policy is not None:
-            head.bind(policy, check_base_model=check_base_model)
-        return head
+        self.to(device=device, dtype=dtype)
+        return self if policy is None else self.bind(policy, check_base_model=check_base_model)
 
     def load_head_state_dict(self, state: dict[str, torch.Tensor], *, source: str = "the checkpoint") -> None:
         """Loads head weights exactly (the head takes the stored dtype), with a clear error on any mismatch.

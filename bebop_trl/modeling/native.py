@@ -56,12 +56,7 @@ def load_native_head(
     head.load_head_state_dict(
         {native_to_head_key(k): v for k, v in native.items()}, source=f"the mtp.* tensors of {policy_name_or_path}"
     )
-    if device is None and policy is not None:
-        device = policy.get_input_embeddings().weight.device
-    head.to(device=device, dtype=dtype)
-    if policy is not None:
-        head.bind(policy, check_base_model=check_base_model)
-    return head
+    return head.place(policy, dtype=dtype, device=device, check_base_model=check_base_model)
 
 
 def _read_native_tensors(path_or_repo, hub_kwargs) -> dict:

@@ -20,6 +20,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from ..modeling import MTPHead
+from ..modeling.teacher_forcing import positions_from_mask
 from .rejection import rejection_sample
 from .sampling import probs_from_logits, sample, validate_sampling_params
 from .stats import AcceptanceStats
@@ -330,7 +331,7 @@ class SpeculativeGenerator:
         self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, sampling: _SamplingParams
     ) -> tuple[_DecodeState, torch.Tensor]:
         """Runs the policy on the prompts and samples the first token; returns the state and p of that token."""
-        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        position_ids = positions_from_mask(attention_mask)
         policy_cache = DynamicCache(config=self.model.config)
         outputs = self.model(
             input_ids=input_ids,

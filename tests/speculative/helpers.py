@@ -94,14 +94,6 @@ def uncached_draft_probs(
     return torch.stack(probs)
 
 
-def left_pad(prompts: list[list[int]], pad_token_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded `input_ids` and `attention_mask` for token-id prompts of different lengths."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return input_ids, attention_mask
-
-
 def perturbed_head(model, scale: float, seed: int = 0) -> MTPHead:
     """A head initialised from `model`, with Gaussian noise added to every weight so that it drafts imperfectly."""
     head = MTPHead.from_model(model)

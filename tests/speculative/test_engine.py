@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from bebop_trl.modeling import MTPHead
+from bebop_trl.rollout import left_pad
 from bebop_trl.speculative import SpeculativeGenerator, engine, probs_from_logits
 from bebop_trl.testing import char_tokenizer, tiny_causal_lm
 
-from .helpers import binomial_z, left_pad, perturbed_head, uncached_draft_probs
+from .helpers import binomial_z, perturbed_head, uncached_draft_probs
 
 
 PROMPTS = ["hello there", "a", "What is the answer to it all?", "2+2="]
@@ -238,7 +239,7 @@ def test_bad_generate_arguments_raise(policy, head, input_ids, attention_mask, k
 def test_ragged_prompts_of_token_ids(policy, head):
     # Rows of a left-padded batch give the same greedy completions as when run alone.
     prompts = [[10, 20, 30, 40, 50, 60], [70], [80, 90, 100]]
-    input_ids, attention_mask = left_pad(prompts)
+    input_ids, attention_mask = left_pad(prompts, pad_token_id=0)
     speculative = SpeculativeGenerator(policy, head, num_speculative_tokens=2)
     batched = speculative.generate(input_ids, attention_mask, max_new_tokens=10, temperature=0, eos_token_id=[])
     for row, prompt in enumerate(prompts):

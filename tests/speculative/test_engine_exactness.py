@@ -8,10 +8,11 @@ of every prompt's completions against that prompt's exact law.
 import pytest
 import torch
 
+from bebop_trl.rollout import left_pad
 from bebop_trl.speculative import SpeculativeGenerator, rejection
 from bebop_trl.testing import tiny_causal_lm
 
-from .helpers import chisquare_pvalue, encode_sequences, exact_sequence_law, left_pad, perturbed_head
+from .helpers import chisquare_pvalue, encode_sequences, exact_sequence_law, perturbed_head
 
 
 VOCAB, NUM_TOKENS, EOS = 8, 3, 3
@@ -31,7 +32,7 @@ def head(policy):
 
 def sample_completions(engine: SpeculativeGenerator, seed: int, eos_token_id: int | None, **sampling) -> torch.Tensor:
     """[len(PROMPTS), ROWS_PER_PROMPT * CALLS] cell indices of sampled completions, grouped by prompt."""
-    input_ids, attention_mask = left_pad([p for p in PROMPTS for _ in range(ROWS_PER_PROMPT)])
+    input_ids, attention_mask = left_pad([p for p in PROMPTS for _ in range(ROWS_PER_PROMPT)], pad_token_id=0)
     generator = torch.Generator().manual_seed(seed)
     cells = []
     for _ in range(CALLS):
