@@ -71,8 +71,10 @@ def unroll_teacher_forced(
 ) -> UnrolledDraft:
     """Runs the head `num_steps` draft steps from every position of a batch, with the data's tokens as inputs.
 
-    Each step runs over all start positions at once (causal attention along the sequence, like a decoder layer of
-    the policy); step j feeds the head's own hidden states of step j-1 and the tokens one further along.
+    Each step runs over all start positions at once; step j feeds the head's own hidden states of step j-1 and the
+    tokens one further along. Attention and positions are those of the engine's drafting: step j from start t sits
+    at position t + j and attends to the step-1 slots of starts up to t and to its own earlier steps, so every slot
+    sees what it would see at inference (EAGLE-3's training-time test).
 
     Args:
         head: The MTP head (bound to the policy).
@@ -109,9 +111,15 @@ def unroll_teacher_forced(
     draft, target, masks, labels = [], [], [], []
     hidden = policy_hidden[:, :starts]
     inside = valid_token[:, :starts]
+    cache = head.new_cache()
     for j in range(1, num_steps + 1):
         hidden = head(
-            hidden, ahead(input_ids, j, 0), attention_mask=slot_mask, position_ids=slot_positions
+            hidden,
+            ahead(input_ids, j, 0),
+            attention_mask=_draft_attention_mask(slot_mask.bool(), j, head.fc.weight.dtype),
+            position_ids=slot_positions + j,
+            past_key_values=cache,
+            use_cache=True,
         ).last_hidden_state
         inside = inside & ahead(valid_token, j, False)
         draft.append(hidden)
@@ -124,3 +132,19 @@ def unroll_teacher_forced(
         return torch.stack(steps).flatten(1, 2)
 
     return UnrolledDraft(flat(draft), flat(target), flat(masks), flat(labels))
+
+
+def _draft_attention_mask(valid_start: torch.Tensor, step: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, T', step * T'] mask of draft step `step` over the head's cache of steps 1 .. `step`.
+
+    When the engine drafts step j from start t, the head's cache holds the step-1 slots of every start up to t
+    (written from the policy's hidden states) and this draft's own steps 1 .. j - 1. Training step j attends to the
+    same keys: causally to the step-1 slots, and to the same start's slot of each later step.
+    """
+    batch, starts = valid_start.shape
+    index = torch.arange(starts, device=valid_start.device)
+    first_step = (index[None, :] <= index[:, None]) & valid_start[:, None, :]
+    same_start = torch.eye(starts, dtype=torch.bool, device=valid_start.device).expand(batch, starts, starts)
+    allowed = torch.cat([first_step] + [same_start] * (step - 1), dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid_start.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)

@@ -28,9 +28,33 @@ def test_final_hidden_states_match_the_full_forward(load_tiny):
     torch.testing.assert_close(final_hidden_states(policy, ids), expected)
 
 
-def test_slots_follow_the_documented_semantics(policy_and_head):
-    policy, head = policy_and_head
+def engine_drafts(head, ids, hidden, start, num_steps):
+    """The head's hidden states drafting from `start` as the engine does: a catch-up over the step-1 slots of the
+    prefix into a KV cache, then one cached step at a time fed with the head's own output."""
+    batch, length = ids.shape
+    cache = head.new_cache()
+    positions = torch.arange(1, start + 2).expand(batch, -1)
+    out = head(
+        hidden[:, : start + 1], ids[:, 1 : start + 2], position_ids=positions, past_key_values=cache, use_cache=True
+    )
+    drafts = [out.last_hidden_state[:, -1]]
+    for j in range(2, min(num_steps, length - 1 - start) + 1):
+        position = torch.full((batch, 1), start + j)
+        out = head(
+            drafts[-1][:, None], ids[:, start + j, None], position_ids=position, past_key_values=cache, use_cache=True
+        )
+        drafts.append(out.last_hidden_state[:, 0])
+    return drafts
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "qwen3_5"])
+def test_slots_are_what_the_engine_drafts(load_tiny, model_type):
+    policy = load_tiny(model_type)
+    head = MTPHead.from_model(policy)
     torch.manual_seed(0)
+    with torch.no_grad():  # the attention and MLP branches start at zero: make them contribute
+        for param in head.parameters():
+            param.add_(0.05 * torch.randn_like(param))
     ids = torch.randint(4, 100, (2, 8))
     with torch.no_grad():
         hidden = final_hidden_states(policy, ids)
@@ -38,27 +62,19 @@ def test_slots_follow_the_documented_semantics(policy_and_head):
         batch, length = ids.shape
         starts = length - 1
         assert out.draft_hidden.shape == (3, batch * starts, 64)
-        # Reference: step by step on explicit prefixes, one slot at a time.
-        previous = hidden[:, :starts]
-        for j in range(1, 4):
-            step = torch.zeros_like(previous)
-            for t in range(starts):
-                if t + j >= length:
-                    continue
-                prefix_tokens = ids[:, j : t + j + 1]
-                step[:, t] = head(previous[:, : t + 1], prefix_tokens).last_hidden_state[:, -1]
-            for b in range(batch):
-                for t in range(starts):
+        for t in range(starts):
+            drafts = engine_drafts(head, ids, hidden, t, num_steps=3)
+            for j in range(1, 4):
+                for b in range(batch):
                     n = b * starts + t
                     inside = t + j < length
                     assert out.mask[j - 1, n] == inside
                     if not inside:
                         continue
-                    torch.testing.assert_close(out.draft_hidden[j - 1, n], step[b, t], rtol=1e-4, atol=1e-5)
+                    torch.testing.assert_close(out.draft_hidden[j - 1, n], drafts[j - 1][b], rtol=1e-4, atol=1e-5)
                     torch.testing.assert_close(out.target_hidden[j - 1, n], hidden[b, t + j])
                     expected_label = ids[b, t + j + 1] if t + j + 1 < length else IGNORE_INDEX
                     assert out.labels[j - 1, n] == expected_label
-            previous = step
 
 
 def test_masks_are_prefix_closed_and_padding_does_not_leak(policy_and_head):
