@@ -1,7 +1,8 @@
 """Loss ablation on SmolLM2-135M-Instruct: heads trained briefly with each loss on the same self-distilled data.
 
 Every head starts from the same initialisation and sees the same data, steps and learning rate; only the loss
-differs. Reported per loss: the analytic per-step acceptance 1 - TV and expected accepted length on held-out
+differs. With `--kl-warm-start-steps W` one more head spends the first W of its steps on `kl` and the rest on
+`e2e_tv`: the comparison between a KL warm start and the default identity initialisation for TV training. Reported per loss: the analytic per-step acceptance 1 - TV and expected accepted length on held-out
 self-distilled data (teacher forcing), and the acceptance measured with the real engine (k drafted tokens,
 temperature T) in both drafting modes on held-out prompts.
 
@@ -34,6 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--eval-max-new-tokens", type=int, default=96)
+    parser.add_argument("--kl-warm-start-steps", type=int, default=0, help="add a kl -> e2e_tv head (0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="benchmarks/results/mtp_losses.json")
     return parser.parse_args()
@@ -45,38 +47,55 @@ def main() -> None:
     train_prompts = reasoning_gym_dataset(args.task, args.num_prompts, seed=args.seed)
     eval_prompts = reasoning_gym_dataset(args.task, args.eval_prompts, seed=args.seed + 1)
     results = {}
-    for loss_type in args.losses:
-        config = MTPConfig(
-            output_dir=tempfile.mkdtemp(prefix=f"study-{loss_type}-"),
-            loss_type=loss_type,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            num_mtp_steps=args.num_mtp_steps,
-            num_speculative_tokens=args.k,
-            temperature=args.temperature,
-            distill_max_new_tokens=args.distill_max_new_tokens,
-            eval_num_prompts=args.eval_prompts,
-            eval_max_new_tokens=args.eval_max_new_tokens,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            logging_steps=max(1, args.max_steps // 10),
-            seed=args.seed,
-        )
-        trainer = MTPTrainer(policy, config, train_prompts, eval_prompts, processing_class=tokenizer)
-        started = time.perf_counter()
-        trainer.train()
-        train_seconds = time.perf_counter() - started
+    runs = [(loss_type, [(loss_type, args.max_steps)]) for loss_type in args.losses]
+    if args.kl_warm_start_steps:
+        warm = args.kl_warm_start_steps
+        runs.append(("kl->e2e_tv", [("kl", warm), ("e2e_tv", args.max_steps - warm)]))
+    for name, phases in runs:
+        head, train_seconds = None, 0.0
+        for phase, (loss_type, max_steps) in enumerate(phases):
+            trainer = MTPTrainer(
+                policy,
+                study_config(args, loss_type, max_steps, seed=args.seed + phase),  # a later phase sees new batches
+                train_prompts,
+                eval_prompts,
+                processing_class=tokenizer,
+                head=head,
+            )
+            started = time.perf_counter()
+            trainer.train()
+            train_seconds += time.perf_counter() - started
+            head = trainer.head
         metrics = trainer.evaluate()
-        results[loss_type] = {"train_seconds": round(train_seconds, 1), **metrics}
-        print(f"{loss_type}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}", flush=True)
+        results[name] = {"train_seconds": round(train_seconds, 1), **metrics}
+        print(f"{name}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}", flush=True)
 
     print_table(results, args.k)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump({"settings": vars(args), "results": results}, f, indent=2)
     print(f"wrote {args.output}")
+
+
+def study_config(args: argparse.Namespace, loss_type: str, max_steps: int, seed: int) -> MTPConfig:
+    return MTPConfig(
+        output_dir=tempfile.mkdtemp(prefix=f"study-{loss_type}-"),
+        loss_type=loss_type,
+        max_steps=max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        num_mtp_steps=args.num_mtp_steps,
+        num_speculative_tokens=args.k,
+        temperature=args.temperature,
+        distill_max_new_tokens=args.distill_max_new_tokens,
+        eval_num_prompts=args.eval_prompts,
+        eval_max_new_tokens=args.eval_max_new_tokens,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        logging_steps=max(1, max_steps // 10),
+        seed=seed,
+    )
 
 
 def print_table(results: dict, k: int) -> None:

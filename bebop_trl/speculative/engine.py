@@ -139,7 +139,8 @@ class _Completions:
         self.entropy = torch.zeros(batch_size, width, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_new_tokens, self.k, self.eos_ids = max_new_tokens, k, eos_ids
-        self.num_drafts = torch.zeros((), dtype=torch.long, device=device)
+        self.drafts_per_row = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.accepted_per_row = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.accepted_per_position = torch.zeros(k, dtype=torch.long, device=device)
 
     def append(
@@ -170,10 +171,11 @@ class _Completions:
         self.lengths[rows] += count
         return hit_eos | (self.lengths[rows] >= self.max_new_tokens)
 
-    def count_drafts(self, num_accepted: torch.LongTensor) -> None:
-        """Adds one cycle's acceptance counts (a no-op without a head)."""
+    def count_drafts(self, rows: torch.LongTensor, num_accepted: torch.LongTensor) -> None:
+        """Adds one cycle's acceptance counts of `rows` (a no-op without a head)."""
         if self.k:
-            self.num_drafts += len(num_accepted)
+            self.drafts_per_row[rows] += 1
+            self.accepted_per_row[rows] += num_accepted
             positions = torch.arange(self.k, device=num_accepted.device)
             self.accepted_per_position += (num_accepted.unsqueeze(-1) > positions).sum(dim=0)
 
@@ -181,15 +183,18 @@ class _Completions:
         length = int(self.lengths.max())
         mask = (torch.arange(length, device=self.lengths.device) < self.lengths.unsqueeze(-1)).long()
         entropy = self.entropy[:, :length]
-        num_drafts = int(self.num_drafts)
+        num_drafts = int(self.drafts_per_row.sum())
         stats = AcceptanceStats(
             num_speculative_tokens=self.k,
             num_drafts=num_drafts,
             num_draft_tokens=num_drafts * self.k,
             num_accepted_tokens=int(self.accepted_per_position.sum()),
             accepted_per_position=self.accepted_per_position.cpu(),
+            drafts_per_row=self.drafts_per_row.cpu(),
+            accepted_per_row=self.accepted_per_row.cpu(),
             entropy=entropy,
             mean_entropy=float(entropy[mask.bool()].mean()),
+            mean_entropy_per_row=(entropy.sum(dim=-1) / self.lengths.clamp(min=1)).cpu(),
         )
         return GenerationOutput(self.ids[:, :length], mask, self.logprobs[:, :length], stats)
 
@@ -320,7 +325,7 @@ class SpeculativeGenerator:
                 if finished.any():
                     state.select((~finished).nonzero().squeeze(-1))
                 tokens, num_accepted, probs = self._decode_cycle(state, k, sampling)
-                completions.count_drafts(num_accepted)
+                completions.count_drafts(state.rows, num_accepted)
                 finished = completions.append(state.rows, tokens, num_accepted + 1, probs)
                 bar.update(int(completions.lengths.max()) - bar.n)
         return completions.output()

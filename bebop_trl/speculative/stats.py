@@ -18,9 +18,12 @@ class AcceptanceStats:
         num_draft_tokens: Drafted tokens (`num_drafts * k`).
         num_accepted_tokens: Drafted tokens the policy accepted.
         accepted_per_position: [k] how often the j-th drafted token of a cycle was accepted.
+        drafts_per_row: [B] draft cycles of each row.
+        accepted_per_row: [B] accepted drafted tokens of each row.
         entropy: [B, L] entropy (nats) of the processed policy distribution at every emitted token, 0 after the end
             of each row.
         mean_entropy: Mean of `entropy` over the emitted tokens.
+        mean_entropy_per_row: [B] mean of `entropy` over each row's emitted tokens.
     """
 
     num_speculative_tokens: int
@@ -28,8 +31,11 @@ class AcceptanceStats:
     num_draft_tokens: int
     num_accepted_tokens: int
     accepted_per_position: torch.Tensor
+    drafts_per_row: torch.Tensor
+    accepted_per_row: torch.Tensor
     entropy: torch.Tensor
     mean_entropy: float
+    mean_entropy_per_row: torch.Tensor
 
     @property
     def acceptance_rate(self) -> float:
@@ -41,6 +47,13 @@ class AcceptanceStats:
         """[k] fraction of cycles whose j-th draft was accepted (the j-th draft is only verified if the earlier ones
         passed, so this is the probability that the first j + 1 drafts all pass)."""
         return self.accepted_per_position.double() / max(self.num_drafts, 1)
+
+    @property
+    def row_acceptance_rate(self) -> torch.Tensor:
+        """[B] accepted / drafted tokens of each row (NaN for a row that never drafted, e.g. one that ended at its
+        first token)."""
+        drafted = (self.drafts_per_row * self.num_speculative_tokens).double()
+        return self.accepted_per_row.double() / drafted.where(drafted > 0, torch.nan)
 
     @property
     def mean_accepted_length(self) -> float:

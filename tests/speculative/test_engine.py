@@ -164,6 +164,16 @@ def test_statistics_are_consistent(policy, head, prompts):
     # Each cycle emits its accepted drafts plus one token; only the last cycle of a row may be cut short.
     emitted = int(out.completion_lengths.sum()) - len(PROMPTS)
     assert emitted <= stats.num_drafts + stats.num_accepted_tokens
+    # Per-row counters add up to the totals, and row by row the same bound holds.
+    assert int(stats.drafts_per_row.sum()) == stats.num_drafts
+    assert int(stats.accepted_per_row.sum()) == stats.num_accepted_tokens
+    assert (out.completion_lengths - 1 <= stats.drafts_per_row + stats.accepted_per_row).all()
+    torch.testing.assert_close(
+        stats.row_acceptance_rate, stats.accepted_per_row.double() / (k * stats.drafts_per_row).double()
+    )
+    mask = out.completion_mask.bool()
+    for row in range(len(PROMPTS)):
+        torch.testing.assert_close(stats.mean_entropy_per_row[row], stats.entropy[row][mask[row]].mean())
     assert set(stats.to_dict()) >= {"acceptance_rate", "mean_accepted_length", "mean_entropy"}
 
     plain = SpeculativeGenerator(policy).generate(prompts.input_ids, prompts.attention_mask, max_new_tokens=5)
