@@ -2,9 +2,17 @@
 
 from .modeling import MTPHead, MTPHeadConfig
 from .speculative import SpeculativeGenerator
-from .trainers import MTPConfig, MTPTrainer
+from .trainers import BebopGRPOConfig, BebopGRPOTrainer, MTPConfig, MTPTrainer
 
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["MTPConfig", "MTPHead", "MTPHeadConfig", "MTPTrainer", "SpeculativeGenerator"]
+__all__ = [
+    "BebopGRPOConfig",
+    "BebopGRPOTrainer",
+    "MTPConfig",
+    "MTPHead",
+    "MTPHeadConfig",
+    "MTPTrainer",
+    "SpeculativeGenerator",
+]

@@ -1,0 +1,142 @@
+"""Rollouts generated in a background thread from a snapshot of the policy, while the trainer trains."""
+
+import copy
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modeling import MTPHead
+from ..speculative import GenerationOutput
+from .torch_engine import generate_from_ids
+
+
+@dataclass
+class AsyncRollout:
+    """One round of rollouts generated in the background.
+
+    Attributes:
+        prompt_ids: The prompts, as token id lists.
+        output: The engine's output.
+        version: The policy version (optimizer step) of the snapshot that generated it.
+        started: `time.perf_counter()` when generation started.
+        finished: `time.perf_counter()` when it finished.
+    """
+
+    prompt_ids: list[list[int]]
+    output: GenerationOutput
+    version: int
+    started: float
+    finished: float
+
+
+class AsyncRolloutWorker:
+    """Generates one round of rollouts at a time in a background thread, from its own copy of the policy and head.
+
+    `submit` copies the current weights into the snapshot (on the caller's thread, so the snapshot is one policy
+    version) and starts generating; `take` returns the finished round if it was for the same prompts. PyTorch
+    releases the GIL inside its kernels, so generation and training overlap.
+
+    Args:
+        policy: The (unwrapped) policy; the snapshot is a deep copy of it, made once.
+        head: The draft head, or None for plain sampling; copied and bound to the snapshot.
+        tokenizer: The policy's tokenizer (for the pad token).
+        engine_kwargs: `num_speculative_tokens` and `draft_sampling` of the engine.
+    """
+
+    def __init__(self, policy: nn.Module, head: MTPHead | None, tokenizer: Any, **engine_kwargs: Any):
+        self._snapshot = _independent_copy(policy)
+        self._head = None
+        if head is not None:
+            self._head = copy.deepcopy(head).eval().requires_grad_(False).bind(self._snapshot, check_base_model=False)
+        self._tokenizer = tokenizer
+        self._engine_kwargs = engine_kwargs
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bebop-rollouts")
+        self._pending: tuple[list[list[int]], Future] | None = None
+
+    @torch.no_grad()
+    def submit(
+        self,
+        prompt_ids: list[list[int]],
+        policy: nn.Module,
+        head: MTPHead | None,
+        version: int,
+        generator: torch.Generator | None = None,
+        **generate_kwargs: Any,
+    ) -> None:
+        """Snapshots `policy` (and `head`) and starts generating for `prompt_ids` in the background.
+
+        Args:
+            prompt_ids: Prompt token ids.
+            policy: The live policy, whose weights are copied into the snapshot.
+            head: The live head (its weights are copied too), or None.
+            version: The policy version the snapshot holds.
+            generator: Random generator for the round.
+            **generate_kwargs: Arguments of [`SpeculativeGenerator.generate`][bebop_trl.SpeculativeGenerator.generate].
+        """
+        self.discard()
+        _copy_weights(policy, self._snapshot)
+        if head is not None and self._head is not None:
+            _copy_weights(head, self._head)
+        future = self._executor.submit(self._generate, prompt_ids, version, generator, generate_kwargs)
+        self._pending = (prompt_ids, future)
+
+    def take(self, prompt_ids: list[list[int]]) -> AsyncRollout | None:
+        """Waits for the pending round and returns it if it was generated for `prompt_ids`, else None."""
+        if self._pending is None:
+            return None
+        pending_prompts, future = self._pending
+        self._pending = None
+        rollout = future.result()
+        return rollout if pending_prompts == prompt_ids else None
+
+    def discard(self) -> None:
+        """Drops the pending round (after waiting for it: the snapshot must not change while it runs)."""
+        if self._pending is not None:
+            self._pending[1].result()
+            self._pending = None
+
+    def close(self) -> None:
+        """Drops the pending round and stops the thread."""
+        self.discard()
+        self._executor.shutdown(wait=True)
+
+    def _generate(
+        self, prompt_ids: list[list[int]], version: int, generator: torch.Generator | None, kwargs: dict[str, Any]
+    ) -> AsyncRollout:
+        started = time.perf_counter()
+        output = generate_from_ids(
+            self._snapshot,
+            self._tokenizer,
+            prompt_ids,
+            head=self._head,
+            generator=generator,
+            **self._engine_kwargs,
+            **kwargs,
+        )
+        return AsyncRollout(prompt_ids, output, version, started, time.perf_counter())
+
+
+def _independent_copy(policy: nn.Module) -> nn.Module:
+    """A deep copy of `policy` for inference that shares nothing with it.
+
+    Trainers patch `forward` on the instance (TRL's fused log-prob forward closes over the original model's bound
+    `forward`); a deep copy would keep calling the original model, so the copy falls back to its class's `forward`.
+    """
+    snapshot = copy.deepcopy(policy).eval().requires_grad_(False)
+    for module in snapshot.modules():
+        module.__dict__.pop("forward", None)
+    return snapshot
+
+
+def _copy_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copies every parameter and buffer of `source` into the same-structured `target`."""
+    source_state = source.state_dict()
+    target_state = target.state_dict()
+    if source_state.keys() != target_state.keys():
+        raise RuntimeError("The rollout snapshot no longer has the policy's structure; recreate the worker.")
+    for name, tensor in target_state.items():
+        tensor.copy_(source_state[name])

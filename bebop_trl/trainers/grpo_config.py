@@ -1,0 +1,114 @@
+"""Configuration of [`BebopGRPOTrainer`][bebop_trl.BebopGRPOTrainer]."""
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from ..speculative import DRAFT_SAMPLING_MODES
+from .mtp_config import LOSS_TYPES
+
+
+ROLLOUT_BACKENDS = ("torch",)
+
+
+@dataclass
+class BebopGRPOConfig(GRPOConfig):
+    """Configuration of [`BebopGRPOTrainer`][bebop_trl.BebopGRPOTrainer]: TRL's `GRPOConfig` plus speculative rollouts.
+
+    Only the fields added to `trl.GRPOConfig` are listed here; every GRPO and `TrainingArguments` field applies
+    unchanged. With `mtp_head=None` (the default) and `async_rollouts=False` the trainer is `trl.GRPOTrainer`.
+    With [`TrlParser`](https://huggingface.co/docs/trl/main/en/script_utils) every field is a command-line flag.
+    """
+
+    # Speculative rollouts
+    mtp_head: str | None = field(
+        default=None,
+        metadata={
+            "help": "Draft head for speculative rollouts: a folder or Hub id of a head saved by MTPTrainer, 'native' "
+            "for a policy checkpoint that ships MTP weights (Qwen3.5, Qwen3-Next), or None for no speculation."
+        },
+    )
+    num_speculative_tokens: int = field(default=3, metadata={"help": "Tokens the head drafts per cycle (k)."})
+    draft_sampling: str = field(
+        default="probabilistic",
+        metadata={
+            "help": "'probabilistic' samples drafts from the head's distribution q and accepts with min(1, p/q); "
+            "'greedy' drafts the head's argmax and accepts with probability p(draft). Both keep the rollouts "
+            "distributed exactly as the policy's samples; probabilistic drafting keeps acceptance up when the "
+            "policy's entropy rises.",
+            "choices": list(DRAFT_SAMPLING_MODES),
+        },
+    )
+    rollout_backend: str = field(
+        default="torch",
+        metadata={
+            "help": "Engine of the speculative rollouts: 'torch' (the pure-PyTorch SpeculativeGenerator, on the "
+            "training processes with the current policy weights).",
+            "choices": list(ROLLOUT_BACKENDS),
+        },
+    )
+
+    # Online head updates
+    mtp_online_update: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train the head on every round's fresh rollouts with this loss ('e2e_tv', 'tv', 'kl', 'rkl' or "
+            "'ce'), with its own optimizer; None keeps the head fixed. The policy's loss and gradients are not "
+            "affected.",
+            "choices": [None, *LOSS_TYPES],
+        },
+    )
+    mtp_online_learning_rate: float = field(
+        default=1e-5, metadata={"help": "AdamW learning rate of the online head updates."}
+    )
+    mtp_online_update_interval: int = field(
+        default=1, metadata={"help": "Update the head on every n-th rollout round."}
+    )
+    mtp_online_max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient-norm clip of the online head updates."}
+    )
+
+    # Asynchronous rollouts
+    async_rollouts: bool = field(
+        default=False,
+        metadata={
+            "help": "Generate the next round's rollouts in a background worker while the trainer trains on the "
+            "current round, from a snapshot of the policy. The policy loss is corrected by importance sampling "
+            "with the sampling log-probs (the `vllm_importance_sampling_*` settings apply)."
+        },
+    )
+    max_staleness: int = field(
+        default=1,
+        metadata={
+            "help": "With async_rollouts, the most optimizer steps the snapshot that generated a round may lag "
+            "behind the policy it trains; staler rollouts are discarded and regenerated."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}.")
+        if self.draft_sampling not in DRAFT_SAMPLING_MODES:
+            raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {self.draft_sampling!r}.")
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}.")
+        if self.mtp_online_update is not None:
+            if self.mtp_online_update not in LOSS_TYPES:
+                raise ValueError(
+                    f"mtp_online_update must be one of {LOSS_TYPES} or None, got {self.mtp_online_update!r}."
+                )
+            if self.mtp_head is None:
+                raise ValueError("mtp_online_update trains the draft head: set mtp_head too.")
+        if self.mtp_online_update_interval < 1:
+            raise ValueError(f"mtp_online_update_interval must be >= 1, got {self.mtp_online_update_interval}.")
+        if self.max_staleness < 1:
+            raise ValueError(
+                f"max_staleness must be >= 1, got {self.max_staleness}: rollouts generated while the trainer "
+                "trains are at least one optimizer step old. Use async_rollouts=False for on-policy rollouts."
+            )
+        if (self.mtp_head is not None or self.async_rollouts) and self.use_vllm:
+            raise ValueError(
+                "use_vllm=True generates with TRL's vLLM backend, which these options do not drive: unset mtp_head "
+                "and async_rollouts to use it, or set use_vllm=False for the torch speculative engine."
+            )

@@ -1,0 +1,553 @@
+"""[`BebopGRPOTrainer`][bebop_trl.BebopGRPOTrainer]: TRL's GRPO with speculative rollouts drafted by an MTP head."""
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from ..modeling import MTPHead
+from ..modeling.teacher_forcing import final_hidden_states, unroll_teacher_forced
+from ..ops import mtp_loss
+from ..rollout.async_worker import AsyncRolloutWorker
+from ..rollout.torch_engine import generate_from_ids
+from ..speculative import AcceptanceStats, GenerationOutput
+from .acceptance_fit import AcceptanceEntropyFit
+from .grpo_config import BebopGRPOConfig
+
+
+FIT_NAME = "acceptance_entropy_fit"
+HEAD_DIR = "mtp_head"
+TRAINER_STATE_NAME = "bebop_state.pt"
+
+
+class BebopGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` whose rollouts are drafted by an MTP head and verified by the policy, exactly.
+
+    A drop-in replacement: the constructor and every GRPO behaviour are TRL's, so a script using `GRPOTrainer` works
+    by renaming `GRPOTrainer` / `GRPOConfig` to `BebopGRPOTrainer` / `BebopGRPOConfig`. Without a head (and without
+    async rollouts) it is `GRPOTrainer`. With a head, every rollout round runs the
+    [`SpeculativeGenerator`][bebop_trl.SpeculativeGenerator] on the current policy weights; the completions are
+    distributed exactly as the policy's own samples, and their sampling log-probs are handed to TRL.
+
+    Each round logs the acceptance rate, mean accepted length, acceptance per draft position, drafted tokens,
+    rollout tokens per second and the rollout share of the step time; over the run, a weighted linear fit of
+    per-completion acceptance against the policy's entropy is logged and written to
+    `output_dir/acceptance_entropy_fit.json` (and `.png` at the end of training).
+
+    Args:
+        model: The policy, as for `trl.GRPOTrainer`.
+        reward_funcs: Reward functions, as for `trl.GRPOTrainer`.
+        args: The configuration; a plain `trl.GRPOConfig` gives TRL's behaviour.
+        *trainer_args: Further positional arguments of `trl.GRPOTrainer`.
+        head: A draft head to use instead of loading `args.mtp_head`.
+        **trainer_kwargs: Keyword arguments of `trl.GRPOTrainer` (`train_dataset`, `processing_class`,
+            `peft_config`, ...).
+
+    Example:
+        ```python
+        from bebop_trl import BebopGRPOConfig, BebopGRPOTrainer
+
+        config = BebopGRPOConfig("grpo-out", mtp_head="my-org/smollm2-mtp-head", num_speculative_tokens=3)
+        trainer = BebopGRPOTrainer("HuggingFaceTB/SmolLM2-135M-Instruct", reward_fn, args=config, train_dataset=ds)
+        trainer.train()
+        ```
+    """
+
+    def __init__(
+        self,
+        model: "str | PreTrainedModel",
+        reward_funcs: Any = None,
+        args: GRPOConfig | None = None,
+        *trainer_args: Any,
+        head: MTPHead | None = None,
+        **trainer_kwargs: Any,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config.name_or_path
+            args = BebopGRPOConfig(f"{os.path.basename(str(name).rstrip('/')) or 'policy'}-GRPO")
+        super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+        # A plain GRPOConfig has none of the speculative settings: the trainer is then GRPOTrainer.
+        self.mtp_head = self._load_head(head) if isinstance(args, BebopGRPOConfig) or head is not None else None
+        self._speculative = self.mtp_head is not None or getattr(args, "async_rollouts", False)
+        if self._speculative:
+            self._check_supported()
+        self._rollout_round = 0
+        self._rollout_seconds = 0.0
+        self._step_seconds = 0.0
+        self._fit = AcceptanceEntropyFit(seed=args.seed)
+        self._head_optimizer: torch.optim.Optimizer | None = None
+        self._async_worker: AsyncRolloutWorker | None = None
+        self._lookahead: _LookaheadLoader | None = None
+        self._generation_batch: Any = None
+        self._staleness: int | None = None
+
+    # ----------------------------------------------------------------------------------------------- set-up
+
+    def _load_head(self, head: MTPHead | None) -> MTPHead | None:
+        policy = self.accelerator.unwrap_model(self.model)
+        if head is None and getattr(self.args, "mtp_head", None) is None:
+            return None
+        if not isinstance(self.args, BebopGRPOConfig):
+            raise ValueError("A draft head needs a BebopGRPOConfig (it holds the speculative settings).")
+        if head is not None:
+            head.bind(policy, check_base_model=False)
+        elif self.args.mtp_head == "native":
+            head = MTPHead.from_native(policy.config.name_or_path, policy=policy)
+        else:
+            head = MTPHead.from_pretrained(self.args.mtp_head, policy=policy)
+        device = policy.get_input_embeddings().weight.device
+        # The head's weights stay in float32: they are the master weights of the online updates.
+        return head.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+
+    def _check_supported(self) -> None:
+        """Rejects GRPO options the speculative engine does not implement, naming the way out."""
+        way_out = "Unset it, or set mtp_head=None and async_rollouts=False to generate with transformers."
+        unsupported = {
+            "min_p": self.min_p is not None,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "generation_kwargs": bool(self.args.generation_kwargs),
+            "use_transformers_continuous_batching": self.use_transformers_continuous_batching,
+            "tools": bool(self.tools),
+            "rollout_func": self.rollout_func is not None,
+            "environment_factory": self.environment_factories is not None,
+        }
+        for name, is_set in unsupported.items():
+            if is_set:
+                raise ValueError(f"Speculative and async rollouts do not support {name}. {way_out}")
+
+    # ------------------------------------------------------------------------------------------------ rollouts
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if not self._speculative:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+            )
+        if images is not None or multimodal_fields:
+            raise ValueError("Speculative rollouts support text-only policies; this batch has images.")
+        mode = "train" if self.model.training else "eval"
+        started = time.perf_counter()
+        output = self._rollout(prompt_ids, train=mode == "train")
+        elapsed = time.perf_counter() - started
+        if mode == "train":
+            self._rollout_seconds += elapsed
+        self._log_rollout(output, elapsed, mode)
+        lengths = output.completion_lengths.tolist()
+        completion_ids = [ids[:n] for ids, n in zip(output.completion_ids.tolist(), lengths, strict=True)]
+        logprobs = [lps[:n] for lps, n in zip(output.logprobs.tolist(), lengths, strict=True)]
+        return completion_ids, logprobs
+
+    def _rollout(self, prompt_ids: list[list[int]], train: bool) -> GenerationOutput:
+        """This round's rollouts: from the background worker when it has them and they are fresh enough, else
+        generated now with the current weights."""
+        round_index = self._rollout_round
+        if train:
+            self._rollout_round += 1
+        self._staleness = None
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as policy,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            if not (train and self.args.async_rollouts):
+                return self._generate_now(policy, prompt_ids, round_index)
+            if self._async_worker is None:
+                self._async_worker = AsyncRolloutWorker(
+                    policy, self.mtp_head, self._tokenizer, **self._engine_kwargs()
+                )
+            rollout = self._async_worker.take(prompt_ids)
+            if rollout is not None and self.state.global_step - rollout.version <= self.args.max_staleness:
+                output, self._staleness = rollout.output, self.state.global_step - rollout.version
+            else:
+                output, self._staleness = self._generate_now(policy, prompt_ids, round_index), 0
+            self._submit_next_round(policy, round_index + 1)
+        return output
+
+    def _generate_now(self, policy: nn.Module, prompt_ids: list[list[int]], round_index: int) -> GenerationOutput:
+        return generate_from_ids(
+            policy,
+            self._tokenizer,
+            prompt_ids,
+            head=self.mtp_head,
+            generator=self._round_generator(round_index),
+            **self._engine_kwargs(),
+            **self._sampling_kwargs(),
+        )
+
+    def _submit_next_round(self, policy: nn.Module, round_index: int) -> None:
+        """Starts generating the next generation batch in the background, if the data loader can show it."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        upcoming = None
+        if self._lookahead is not None and self._generation_batch is not None:
+            upcoming = self._lookahead.peek_after(self._generation_batch, generate_every)
+        if upcoming is None:
+            return
+        prompt_ids, _, _ = self._tokenize_prompts([example["prompt"] for example in upcoming])
+        self._async_worker.submit(
+            prompt_ids,
+            policy,
+            self.mtp_head,
+            version=self.state.global_step,
+            generator=self._round_generator(round_index),
+            **self._sampling_kwargs(),
+        )
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        return dict(num_speculative_tokens=self.args.num_speculative_tokens, draft_sampling=self.args.draft_sampling)
+
+    def _sampling_kwargs(self) -> dict[str, Any]:
+        return dict(
+            max_new_tokens=self.max_completion_length,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k or 0,
+            eos_token_id=list(self.eos_token_ids),
+        )
+
+    def _round_generator(self, round_index: int) -> torch.Generator:
+        """A generator seeded by the run's seed, the process and the round: runs are reproducible whether a round
+        is generated in the background or not."""
+        seed = (self.args.seed * 1_000_003 + self.accelerator.process_index * 10_007 + round_index) % (2**63)
+        return torch.Generator(device=self.accelerator.device).manual_seed(seed)
+
+    def get_train_dataloader(self):
+        dataloader = super().get_train_dataloader()
+        if self._speculative and self.args.async_rollouts:
+            self._lookahead = _LookaheadLoader(dataloader)
+            return self._lookahead
+        return dataloader
+
+    # ------------------------------------------------------------------------------------------------- scoring
+
+    def _generate_and_score_completions(self, inputs):
+        train = self.model.training
+        if train:
+            self._generation_batch = inputs
+        output = super()._generate_and_score_completions(inputs)
+        if train and self._staleness is not None:
+            self._correct_stale_rollouts(output)
+        if (
+            train
+            and self.mtp_head is not None
+            and self.args.mtp_online_update
+            and self._rollout_round % self.args.mtp_online_update_interval == 0
+        ):
+            self._update_head_online(output)
+        return output
+
+    @torch.no_grad()
+    def _correct_stale_rollouts(self, output: dict[str, Any]) -> None:
+        """Importance-sampling correction of rollouts from an older policy snapshot, as TRL corrects vLLM's.
+
+        The ratio between the current policy's and the sampling log-probs is truncated or masked as the
+        `vllm_importance_sampling_*` settings say and multiplies the advantages (every GRPO loss but `vespo` is
+        positively homogeneous in the advantage, so this equals TRL's multiplication of the per-token loss).
+        """
+        mode = "train"
+        self._metrics[mode]["rollout/staleness"].append(float(self._staleness))
+        if self._staleness == 0 or not self.args.vllm_importance_sampling_correction:
+            return
+        completion_mask = output["completion_mask"]
+        if "old_per_token_logps" not in output:
+            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+            attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
+            output["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                input_ids,
+                attention_mask,
+                output["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+            )
+        ratio = importance_sampling_ratio(
+            output["old_per_token_logps"],
+            output["sampling_per_token_logps"],
+            completion_mask,
+            self.args.vllm_importance_sampling_mode,
+            self.args.vllm_importance_sampling_clip_min,
+            self.args.vllm_importance_sampling_clip_max,
+        )
+        if self.loss_type == "vespo":
+            output["importance_sampling_ratio"] = ratio
+        else:
+            output["advantages"] = output["advantages"].unsqueeze(-1) * ratio
+        valid = ratio.expand_as(completion_mask)[completion_mask.bool()]
+        stats = torch.stack([valid.mean(), valid.min(), valid.max()]) if valid.numel() else torch.ones(3)
+        stats = self.accelerator.gather(stats.to(self.accelerator.device).unsqueeze(0))
+        self._metrics[mode]["sampling/importance_sampling_ratio/mean"].append(stats[:, 0].mean().item())
+        self._metrics[mode]["sampling/importance_sampling_ratio/min"].append(stats[:, 1].min().item())
+        self._metrics[mode]["sampling/importance_sampling_ratio/max"].append(stats[:, 2].max().item())
+
+    # ------------------------------------------------------------------------------------------ online updates
+
+    def _update_head_online(self, output: dict[str, Any]) -> None:
+        """One optimizer step of the head on this round's rollouts; the policy only provides hidden states."""
+        head, args = self.mtp_head, self.args
+        if self._head_optimizer is None:
+            self._head_optimizer = torch.optim.AdamW(head.parameters(), lr=args.mtp_online_learning_rate)
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        completion_mask = output["completion_mask"]
+        attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
+        is_completion = torch.cat([torch.zeros_like(output["prompt_mask"]), completion_mask], dim=1).bool()
+        policy = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad(), _eval_mode(policy):
+            policy_hidden = final_hidden_states(policy, input_ids, attention_mask)
+        head.train().requires_grad_(True)
+        try:
+            slots = unroll_teacher_forced(
+                head, input_ids, policy_hidden, attention_mask, num_steps=args.num_speculative_tokens
+            )
+            drafted = _drafting_slots(is_completion, args.num_speculative_tokens)
+            is_ce = args.mtp_online_update == "ce"
+            result = mtp_loss(
+                slots.draft_hidden,
+                slots.target_hidden,
+                head.lm_head_weight,
+                loss_type=args.mtp_online_update,
+                mask=(slots.label_mask if is_ce else slots.mask) & drafted,
+                labels=slots.labels if is_ce else None,
+                temperature=self.temperature,
+            )
+            if not torch.isfinite(result.loss):
+                raise FloatingPointError(
+                    f"The online head update's {args.mtp_online_update} loss is {result.loss.item()} at step "
+                    f"{self.state.global_step}; lower mtp_online_learning_rate or mtp_online_max_grad_norm."
+                )
+            result.loss.backward()
+            self._average_head_gradients()
+            grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), args.mtp_online_max_grad_norm)
+            self._head_optimizer.step()
+            self._head_optimizer.zero_grad(set_to_none=True)
+        finally:
+            head.eval().requires_grad_(False)
+        metrics = self._metrics["train"]
+        metrics["mtp_online/loss"].append(self.accelerator.gather(result.loss.detach()).mean().item())
+        metrics["mtp_online/grad_norm"].append(float(grad_norm))
+        for j, acceptance in enumerate(self.accelerator.gather(result.acceptance.unsqueeze(0)).mean(0).tolist()):
+            metrics[f"mtp_online/acceptance_step_{j + 1}"].append(acceptance)
+
+    def _average_head_gradients(self) -> None:
+        """Averages the head's gradients over processes, so every process keeps the same head."""
+        if self.accelerator.num_processes == 1:
+            return
+        for param in self.mtp_head.parameters():
+            if param.grad is not None:
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    # ----------------------------------------------------------------------------------------------- metrics
+
+    def _log_rollout(self, output: GenerationOutput, seconds: float, mode: str) -> None:
+        """Logs one round's acceptance and speed, summed over processes, and feeds the acceptance-entropy fit."""
+        stats, device = output.stats, self.accelerator.device
+        k = stats.num_speculative_tokens
+        local = torch.tensor(
+            [stats.num_drafts, stats.num_accepted_tokens, float(output.completion_lengths.sum()), *_positions(stats)],
+            dtype=torch.float64,
+            device=device,
+        )
+        total = self.accelerator.gather(local.unsqueeze(0)).sum(0).tolist()
+        drafts, accepted, tokens = total[:3]
+        slowest = self.accelerator.gather(torch.tensor([seconds], device=device)).max().item()
+        metrics = self._metrics[mode]
+        metrics["rollout/tokens_per_second"].append(tokens / max(slowest, 1e-9))
+        metrics["rollout/seconds"].append(slowest)
+        if k == 0:
+            return
+        metrics["rollout/draft_tokens"].append(drafts * k)
+        metrics["rollout/acceptance_rate"].append(accepted / max(drafts * k, 1))
+        metrics["rollout/mean_accepted_length"].append(accepted / max(drafts, 1))
+        for j, count in enumerate(total[3:]):
+            metrics[f"rollout/acceptance_position_{j + 1}"].append(count / max(drafts, 1))
+        if mode == "train":
+            self._update_fit(stats)
+
+    def _update_fit(self, stats: AcceptanceStats) -> None:
+        device = self.accelerator.device
+        points = torch.stack(
+            [
+                stats.mean_entropy_per_row.double(),
+                stats.row_acceptance_rate,
+                (stats.drafts_per_row * stats.num_speculative_tokens).double(),
+            ]
+        ).to(device)
+        points = self.accelerator.gather(points.T.contiguous()).cpu()
+        self._fit.update(points[:, 0], points[:, 1], points[:, 2], step=self.state.global_step)
+        result = self._fit.result()
+        if result is not None:
+            for name in ("slope", "intercept", "r"):
+                self._metrics["train"][f"acceptance_entropy/{name}"].append(result[name])
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        started = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_seconds += time.perf_counter() - started
+        if self._speculative and self._step % self.current_gradient_accumulation_steps == 0:
+            self._metrics["train"]["rollout/share_of_step_time"].append(
+                self._rollout_seconds / max(self._step_seconds, 1e-9)
+            )
+            self._rollout_seconds = self._step_seconds = 0.0
+        return loss
+
+    # ------------------------------------------------------------------------------------ checkpoints and end
+
+    def train(self, *args: Any, **kwargs: Any):
+        """Runs `trl.GRPOTrainer.train`, then writes the acceptance-entropy fit (JSON and PNG) and, if the head
+        was updated online, the head to `output_dir/mtp_head`."""
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            if self._async_worker is not None:
+                self._async_worker.close()
+                self._async_worker = None
+        if self.accelerator.is_main_process and self.mtp_head is not None:
+            self._save_fit(self.args.output_dir, plot=True)
+            if self.args.mtp_online_update:
+                self.mtp_head.save_pretrained(os.path.join(self.args.output_dir, HEAD_DIR))
+        return result
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.mtp_head is None or not self.accelerator.is_main_process:
+            return
+        folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+        self._save_fit(folder, plot=False)
+        state = {"rollout_round": self._rollout_round, "fit": self._fit.state_dict()}
+        if self.args.mtp_online_update:
+            self.mtp_head.save_pretrained(os.path.join(folder, HEAD_DIR))
+            if self._head_optimizer is not None:
+                state["head_optimizer"] = self._head_optimizer.state_dict()
+        torch.save(state, os.path.join(folder, TRAINER_STATE_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.mtp_head is None:
+            return
+        state_file = os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+        if not os.path.isfile(state_file):
+            return
+        state = torch.load(state_file, weights_only=True)
+        self._rollout_round = state["rollout_round"]
+        self._fit.load_state_dict(state["fit"])
+        head_dir = os.path.join(resume_from_checkpoint, HEAD_DIR)
+        if self.args.mtp_online_update and os.path.isdir(head_dir):
+            saved = MTPHead.from_pretrained(head_dir, dtype=torch.float32)
+            self.mtp_head.load_state_dict(saved.state_dict())
+            if "head_optimizer" in state:
+                self._head_optimizer = torch.optim.AdamW(
+                    self.mtp_head.parameters(), lr=self.args.mtp_online_learning_rate
+                )
+                self._head_optimizer.load_state_dict(state["head_optimizer"])
+
+    def _save_fit(self, folder: str, plot: bool) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self._fit.save_json(os.path.join(folder, f"{FIT_NAME}.json"))
+        if plot:
+            self._fit.save_plot(os.path.join(folder, f"{FIT_NAME}.png"), title=self.args.run_name)
+
+
+def importance_sampling_ratio(
+    current_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+) -> torch.Tensor:
+    """TRL's importance-sampling ratio between the training policy and the policy that sampled the tokens.
+
+    Args:
+        current_logps: [B, T] log-probs of the completion tokens under the policy being trained.
+        sampling_logps: [B, T] log-probs under the policy that sampled them.
+        mask: [B, T] 1 for completion tokens.
+        mode: `token_truncate`, `token_mask`, `sequence_truncate` or `sequence_mask`.
+        clip_min: Lower bound (None: none).
+        clip_max: Upper bound (None: none).
+
+    Returns:
+        [B, T] per-token or [B, 1] per-sequence ratios, truncated to the bounds or set to 0 outside them.
+    """
+    granularity, constraint = mode.split("_")
+    if granularity not in ("token", "sequence") or constraint not in ("truncate", "mask"):
+        raise ValueError(f"Unknown importance sampling mode {mode!r}.")
+    log_ratio = torch.nan_to_num((current_logps - sampling_logps) * mask, nan=0.0)
+    if granularity == "sequence":
+        log_ratio = log_ratio.sum(dim=-1, keepdim=True)
+    ratio = log_ratio.exp()
+    if constraint == "truncate":
+        return ratio.clamp(min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+class _LookaheadLoader:
+    """Iterates a data loader like the loader itself, but lets the trainer read batches it has not reached yet."""
+
+    def __init__(self, dataloader: Any):
+        self.dataloader = dataloader
+        self._iterator: Iterator | None = None
+        self._items: list[Any] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        self._iterator, self._items = iter(self.dataloader), []
+        position = 0
+        while position < len(self._items) or self._pull():
+            yield self._items[position]
+            position += 1
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.dataloader, name)
+
+    def peek_after(self, item: Any, distance: int) -> Any | None:
+        """The batch `distance` positions after `item` (a batch this loader yielded), or None past the epoch."""
+        index = next((i for i in range(len(self._items) - 1, -1, -1) if self._items[i] is item), None)
+        if index is None:
+            return None
+        while len(self._items) <= index + distance:
+            if not self._pull():
+                return None
+        return self._items[index + distance]
+
+    def _pull(self) -> bool:
+        try:
+            self._items.append(next(self._iterator))
+        except StopIteration:
+            return False
+        return True
+
+
+def _drafting_slots(is_completion: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """[S, B(T-1)] the slots of `unroll_teacher_forced` the engine drafts: starts t whose next token x_{t+1} is a
+    completion token (the first draft of a rollout reads the last prompt token and the first sampled one)."""
+    starts = is_completion[:, 1:].flatten()
+    return starts.unsqueeze(0).expand(num_steps, -1)
+
+
+def _positions(stats: AcceptanceStats) -> list[float]:
+    return [float(x) for x in stats.accepted_per_position.tolist()]
+
+
+class _eval_mode:
+    """Puts a module in eval mode for a block and restores its training flag."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self) -> None:
+        self.module.eval()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.module.train(self.was_training)
