@@ -62,6 +62,32 @@ def final_hidden_states(
     return out.last_hidden_state
 
 
+def completion_token_mask(attention_mask: torch.Tensor, prompt_length: torch.Tensor) -> torch.BoolTensor:
+    """[B, T] True at the tokens after each row's first `prompt_length` tokens (left or right padding).
+
+    Args:
+        attention_mask: [B, T] padding mask.
+        prompt_length: [B] number of prompt tokens per row (0: the whole row counts as completion).
+    """
+    token_index = attention_mask.long().cumsum(-1) - 1
+    return attention_mask.bool() & (token_index >= prompt_length.unsqueeze(-1))
+
+
+def drafting_slots(is_completion: torch.Tensor, num_steps: int) -> torch.BoolTensor:
+    """[S, B(T-1)] the slots of [`unroll_teacher_forced`][bebop_trl.modeling.teacher_forcing.unroll_teacher_forced]
+    that the engine drafts in a rollout: starts t whose next token x_{t+1} is a completion token.
+
+    The first draft of a rollout reads the last prompt position and the first sampled token, so a prompt is never
+    drafted. The mask is the same for every step, hence prefix-closed.
+
+    Args:
+        is_completion: [B, T] completion tokens (see
+            [`completion_token_mask`][bebop_trl.modeling.teacher_forcing.completion_token_mask]).
+        num_steps: Number of draft steps S.
+    """
+    return is_completion[:, 1:].flatten().unsqueeze(0).expand(num_steps, -1)
+
+
 def unroll_teacher_forced(
     head: MTPHead,
     input_ids: torch.LongTensor,

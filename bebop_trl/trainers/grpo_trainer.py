@@ -13,7 +13,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..modeling import MTPHead
-from ..modeling.teacher_forcing import final_hidden_states, unroll_teacher_forced
+from ..modeling.teacher_forcing import drafting_slots, final_hidden_states, unroll_teacher_forced
 from ..ops import mtp_loss
 from ..rollout.async_worker import AsyncRolloutWorker
 from ..rollout.torch_engine import generate_from_ids
@@ -307,7 +307,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             slots = unroll_teacher_forced(
                 head, input_ids, policy_hidden, attention_mask, num_steps=args.num_speculative_tokens
             )
-            drafted = _drafting_slots(is_completion, args.num_speculative_tokens)
+            drafted = drafting_slots(is_completion, args.num_speculative_tokens)
             is_ce = args.mtp_online_update == "ce"
             result = mtp_loss(
                 slots.draft_hidden,
@@ -527,13 +527,6 @@ class _LookaheadLoader:
         except StopIteration:
             return False
         return True
-
-
-def _drafting_slots(is_completion: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """[S, B(T-1)] the slots of `unroll_teacher_forced` the engine drafts: starts t whose next token x_{t+1} is a
-    completion token (the first draft of a rollout reads the last prompt token and the first sampled one)."""
-    starts = is_completion[:, 1:].flatten()
-    return starts.unsqueeze(0).expand(num_steps, -1)
 
 
 def _positions(stats: AcceptanceStats) -> list[float]:

@@ -47,6 +47,14 @@ class MTPConfig(TrainingArguments):
     num_mtp_steps: int = field(
         default=5, metadata={"help": "Draft steps unrolled in training (teacher forcing along the sequence)."}
     )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Score only the slots the engine drafts in a rollout (starts whose next token is a completion "
+            "token) in data with prompts: self-distilled, prompt/completion or conversational. Rows without a "
+            "prompt are scored everywhere."
+        },
+    )
     temperature: float = field(
         default=1.0,
         metadata={

@@ -20,7 +20,12 @@ from transformers.trainer_callback import TrainerCallback
 
 from ..modeling import MTPHead
 from ..modeling.hub import WEIGHTS_NAME, head_model_card, load_tensors
-from ..modeling.teacher_forcing import final_hidden_states, unroll_teacher_forced
+from ..modeling.teacher_forcing import (
+    completion_token_mask,
+    drafting_slots,
+    final_hidden_states,
+    unroll_teacher_forced,
+)
 from ..ops import MTPLossOutput, mtp_loss
 from ..rollout.torch_engine import generate_from_ids
 from ..speculative import DRAFT_SAMPLING_MODES
@@ -42,22 +47,33 @@ class MTPTrainingModule(nn.Module):
         self.loss_kwargs = dict(loss_type=args.loss_type, temperature=args.temperature)
         self.loss_kwargs.update({k: v for k in ("token_tile", "vocab_tile") if (v := getattr(args, k)) is not None})
         self.num_mtp_steps = args.num_mtp_steps
+        self.completion_only_loss = args.completion_only_loss
 
     def train(self, mode: bool = True) -> "MTPTrainingModule":
         super().train(mode)
         self.policy.eval()  # frozen: no dropout, whatever mode the trainer sets
         return self
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> MTPLossOutput:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_length: torch.LongTensor | None = None,
+    ) -> MTPLossOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         with torch.no_grad():
             policy_hidden = final_hidden_states(self.policy, input_ids, attention_mask)
         slots = unroll_teacher_forced(self.head, input_ids, policy_hidden, attention_mask, self.num_mtp_steps)
         is_ce = self.loss_kwargs["loss_type"] == "ce"
+        mask = slots.label_mask if is_ce else slots.mask
+        if self.completion_only_loss and prompt_length is not None:
+            mask = mask & drafting_slots(completion_token_mask(attention_mask, prompt_length), self.num_mtp_steps)
         return mtp_loss(
             slots.draft_hidden,
             slots.target_hidden,
             self.head.lm_head_weight,
-            mask=slots.label_mask if is_ce else slots.mask,
+            mask=mask,
             labels=slots.labels if is_ce else None,
             **self.loss_kwargs,
         )
@@ -192,7 +208,11 @@ class MTPTrainer(Trainer):
             FloatingPointError: If the loss is NaN or infinite: the step is not taken, and the error names the
                 step and the batch.
         """
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            prompt_length=inputs.get(PROMPT_LENGTH),
+        )
         if not torch.isfinite(out.loss):
             lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None
             raise FloatingPointError(

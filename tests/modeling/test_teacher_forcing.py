@@ -4,6 +4,8 @@ import torch
 from bebop_trl import MTPHead
 from bebop_trl.modeling.teacher_forcing import (
     IGNORE_INDEX,
+    completion_token_mask,
+    drafting_slots,
     final_hidden_states,
     positions_from_mask,
     unroll_teacher_forced,
@@ -121,3 +123,23 @@ def test_bad_lengths(policy_and_head):
         unroll_teacher_forced(head, torch.ones(1, 1, dtype=torch.long), torch.zeros(1, 1, 64))
     with pytest.raises(ValueError, match="num_steps must be >= 1"):
         unroll_teacher_forced(head, torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3, 64), num_steps=0)
+
+
+def test_completion_token_mask_with_left_and_right_padding():
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    prompt_length = torch.tensor([2, 3, 0])
+    expected = [
+        [False, False, False, False, True, True],
+        [False, False, False, True, False, False],
+        [True, True, True, True, True, True],
+    ]
+    assert completion_token_mask(attention_mask, prompt_length).tolist() == expected
+
+
+def test_drafting_slots_start_where_the_next_token_is_sampled():
+    is_completion = torch.tensor([[False, False, True, True, True], [False, True, True, False, False]])
+    slots = drafting_slots(is_completion, num_steps=3)
+    assert slots.shape == (3, 2 * 4)
+    # Start t drafts after reading x_{t+1}: row 0's first drafting start is t = 1 (the last prompt position).
+    assert slots[0].view(2, 4).tolist() == [[False, True, True, True], [True, True, False, False]]
+    assert (slots == slots[0]).all(), "the same starts at every step keeps the mask prefix-closed"

@@ -9,6 +9,13 @@ from transformers import AutoTokenizer, TrainerCallback
 
 from bebop_trl import MTPConfig, MTPHead, MTPTrainer
 from bebop_trl.modeling.hub import load_tensors
+from bebop_trl.modeling.teacher_forcing import (
+    completion_token_mask,
+    drafting_slots,
+    final_hidden_states,
+    unroll_teacher_forced,
+)
+from bebop_trl.ops import mtp_loss
 from bebop_trl.trainers import mtp_data
 from bebop_trl.trainers.mtp_config import LOSS_TYPES
 from bebop_trl.trainers.mtp_data import self_distill, tokenize_dataset
@@ -94,6 +101,31 @@ def test_policy_stays_in_eval_mode(load_tiny, tokenizer, distilled, tmp_path):
     trainer = MTPTrainer(load_tiny("llama"), config(tmp_path), distilled, processing_class=tokenizer)
     trainer.model.train()
     assert trainer.head.training and not trainer.policy.training
+
+
+@pytest.mark.parametrize("completion_only_loss", [True, False])
+def test_loss_scores_the_slots_the_engine_drafts(load_tiny, tokenizer, distilled, tmp_path, completion_only_loss):
+    trainer = MTPTrainer(
+        load_tiny("llama"),
+        config(tmp_path, completion_only_loss=completion_only_loss),
+        distilled,
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["prompt_length"].shape == (8,) and (batch["prompt_length"] > 0).all()
+    assert set(batch["prompt_length"].tolist()) <= set(distilled["prompt_length"])
+    module = trainer.model
+    with torch.no_grad():
+        out = module(**batch)
+        hidden = final_hidden_states(module.policy, batch["input_ids"], batch["attention_mask"])
+        slots = unroll_teacher_forced(module.head, batch["input_ids"], hidden, batch["attention_mask"], 3)
+        mask = slots.mask
+        if completion_only_loss:
+            mask = mask & drafting_slots(completion_token_mask(batch["attention_mask"], batch["prompt_length"]), 3)
+            assert mask.sum() < slots.mask.sum()
+        expected = mtp_loss(slots.draft_hidden, slots.target_hidden, module.head.lm_head_weight, mask=mask)
+    torch.testing.assert_close(out.loss, expected.loss)
+    torch.testing.assert_close(out.acceptance, expected.acceptance)
 
 
 class StopAt(TrainerCallback):
