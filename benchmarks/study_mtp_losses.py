@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-prompts", type=int, default=16)
     parser.add_argument("--eval-max-new-tokens", type=int, default=96)
     parser.add_argument("--kl-warm-start-steps", type=int, default=0, help="add a kl -> e2e_tv head (0: none)")
+    parser.add_argument("--save-heads", default=None, help="folder to save each trained head in (one per loss)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="benchmarks/results/mtp_losses.json")
     return parser.parse_args()
@@ -67,6 +68,8 @@ def main() -> None:
             train_seconds += time.perf_counter() - started
             head = trainer.head
         metrics = trainer.evaluate()
+        if args.save_heads:
+            trainer.save_model(os.path.join(args.save_heads, name.replace(">", "")))
         results[name] = {"train_seconds": round(train_seconds, 1), **metrics}
         print(f"{name}: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}", flush=True)
 
