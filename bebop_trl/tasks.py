@@ -1,6 +1,8 @@
 """Offline RL tasks with verifiable rewards, from the `reasoning-gym` package."""
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from datasets import Dataset
 
@@ -9,7 +11,11 @@ DEFAULT_SYSTEM_PROMPT = "Answer with the final result only."
 
 
 def reasoning_gym_dataset(
-    task: str = "basic_arithmetic", size: int = 256, seed: int = 0, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    task: str = "basic_arithmetic",
+    size: int = 256,
+    seed: int = 0,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    **task_config: Any,
 ) -> Dataset:
     """A conversational prompt dataset of a reasoning-gym task.
 
@@ -18,6 +24,8 @@ def reasoning_gym_dataset(
         size: Number of questions.
         seed: Seed of the task's generator.
         system_prompt: A system turn put before each question (None: none).
+        **task_config: Settings of the task's generator (e.g. `max_terms=2, max_digits=1` for
+            `basic_arithmetic`).
 
     Returns:
         Columns `prompt` (a list of chat messages ending in the user's question), `answer` and `entry` (the
@@ -25,7 +33,7 @@ def reasoning_gym_dataset(
     """
     import reasoning_gym
 
-    records = list(reasoning_gym.create_dataset(task, size=size, seed=seed))
+    records = list(reasoning_gym.create_dataset(task, size=size, seed=seed, **task_config))
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return Dataset.from_dict(
         {
@@ -34,3 +42,26 @@ def reasoning_gym_dataset(
             "entry": [json.dumps(r, default=str) for r in records],
         }
     )
+
+
+def reasoning_gym_reward(task: str = "basic_arithmetic") -> Callable[..., list[float]]:
+    """A GRPO reward function that scores completions with the task's own verifier.
+
+    Args:
+        task: The reasoning-gym dataset name the prompts came from.
+
+    Returns:
+        A reward function `(completions, entry, **kwargs) -> list[float]` for `trl.GRPOTrainer`: `entry` is the
+        column of [`reasoning_gym_dataset`][bebop_trl.tasks.reasoning_gym_dataset]; conversational completions are
+        scored on their text, stripped.
+    """
+    import reasoning_gym
+
+    score_answer = reasoning_gym.get_score_answer_fn(task)
+
+    def reward(completions: list[Any], entry: list[str], **kwargs: Any) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [float(score_answer(text.strip(), json.loads(e))) for text, e in zip(texts, entry, strict=True)]
+
+    reward.__name__ = f"{task}_reward"
+    return reward
