@@ -409,7 +409,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             if self._async_worker is not None:
                 self._async_worker.close()
                 self._async_worker = None
-        if self.accelerator.is_main_process and self.mtp_head is not None:
+        if self.args.should_save and self.mtp_head is not None:
             self._save_fit(self.args.output_dir, plot=True)
             if self.args.mtp_online_update:
                 self.mtp_head.save_pretrained(os.path.join(self.args.output_dir, HEAD_DIR))
@@ -417,7 +417,7 @@ class BebopGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.mtp_head is None or not self.accelerator.is_main_process:
+        if self.mtp_head is None or not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
         self._save_fit(folder, plot=False)
@@ -428,17 +428,18 @@ class BebopGRPOTrainer(GRPOTrainer):
                 state["head_optimizer"] = self._head_optimizer.state_dict()
         torch.save(state, os.path.join(folder, TRAINER_STATE_NAME))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.mtp_head is None:
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # Called on every resume (also under DeepSpeed, unlike `_load_from_checkpoint`).
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.mtp_head is None:
             return
-        state_file = os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)
+        state_file = os.path.join(checkpoint, TRAINER_STATE_NAME)
         if not os.path.isfile(state_file):
             return
         state = torch.load(state_file, weights_only=True)
         self._rollout_round = state["rollout_round"]
         self._fit.load_state_dict(state["fit"])
-        head_dir = os.path.join(resume_from_checkpoint, HEAD_DIR)
+        head_dir = os.path.join(checkpoint, HEAD_DIR)
         if self.args.mtp_online_update and os.path.isdir(head_dir):
             saved = MTPHead.from_pretrained(head_dir, dtype=torch.float32)
             self.mtp_head.load_state_dict(saved.state_dict())
