@@ -171,8 +171,8 @@ class MTPHead(nn.Module):
         return self._bound_io()[1].weight
 
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Embeds token ids with the policy's input embedding."""
-        return self._bound_io()[0](input_ids)
+        """Embeds token ids with the policy's input embedding (detached: head losses never train the policy)."""
+        return self._bound_io()[0](input_ids).detach()
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Draft logits from head hidden states, through the policy's lm_head."""

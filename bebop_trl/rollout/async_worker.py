@@ -51,7 +51,12 @@ class AsyncRolloutWorker:
         self._snapshot = _independent_copy(policy)
         self._head = None
         if head is not None:
-            self._head = copy.deepcopy(head).eval().requires_grad_(False).bind(self._snapshot, check_base_model=False)
+            # A new head, not a deep copy: the live head references the policy's embedding and lm_head. Its random
+            # initialisation, overwritten at once, must not move the trainer's random stream.
+            with torch.random.fork_rng(devices=[]):
+                self._head = MTPHead(head.config).to(device=head.fc.weight.device, dtype=head.fc.weight.dtype)
+            self._head.load_state_dict(head.state_dict())
+            self._head.eval().requires_grad_(False).bind(self._snapshot, check_base_model=False)
         self._tokenizer = tokenizer
         self._engine_kwargs = engine_kwargs
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bebop-rollouts")

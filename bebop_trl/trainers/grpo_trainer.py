@@ -3,6 +3,7 @@
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -79,12 +80,17 @@ class BebopGRPOTrainer(GRPOTrainer):
         if self._speculative:
             self._check_supported()
         self._rollout_round = 0
+        self._eval_round = 0
         self._rollout_seconds = 0.0
         self._step_seconds = 0.0
         self._fit = AcceptanceEntropyFit(seed=args.seed)
         self._head_optimizer: torch.optim.Optimizer | None = None
         self._async_worker: AsyncRolloutWorker | None = None
-        self._lookahead: _LookaheadLoader | None = None
+        self._lookahead = None
+        if self._speculative and args.async_rollouts:
+            # Remember enough batches to find the current generation batch after gradient accumulation prefetch.
+            generate_every = args.steps_per_generation * args.num_iterations
+            self._lookahead = _Lookahead(history=generate_every + args.gradient_accumulation_steps + 1)
         self._generation_batch: Any = None
         self._staleness: int | None = None
 
@@ -114,7 +120,8 @@ class BebopGRPOTrainer(GRPOTrainer):
             "repetition_penalty": self.repetition_penalty != 1.0,
             "generation_kwargs": bool(self.args.generation_kwargs),
             "use_transformers_continuous_batching": self.use_transformers_continuous_batching,
-            "tools": bool(self.tools),
+            # An environment's methods are added to `tools`; only the tools the user passed count here.
+            "tools": bool(self._standalone_tools),
             "rollout_func": self.rollout_func is not None,
             "environment_factory": self.environment_factories is not None,
         }
@@ -146,9 +153,13 @@ class BebopGRPOTrainer(GRPOTrainer):
     def _rollout(self, prompt_ids: list[list[int]], train: bool) -> GenerationOutput:
         """This round's rollouts: from the background worker when it has them and they are fresh enough, else
         generated now with the current weights."""
-        round_index = self._rollout_round
         if train:
+            round_index = self._rollout_round
             self._rollout_round += 1
+        else:
+            # Evaluation rounds draw from their own stream, so they neither repeat nor shift the training rounds.
+            round_index = -1 - self._eval_round
+            self._eval_round += 1
         self._staleness = None
         with (
             unwrap_model_for_generation(
@@ -216,17 +227,16 @@ class BebopGRPOTrainer(GRPOTrainer):
         )
 
     def _round_generator(self, round_index: int) -> torch.Generator:
-        """A generator seeded by the run's seed, the process and the round: runs are reproducible whether a round
-        is generated in the background or not."""
+        """A generator seeded by the run's seed, the process and the round (negative for evaluation rounds): runs
+        are reproducible whether a round is generated in the background or not."""
         seed = (self.args.seed * 1_000_003 + self.accelerator.process_index * 10_007 + round_index) % (2**63)
         return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
-    def get_train_dataloader(self):
-        dataloader = super().get_train_dataloader()
-        if self._speculative and self.args.async_rollouts:
-            self._lookahead = _LookaheadLoader(dataloader)
-            return self._lookahead
-        return dataloader
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # With async rollouts every batch passes through the lookahead, which can read the next generation batch.
+        if self._lookahead is not None:
+            epoch_iterator = self._lookahead.wrap(epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     # ------------------------------------------------------------------------------------------------- scoring
 
@@ -417,12 +427,12 @@ class BebopGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.mtp_head is None or not self.args.should_save:
+        if not self._speculative or not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
         self._save_fit(folder, plot=False)
         state = {"rollout_round": self._rollout_round, "fit": self._fit.state_dict()}
-        if self.args.mtp_online_update:
+        if self.mtp_head is not None and self.args.mtp_online_update:
             self.mtp_head.save_pretrained(os.path.join(folder, HEAD_DIR))
             if self._head_optimizer is not None:
                 state["head_optimizer"] = self._head_optimizer.state_dict()
@@ -431,7 +441,7 @@ class BebopGRPOTrainer(GRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         # Called on every resume (also under DeepSpeed, unlike `_load_from_checkpoint`).
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.mtp_head is None:
+        if checkpoint is None or not self._speculative:
             return
         state_file = os.path.join(checkpoint, TRAINER_STATE_NAME)
         if not os.path.isfile(state_file):
@@ -440,7 +450,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         self._rollout_round = state["rollout_round"]
         self._fit.load_state_dict(state["fit"])
         head_dir = os.path.join(checkpoint, HEAD_DIR)
-        if self.args.mtp_online_update and os.path.isdir(head_dir):
+        if self.mtp_head is not None and self.args.mtp_online_update and os.path.isdir(head_dir):
             saved = MTPHead.from_pretrained(head_dir, dtype=torch.float32)
             self.mtp_head.load_state_dict(saved.state_dict())
             if "head_optimizer" in state:
@@ -485,49 +495,53 @@ def importance_sampling_ratio(
         log_ratio = log_ratio.sum(dim=-1, keepdim=True)
     ratio = log_ratio.exp()
     if constraint == "truncate":
-        return ratio.clamp(min=clip_min, max=clip_max)
+        return ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
     low = -math.inf if clip_min is None else clip_min
     high = math.inf if clip_max is None else clip_max
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
-class _LookaheadLoader:
-    """Iterates a data loader like the loader itself, but lets the trainer read batches it has not reached yet."""
+class _Lookahead:
+    """Iterates the trainer's epoch iterator, and lets the trainer read batches it has not reached yet.
 
-    def __init__(self, dataloader: Any):
-        self.dataloader = dataloader
-        self._iterator: Iterator | None = None
-        self._items: list[Any] = []
+    Whatever iterator the trainer uses (a fresh epoch, or the one that skips the batches of a resumed run), its
+    batches come through here in order; `peek_after` pulls later ones into a buffer that `__next__` serves first.
+    """
 
-    def __iter__(self) -> Iterator[Any]:
-        self._iterator, self._items = iter(self.dataloader), []
-        position = 0
-        while position < len(self._items) or self._pull():
-            yield self._items[position]
-            position += 1
+    def __init__(self, history: int):
+        self._source: Iterator | None = None
+        self._buffer: deque = deque()
+        self._recent: deque = deque(maxlen=history)
 
-    def __len__(self) -> int:
-        return len(self.dataloader)
+    def wrap(self, iterator: Iterator) -> "_Lookahead":
+        if iterator is not self._source and iterator is not self:
+            self._source, self._buffer = iterator, deque()
+            self._recent.clear()
+        return self
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.dataloader, name)
+    def __iter__(self) -> "_Lookahead":
+        return self
+
+    def __next__(self) -> Any:
+        item = self._buffer.popleft() if self._buffer else next(self._source)
+        self._recent.append(item)
+        return item
 
     def peek_after(self, item: Any, distance: int) -> Any | None:
-        """The batch `distance` positions after `item` (a batch this loader yielded), or None past the epoch."""
-        index = next((i for i in range(len(self._items) - 1, -1, -1) if self._items[i] is item), None)
+        """The batch `distance` positions after `item` (a recent batch), or None if the epoch ends first."""
+        recent = list(self._recent)
+        index = next((i for i in range(len(recent) - 1, -1, -1) if recent[i] is item), None)
         if index is None:
             return None
-        while len(self._items) <= index + distance:
-            if not self._pull():
+        ahead = distance - (len(recent) - 1 - index)  # position of the wanted batch after the last one served
+        if ahead <= 0:
+            return recent[index + distance]
+        while len(self._buffer) < ahead:
+            try:
+                self._buffer.append(next(self._source))
+            except StopIteration:
                 return None
-        return self._items[index + distance]
-
-    def _pull(self) -> bool:
-        try:
-            self._items.append(next(self._iterator))
-        except StopIteration:
-            return False
-        return True
+        return self._buffer[ahead - 1]
 
 
 def _positions(stats: AcceptanceStats) -> list[float]:
