@@ -57,7 +57,8 @@ def main() -> None:
         for phase, (loss_type, max_steps) in enumerate(phases):
             trainer = MTPTrainer(
                 policy,
-                study_config(args, loss_type, max_steps, seed=args.seed + phase),  # a later phase sees new batches
+                # Same self-distilled data (keyed by `seed`); a later phase draws its batches in a new order.
+                study_config(args, loss_type, max_steps, data_seed=args.seed + phase),
                 train_prompts,
                 eval_prompts,
                 processing_class=tokenizer,
@@ -80,7 +81,7 @@ def main() -> None:
     print(f"wrote {args.output}")
 
 
-def study_config(args: argparse.Namespace, loss_type: str, max_steps: int, seed: int) -> MTPConfig:
+def study_config(args: argparse.Namespace, loss_type: str, max_steps: int, data_seed: int) -> MTPConfig:
     return MTPConfig(
         output_dir=tempfile.mkdtemp(prefix=f"study-{loss_type}-"),
         loss_type=loss_type,
@@ -97,7 +98,8 @@ def study_config(args: argparse.Namespace, loss_type: str, max_steps: int, seed:
         report_to="none",
         use_cpu=True,
         logging_steps=max(1, max_steps // 10),
-        seed=seed,
+        seed=args.seed,
+        data_seed=data_seed,
     )
 
 

@@ -47,6 +47,14 @@ class MTPConfig(TrainingArguments):
     num_mtp_steps: int = field(
         default=5, metadata={"help": "Draft steps unrolled in training (teacher forcing along the sequence)."}
     )
+    kl_warm_start: float = field(
+        default=0.0,
+        metadata={
+            "help": "For 'tv' and 'e2e_tv': train the first steps with 'kl' instead, whose gradient does not vanish "
+            "where the head and the policy barely overlap (the TV gradient does). A value >= 1 is a number of "
+            "optimizer steps, one in [0, 1) a fraction of the run's steps."
+        },
+    )
     completion_only_loss: bool = field(
         default=True,
         metadata={
@@ -127,6 +135,8 @@ class MTPConfig(TrainingArguments):
                 f"num_mtp_steps ({self.num_mtp_steps}) and num_speculative_tokens ({self.num_speculative_tokens}) "
                 "must be >= 1."
             )
+        if self.kl_warm_start < 0:
+            raise ValueError(f"kl_warm_start must be >= 0, got {self.kl_warm_start}.")
         if self.temperature <= 0:
             raise ValueError(
                 f"temperature must be > 0 (the head is trained on sampled rollouts), got {self.temperature}."

@@ -1,5 +1,6 @@
 """[`MTPTrainer`][bebop_trl.MTPTrainer]: pre-RL training of an MTP head on a frozen policy."""
 
+import math
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -59,13 +60,15 @@ class MTPTrainingModule(nn.Module):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         prompt_length: torch.LongTensor | None = None,
+        loss_type: str | None = None,
     ) -> MTPLossOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with torch.no_grad():
             policy_hidden = final_hidden_states(self.policy, input_ids, attention_mask)
         slots = unroll_teacher_forced(self.head, input_ids, policy_hidden, attention_mask, self.num_mtp_steps)
-        is_ce = self.loss_kwargs["loss_type"] == "ce"
+        loss_kwargs = {**self.loss_kwargs, "loss_type": loss_type or self.loss_kwargs["loss_type"]}
+        is_ce = loss_kwargs["loss_type"] == "ce"
         mask = slots.label_mask if is_ce else slots.mask
         if self.completion_only_loss and prompt_length is not None:
             mask = mask & drafting_slots(completion_token_mask(attention_mask, prompt_length), self.num_mtp_steps)
@@ -75,7 +78,7 @@ class MTPTrainingModule(nn.Module):
             self.head.lm_head_weight,
             mask=mask,
             labels=slots.labels if is_ce else None,
-            **self.loss_kwargs,
+            **loss_kwargs,
         )
 
 
@@ -208,10 +211,12 @@ class MTPTrainer(Trainer):
             FloatingPointError: If the loss is NaN or infinite: the step is not taken, and the error names the
                 step and the batch.
         """
+        warm_start = model.training and self._in_kl_warm_start()
         out = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
             prompt_length=inputs.get(PROMPT_LENGTH),
+            loss_type="kl" if warm_start else None,
         )
         if not torch.isfinite(out.loss):
             lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None
@@ -227,7 +232,17 @@ class MTPTrainer(Trainer):
             metrics[f"acceptance/step_{step}"].append(acceptance)
             metrics[f"tv/step_{step}"].append(tv)
         metrics["expected_accepted_length"].append(out.expected_accepted_length.item())
+        if model.training:
+            metrics["kl_warm_start"].append(float(warm_start))
         return (out.loss, out) if return_outputs else out.loss
+
+    def _in_kl_warm_start(self) -> bool:
+        """Whether this step trains a TV-family head with `kl` (see `MTPConfig.kl_warm_start`)."""
+        if self.args.loss_type not in ("tv", "e2e_tv") or not self.args.kl_warm_start:
+            return False
+        warm = self.args.kl_warm_start
+        steps = int(warm) if warm >= 1 else math.ceil(warm * self.state.max_steps)
+        return self.state.global_step < steps
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -331,6 +346,7 @@ def _recipe(args: MTPConfig) -> dict[str, Any]:
         "trainer": "MTPTrainer",
         "loss_type": args.loss_type,
         "num_mtp_steps": args.num_mtp_steps,
+        "kl_warm_start": args.kl_warm_start,
         "temperature": args.temperature,
         "learning_rate": args.learning_rate,
         "per_device_train_batch_size": args.per_device_train_batch_size,

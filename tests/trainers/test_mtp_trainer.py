@@ -309,3 +309,28 @@ def test_push_to_hub_uploads_the_head_and_its_card(load_tiny, tokenizer, distill
     assert {"README.md", "config.json", "model.safetensors"} <= set(uploaded["files"])
     assert "library_name: bebop-trl" in uploaded["card"] and "| loss_type | e2e_tv |" in uploaded["card"]
     assert uploaded["weights"].keys() == trainer.head.state_dict().keys()
+
+
+def test_kl_warm_start_trains_the_first_steps_with_kl(load_tiny, tokenizer, distilled_train, tmp_path):
+    def train(name, **overrides):
+        settings = dict(max_steps=4, logging_steps=1, eval_strategy="no")
+        trainer = MTPTrainer(
+            load_tiny("llama"),
+            config(tmp_path / name, **settings, **overrides),
+            distilled_train,
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        return trainer
+
+    warm = train("warm", loss_type="e2e_tv", kl_warm_start=0.5)
+    assert [e["kl_warm_start"] for e in warm.state.log_history if "loss" in e] == [1.0, 1.0, 0.0, 0.0]
+    # A warm start over the whole run is a kl run; another loss type ignores the setting.
+    all_kl = train("all-kl", loss_type="tv", kl_warm_start=4)
+    kl = train("kl", loss_type="kl")
+    for a, b in zip(all_kl.head.parameters(), kl.head.parameters(), strict=True):
+        assert torch.equal(a, b)
+    ce = train("ce", loss_type="ce", kl_warm_start=4)
+    assert all(e["kl_warm_start"] == 0.0 for e in ce.state.log_history if "loss" in e)
+    with pytest.raises(ValueError, match="kl_warm_start"):
+        config(tmp_path, kl_warm_start=-1)
