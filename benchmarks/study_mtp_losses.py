@@ -85,6 +85,7 @@ def study_config(args: argparse.Namespace, loss_type: str, max_steps: int, data_
     return MTPConfig(
         output_dir=tempfile.mkdtemp(prefix=f"study-{loss_type}-"),
         loss_type=loss_type,
+        kl_warm_start=0,  # the warm start is the explicit two-phase run, so the other heads train from the start
         max_steps=max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.learning_rate,

@@ -53,10 +53,12 @@ def tokenizer_module(tiny_checkpoints):
 
 
 def loss_test_config(tmp_path, loss_type="e2e_tv") -> MTPConfig:
-    # k = 1: every draft measures step-1 acceptance, so a few hundred drafts pin it down.
+    # k = 1: every draft measures step-1 acceptance, so a few hundred drafts pin it down. No KL warm start: each
+    # loss must improve the head on its own.
     return config(
         tmp_path,
         loss_type=loss_type,
+        kl_warm_start=0,
         max_steps=30,
         learning_rate=5e-3,
         num_speculative_tokens=1,
