@@ -46,6 +46,12 @@ class TrainMTPArguments:
     task: str = field(default="basic_arithmetic", metadata={"help": "reasoning-gym task of the default prompts."})
     num_train_prompts: int = field(default=512, metadata={"help": "Prompts of the default task to train on."})
     num_eval_prompts: int = field(default=32, metadata={"help": "Held-out prompts of the default task."})
+    max_terms: int | None = field(
+        default=None, metadata={"help": "basic_arithmetic: most terms per expression (None: the task's default)."}
+    )
+    max_digits: int | None = field(
+        default=None, metadata={"help": "basic_arithmetic: most digits per number (None: the task's default)."}
+    )
 
 
 def main(script_args: TrainMTPArguments, training_args: MTPConfig) -> None:
@@ -57,9 +63,16 @@ def main(script_args: TrainMTPArguments, training_args: MTPConfig) -> None:
         train_dataset = data[script_args.dataset_train_split]
         eval_dataset = data[script_args.dataset_test_split] if script_args.dataset_test_split else None
     else:
-        train_dataset = reasoning_gym_dataset(script_args.task, script_args.num_train_prompts, seed=training_args.seed)
+        task_config = {}
+        if script_args.max_terms is not None:
+            task_config.update(min_terms=min(2, script_args.max_terms), max_terms=script_args.max_terms)
+        if script_args.max_digits is not None:
+            task_config.update(min_digits=1, max_digits=script_args.max_digits)
+        train_dataset = reasoning_gym_dataset(
+            script_args.task, script_args.num_train_prompts, seed=training_args.seed, **task_config
+        )
         eval_dataset = reasoning_gym_dataset(
-            script_args.task, script_args.num_eval_prompts, seed=training_args.seed + 1
+            script_args.task, script_args.num_eval_prompts, seed=training_args.seed + 1, **task_config
         )
 
     trainer = MTPTrainer(policy, training_args, train_dataset, eval_dataset, processing_class=tokenizer)
