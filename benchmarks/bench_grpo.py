@@ -108,7 +108,7 @@ def main() -> None:
             results[name].append(run(name, args, dataset, reward))
             print(f"repeat {repeat + 1}/{args.repeats} {name}: {results[name][-1]['step_time']}", flush=True)
 
-    summary = summarise(results)
+    summary = summarise(results, args.batch_size)
     print_table(summary, args)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
@@ -116,7 +116,7 @@ def main() -> None:
     print(f"wrote {args.output}")
 
 
-def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+def summarise(results: dict[str, list[dict]], batch_size: int) -> dict[str, dict]:
     summary = {}
     for name, runs in results.items():
         step_times = [t for r in runs for t in r["step_time"][1:]]
@@ -125,14 +125,23 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
             for key in ("entropy", "acceptance_rate", "mean_accepted_length", "completion_length")
         }
         shares = [s for r in runs for s in r["rollout_share_of_step_time"][1:] if s is not None]
+        # Runs sample different completions: step time per generated token corrects for their lengths.
+        per_token = [
+            t / (length * batch_size)
+            for r in runs
+            for t, length in zip(r["step_time"][1:], r["completion_length"][1:], strict=True)
+        ]
         summary[name] = {
             "median_step_seconds": statistics.median(step_times),
+            "median_ms_per_completion_token": 1000 * statistics.median(per_token),
             "rollout_share_of_step_time": statistics.fmean(shares) if shares else None,
             **per_step,
         }
     plain = summary[RUNS[0]]["median_step_seconds"]
+    plain_per_token = summary[RUNS[0]]["median_ms_per_completion_token"]
     for entry in summary.values():
         entry["speedup_over_trl"] = plain / entry["median_step_seconds"]
+        entry["per_token_speedup_over_trl"] = plain_per_token / entry["median_ms_per_completion_token"]
     return summary
 
 
@@ -141,15 +150,19 @@ def print_table(summary: dict[str, dict], args: argparse.Namespace) -> None:
         f"\nGRPO on SmolLM2-135M, batch {args.batch_size}, {args.max_completion_length} new tokens, "
         f"T={args.temperature}, k={args.num_speculative_tokens} ({args.draft_sampling})"
     )
-    print("| run | median s/step | speed-up vs trl | rollout share | acceptance per step | entropy per step |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| run | median s/step | speed-up vs trl | ms/step per completion token | speed-up per token | rollout share "
+        "| acceptance per step | entropy per step |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for name, s in summary.items():
         share = f"{s['rollout_share_of_step_time']:.2f}" if s["rollout_share_of_step_time"] is not None else "-"
         acceptance = ", ".join(f"{a:.2f}" for a in s["acceptance_rate"]) or "-"
         entropy = ", ".join(f"{e:.2f}" for e in s["entropy"])
         print(
-            f"| {name} | {s['median_step_seconds']:.2f} | {s['speedup_over_trl']:.2f}x | {share} | {acceptance} | "
-            f"{entropy} |"
+            f"| {name} | {s['median_step_seconds']:.2f} | {s['speedup_over_trl']:.2f}x | "
+            f"{s['median_ms_per_completion_token']:.1f} | {s['per_token_speedup_over_trl']:.2f}x | {share} | "
+            f"{acceptance} | {entropy} |"
         )
 
 
