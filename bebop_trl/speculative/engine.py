@@ -304,7 +304,7 @@ class SpeculativeGenerator:
         sampling = _SamplingParams(temperature, top_k, top_p, generator)
         k = self.num_speculative_tokens if self.head is not None else 0
         eos_ids = torch.tensor(self._eos_token_ids(eos_token_id), dtype=torch.long, device=input_ids.device)
-        with _eval_mode(self.model, self.head):
+        with eval_mode(self.model, self.head):
             return self._generate(input_ids, attention_mask, max_new_tokens, k, sampling, eos_ids, progress)
 
     def _generate(
@@ -457,7 +457,7 @@ class SpeculativeGenerator:
 
 
 @contextlib.contextmanager
-def _eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
     """Puts the modules in eval mode (no dropout while sampling) and restores their training flags afterwards."""
     modules = [m for m in modules if m is not None]
     training = [m.training for m in modules]

@@ -19,6 +19,7 @@ from ..ops import mtp_loss
 from ..rollout.async_worker import AsyncRolloutWorker
 from ..rollout.torch_engine import generate_from_ids
 from ..speculative import AcceptanceStats, GenerationOutput
+from ..speculative.engine import eval_mode
 from .acceptance_fit import AcceptanceEntropyFit
 from .grpo_config import BebopGRPOConfig
 
@@ -270,8 +271,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             return
         completion_mask = output["completion_mask"]
         if "old_per_token_logps" not in output:
-            input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-            attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
+            input_ids, attention_mask = _prompt_and_completion(output)
             output["old_per_token_logps"], _, _ = self._get_per_token_logps_and_entropies(
                 self.model,
                 input_ids,
@@ -305,12 +305,10 @@ class BebopGRPOTrainer(GRPOTrainer):
         head, args = self.mtp_head, self.args
         if self._head_optimizer is None:
             self._head_optimizer = torch.optim.AdamW(head.parameters(), lr=args.mtp_online_learning_rate)
-        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-        completion_mask = output["completion_mask"]
-        attention_mask = torch.cat([output["prompt_mask"], completion_mask], dim=1)
-        is_completion = torch.cat([torch.zeros_like(output["prompt_mask"]), completion_mask], dim=1).bool()
+        input_ids, attention_mask = _prompt_and_completion(output)
+        is_completion = torch.cat([torch.zeros_like(output["prompt_mask"]), output["completion_mask"]], dim=1).bool()
         policy = self.accelerator.unwrap_model(self.model)
-        with torch.no_grad(), _eval_mode(policy):
+        with torch.no_grad(), eval_mode(policy):
             policy_hidden = final_hidden_states(policy, input_ids, attention_mask)
         head.train().requires_grad_(True)
         try:
@@ -361,7 +359,12 @@ class BebopGRPOTrainer(GRPOTrainer):
         stats, device = output.stats, self.accelerator.device
         k = stats.num_speculative_tokens
         local = torch.tensor(
-            [stats.num_drafts, stats.num_accepted_tokens, float(output.completion_lengths.sum()), *_positions(stats)],
+            [
+                stats.num_drafts,
+                stats.num_accepted_tokens,
+                float(output.completion_lengths.sum()),
+                *stats.accepted_per_position.tolist(),
+            ],
             dtype=torch.float64,
             device=device,
         )
@@ -544,18 +547,7 @@ class _Lookahead:
         return self._buffer[ahead - 1]
 
 
-def _positions(stats: AcceptanceStats) -> list[float]:
-    return [float(x) for x in stats.accepted_per_position.tolist()]
-
-
-class _eval_mode:
-    """Puts a module in eval mode for a block and restores its training flag."""
-
-    def __init__(self, module: nn.Module):
-        self.module, self.was_training = module, module.training
-
-    def __enter__(self) -> None:
-        self.module.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module.train(self.was_training)
+def _prompt_and_completion(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids` and `attention_mask` of a scored GRPO batch's prompts followed by their completions."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
