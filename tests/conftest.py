@@ -34,3 +34,13 @@ def load_tiny(tiny_checkpoints):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_checkpoints):
     return AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: the tiny models are overhead-bound, so one thread is faster, and far
+    faster on a busy machine. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,12 +20,7 @@ SAMPLING = dict(max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0)
 ENGINE = dict(num_speculative_tokens=2, draft_sampling="probabilistic")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -11,21 +11,17 @@ import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from bebop_trl import BebopGRPOConfig, BebopGRPOTrainer, MTPHead
+from bebop_trl import BebopGRPOTrainer, MTPHead
 from bebop_trl.rollout.async_worker import AsyncRolloutWorker
 from bebop_trl.trainers.grpo_trainer import HEAD_DIR, TRAINER_STATE_NAME, importance_sampling_ratio
+
+from .grpo_helpers import grpo_config
 
 
 PROMPTS = [f"q{i}:" for i in range(16)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """The tiny models are overhead-bound: one intra-op thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def char_sum_reward(prompts, completions, **kwargs):
@@ -43,27 +39,12 @@ def make_trainer(tiny_checkpoints, output_dir, *, head="from_policy", callbacks=
         torch.manual_seed(0)
         mtp_head = MTPHead.from_model(policy, init_from_policy=head == "from_policy")
         overrides.setdefault("mtp_head", "given")
-    settings = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=10,
-        max_steps=3,
-        # Large enough that one optimizer step visibly changes the policy's log-probs.
-        learning_rate=1e-2,
-        report_to="none",
-        logging_steps=1,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
+    # A learning rate large enough that one optimizer step visibly changes the policy's log-probs.
+    settings = {"max_steps": 3, "learning_rate": 1e-2, **overrides}
     return BebopGRPOTrainer(
         policy,
         char_sum_reward,
-        args=BebopGRPOConfig(**settings),
+        args=grpo_config(output_dir, **settings),
         head=mtp_head,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         processing_class=tokenizer,

@@ -22,6 +22,7 @@ from bebop_trl.speculative import probs_from_logits, rejection
 from bebop_trl.testing import TINY_VOCAB_SIZE
 
 from ..speculative.helpers import chisquare_pvalue, perturbed_head
+from .grpo_helpers import grpo_config
 
 
 PROMPTS = ["1+2=", "3*4=", "hello", "x", "abc:", "7-5=", "Q: 2+2?", "zz"]
@@ -30,38 +31,13 @@ TARGETS = ["3", "2", "l", "x", "a", "2", "4", "z"]
 TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
 def tokenizer(tiny_checkpoints):
     # A fresh tokenizer per test: trainers may adjust the tokenizer they are given.
     return AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
-
-
-def grpo_args(output_dir, config_class=BebopGRPOConfig, **overrides):
-    settings = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=10,
-        max_steps=2,
-        learning_rate=1e-3,
-        report_to="none",
-        logging_steps=1,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return config_class(**settings)
 
 
 def dataset(conversational: bool = False) -> Dataset:
@@ -156,7 +132,7 @@ class TestDropIn:
             overrides = {**overrides, "mtp_head": str(tmp_path / "head")}
         elif with_head:
             head = MTPHead.from_model(policy)
-        args = grpo_args(tmp_path / "out", num_speculative_tokens=k, **overrides)
+        args = grpo_config(tmp_path / "out", num_speculative_tokens=k, **overrides)
         peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM") if use_peft else None
         trainer = BebopGRPOTrainer(
             policy,
@@ -230,7 +206,7 @@ class TestDropIn:
 @pytest.mark.parametrize("config_class", [BebopGRPOConfig, GRPOConfig])
 def test_without_head_matches_trl(config_class, load_tiny, tiny_checkpoints, tmp_path):
     def run(trainer_class, args_class):
-        args = grpo_args(tmp_path / trainer_class.__name__, config_class=args_class, max_steps=3)
+        args = grpo_config(tmp_path / trainer_class.__name__, config_class=args_class, max_steps=3)
         trainer = trainer_class(
             load_tiny("llama"),
             [distinct_characters, target_count],
@@ -269,7 +245,7 @@ def test_runs_with_a_head_are_reproducible(load_tiny, tokenizer, tmp_path):
         trainer = BebopGRPOTrainer(
             policy,
             distinct_characters,
-            args=grpo_args(tmp_path / name, num_speculative_tokens=2),
+            args=grpo_config(tmp_path / name, num_speculative_tokens=2),
             train_dataset=dataset(),
             processing_class=tokenizer,
             head=perturbed_head(policy, scale=0.05),
@@ -331,7 +307,7 @@ def speculative_rollouts(policy, head, tokenizer, output_dir, **sampling):
         The rewards (token ids at positions 0 and 1), the batch dict and the trainer.
     """
     rewards = [TokenReward(0), TokenReward(1)]
-    args = grpo_args(output_dir, max_completion_length=3, num_speculative_tokens=2, **sampling)
+    args = grpo_config(output_dir, max_completion_length=3, num_speculative_tokens=2, **sampling)
     trainer = BebopGRPOTrainer(
         policy, rewards, args=args, train_dataset=dataset(), processing_class=tokenizer, head=head
     )
@@ -417,7 +393,7 @@ def test_each_round_samples_from_the_current_weights(use_peft, load_tiny, tokeni
     trainer = BebopGRPOTrainer(
         policy,
         distinct_characters,
-        args=grpo_args(tmp_path, learning_rate=0.05, num_speculative_tokens=2),
+        args=grpo_config(tmp_path, learning_rate=0.05, num_speculative_tokens=2),
         train_dataset=dataset(),
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -458,7 +434,7 @@ def test_each_training_round_draws_new_samples_reproducibly(load_tiny, tokenizer
     trainer = BebopGRPOTrainer(
         policy,
         distinct_characters,
-        args=grpo_args(tmp_path, num_speculative_tokens=2),
+        args=grpo_config(tmp_path, num_speculative_tokens=2),
         train_dataset=dataset(),
         processing_class=tokenizer,
         head=perturbed_head(policy, scale=0.05),
@@ -553,7 +529,7 @@ def test_unsupported_options_with_a_head_are_rejected(option, load_tiny, tiny_ch
         return BebopGRPOTrainer(
             policy,
             distinct_characters,
-            args=grpo_args(tmp_path, **overrides, **config),
+            args=grpo_config(tmp_path, **overrides, **config),
             train_dataset=dataset(conversational=True),
             processing_class=tool_calling_tokenizer(tiny_checkpoints),
             head=MTPHead.from_model(policy) if with_head else None,
@@ -584,16 +560,16 @@ def test_unsupported_options_with_a_head_are_rejected(option, load_tiny, tiny_ch
 )
 def test_invalid_config_is_rejected(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        grpo_args(tmp_path, **overrides)
+        grpo_config(tmp_path, **overrides)
 
 
 def test_valid_speculative_configs_are_accepted(tmp_path):
     # The counterpart of the rejections above: the same fields with valid values.
-    grpo_args(tmp_path, use_vllm=True)
-    grpo_args(tmp_path, async_rollouts=True, max_staleness=2)
+    grpo_config(tmp_path, use_vllm=True)
+    grpo_config(tmp_path, async_rollouts=True, max_staleness=2)
     for loss_type in ("e2e_tv", "tv", "kl", "rkl", "ce"):
-        grpo_args(tmp_path, mtp_head="my-org/head", mtp_online_update=loss_type, mtp_online_update_interval=2)
-    config = grpo_args(tmp_path, mtp_head="native", draft_sampling="greedy", num_speculative_tokens=1)
+        grpo_config(tmp_path, mtp_head="my-org/head", mtp_online_update=loss_type, mtp_online_update_interval=2)
+    config = grpo_config(tmp_path, mtp_head="native", draft_sampling="greedy", num_speculative_tokens=1)
     assert (config.mtp_head, config.draft_sampling, config.num_speculative_tokens) == ("native", "greedy", 1)
 
 
@@ -605,7 +581,7 @@ def test_a_head_for_another_policy_is_rejected(load_tiny, tokenizer, tmp_path):
         return BebopGRPOTrainer(
             load_tiny("llama"),
             distinct_characters,
-            args=grpo_args(tmp_path / "out", **overrides),
+            args=grpo_config(tmp_path / "out", **overrides),
             train_dataset=dataset(),
             processing_class=tokenizer,
             head=head,
@@ -625,7 +601,7 @@ def test_a_head_needs_a_bebop_config(load_tiny, tokenizer, tmp_path):
         BebopGRPOTrainer(
             policy,
             distinct_characters,
-            args=grpo_args(tmp_path, config_class=GRPOConfig),
+            args=grpo_config(tmp_path, config_class=GRPOConfig),
             train_dataset=dataset(),
             processing_class=tokenizer,
             head=MTPHead.from_model(policy),
@@ -640,7 +616,7 @@ def test_acceptance_entropy_fit_is_written(load_tiny, tokenizer, tmp_path):
     trainer = BebopGRPOTrainer(
         policy,
         distinct_characters,
-        args=grpo_args(tmp_path, num_speculative_tokens=2, run_name="fit-test"),
+        args=grpo_config(tmp_path, num_speculative_tokens=2, run_name="fit-test"),
         train_dataset=dataset(),
         processing_class=tokenizer,
         head=perturbed_head(policy, scale=0.05),
