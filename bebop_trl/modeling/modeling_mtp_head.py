@@ -475,6 +475,20 @@ class MTPHead(nn.Module):
 
         return save_native_weights(self, save_directory)
 
+    def export_vllm(self, save_directory: str | os.PathLike, *, target_config: Any = None) -> str:
+        """Writes the head as a vLLM draft checkpoint (see [`export_vllm`][bebop_trl.modeling.vllm_export.export_vllm]).
+
+        Args:
+            save_directory: Folder to write.
+            target_config: The policy's config; needed for the `mtp` layout.
+
+        Returns:
+            The folder, to use as the `model` of [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config].
+        """
+        from .vllm_export import export_vllm
+
+        return export_vllm(self, save_directory, target_config=target_config)
+
 
 # The last linear map of each residual branch of a decoder layer (attention, MLP or experts), by its usual name.
 _RESIDUAL_OUTPUT_PROJECTIONS = ("o_proj", "down_proj")

@@ -8,7 +8,7 @@ from ..speculative import DRAFT_SAMPLING_MODES
 from .mtp_config import LOSS_TYPES
 
 
-ROLLOUT_BACKENDS = ("torch",)
+ROLLOUT_BACKENDS = ("torch", "vllm")
 
 
 @dataclass
@@ -43,7 +43,8 @@ class BebopGRPOConfig(GRPOConfig):
         default="torch",
         metadata={
             "help": "Engine of the speculative rollouts: 'torch' (the pure-PyTorch SpeculativeGenerator, on the "
-            "training processes with the current policy weights).",
+            "training processes with the current policy weights) or 'vllm' (TRL's vLLM generation, colocate or "
+            "server per `vllm_mode`, with the head exported as vLLM's drafter; sets use_vllm=True).",
             "choices": list(ROLLOUT_BACKENDS),
         },
     )
@@ -86,6 +87,8 @@ class BebopGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        if self.rollout_backend == "vllm":
+            self.use_vllm = True
         super().__post_init__()
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}.")
@@ -107,8 +110,19 @@ class BebopGRPOConfig(GRPOConfig):
                 f"max_staleness must be >= 1, got {self.max_staleness}: rollouts generated while the trainer "
                 "trains are at least one optimizer step old. Use async_rollouts=False for on-policy rollouts."
             )
-        if (self.mtp_head is not None or self.async_rollouts) and self.use_vllm:
+        if self.rollout_backend == "vllm":
+            if self.async_rollouts:
+                raise ValueError(
+                    "async_rollouts runs the torch engine in a background worker; with rollout_backend='vllm' use "
+                    "TRL's vLLM server mode instead, or set rollout_backend='torch'."
+                )
+            if self.mtp_online_update and self.vllm_mode != "colocate":
+                raise ValueError(
+                    "Online head updates reach vLLM's drafter only in colocate mode: set vllm_mode='colocate', or "
+                    "restart `bebop-trl vllm-serve` with the updated head."
+                )
+        elif (self.mtp_head is not None or self.async_rollouts) and self.use_vllm:
             raise ValueError(
-                "use_vllm=True generates with TRL's vLLM backend, which these options do not drive: unset mtp_head "
-                "and async_rollouts to use it, or set use_vllm=False for the torch speculative engine."
+                "use_vllm=True generates with TRL's vLLM backend, which the torch speculative engine does not use: "
+                "set rollout_backend='vllm' to draft with the head inside vLLM, or use_vllm=False."
             )

@@ -1,5 +1,6 @@
 """[`BebopGRPOTrainer`][bebop_trl.BebopGRPOTrainer]: TRL's GRPO with speculative rollouts drafted by an MTP head."""
 
+import contextlib
 import math
 import os
 import time
@@ -15,9 +16,17 @@ from trl.models import unwrap_model_for_generation
 
 from ..modeling import MTPHead
 from ..modeling.teacher_forcing import drafting_slots, final_hidden_states, unroll_teacher_forced
+from ..modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
 from ..ops import mtp_loss
 from ..rollout.async_worker import AsyncRolloutWorker
 from ..rollout.torch_engine import generate_from_ids
+from ..rollout.vllm_backend import (
+    SpecDecodeCounters,
+    load_colocated_draft_weights,
+    read_server_counters,
+    speculative_llm,
+    sync_colocated_policy,
+)
 from ..speculative import AcceptanceStats, GenerationOutput
 from ..speculative.engine import eval_mode
 from .acceptance_fit import AcceptanceEntropyFit
@@ -74,12 +83,29 @@ class BebopGRPOTrainer(GRPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else model.config.name_or_path
             args = BebopGRPOConfig(f"{os.path.basename(str(name).rstrip('/')) or 'policy'}-GRPO")
-        super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+        self._vllm_rollouts = getattr(args, "rollout_backend", "torch") == "vllm"
+        self._vllm_speculative_config = None
+        if self._vllm_rollouts and (head is not None or args.mtp_head is not None):
+            self._vllm_speculative_config = _export_vllm_draft(model, args, head)
+        with (
+            speculative_llm(self._vllm_speculative_config)
+            if self._vllm_speculative_config and args.vllm_mode == "colocate"
+            else contextlib.nullcontext()
+        ):
+            super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
         # A plain GRPOConfig has none of the speculative settings: the trainer is then GRPOTrainer.
         self.mtp_head = self._load_head(head) if isinstance(args, BebopGRPOConfig) or head is not None else None
         self._speculative = self.mtp_head is not None or getattr(args, "async_rollouts", False)
-        if self._speculative:
+        if self._speculative and not self._vllm_rollouts:
             self._check_supported()
+        if self._vllm_rollouts and args.vllm_mode == "colocate":
+            # TRL calls `vllm_generation.sync_weights()` before generating; route it through vLLM's in-place reload.
+            generation = self.vllm_generation
+            original_sync = generation.sync_weights
+            generation.sync_weights = lambda: sync_colocated_policy(generation, fallback=original_sync)
+        # Whether vLLM's drafter still runs older head weights than `mtp_head` (after online updates or a resume).
+        self._vllm_draft_stale = False
+        self._vllm_counters = SpecDecodeCounters()
         self._rollout_round = 0
         self._eval_round = 0
         self._rollout_seconds = 0.0
@@ -133,6 +159,8 @@ class BebopGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------ rollouts
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self._vllm_rollouts and self.mtp_head is not None:
+            return self._generate_with_vllm(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         if not self._speculative:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, has_tool_images
@@ -150,6 +178,52 @@ class BebopGRPOTrainer(GRPOTrainer):
         completion_ids = [ids[:n] for ids, n in zip(output.completion_ids.tolist(), lengths, strict=True)]
         logprobs = [lps[:n] for lps, n in zip(output.logprobs.tolist(), lengths, strict=True)]
         return completion_ids, logprobs
+
+    def _generate_with_vllm(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images):
+        """TRL's vLLM generation with the head as vLLM's drafter; acceptance read from vLLM's counters."""
+        mode = "train" if self.model.training else "eval"
+        if self._vllm_draft_stale:
+            self._push_head_to_vllm()
+        started = time.perf_counter()
+        completion_ids, logprobs = super()._generate_single_turn(
+            prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+        )
+        elapsed = time.perf_counter() - started
+        if mode == "train":
+            self._rollout_round += 1
+            self._rollout_seconds += elapsed
+        counters = self._read_vllm_counters()
+        round_counts, self._vllm_counters = counters - self._vllm_counters, counters
+        k = self.args.num_speculative_tokens
+        counts = round_counts.as_tensor(k)
+        tokens = float(sum(len(ids) for ids in completion_ids))
+        self._log_round(torch.cat([counts[[0, 2]], counts.new_tensor([tokens]), counts[3:]]), k, elapsed, mode)
+        if mode == "train" and logprobs is not None and round_counts.num_drafts:
+            # vLLM reports no per-sequence acceptance, so the round is one point of the fit; the mean negative
+            # log-prob of the sampled tokens is an unbiased estimate of the policy's mean entropy.
+            sampled = [lp for seq in logprobs for lp in seq]
+            entropy = -sum(sampled) / max(len(sampled), 1)
+            self._add_fit_points(
+                torch.tensor([entropy], dtype=torch.float64),
+                torch.tensor([round_counts.num_accepted_tokens / max(round_counts.num_draft_tokens, 1)]),
+                torch.tensor([float(round_counts.num_draft_tokens)], dtype=torch.float64),
+            )
+        return completion_ids, logprobs
+
+    def _read_vllm_counters(self) -> SpecDecodeCounters:
+        generation = self.vllm_generation
+        if generation.mode == "colocate":
+            return SpecDecodeCounters.from_llm_metrics(generation.llm.get_metrics())
+        if not self.accelerator.is_main_process:
+            return SpecDecodeCounters()  # only the main process talks to the server; the gather sums
+        base_url = generation.server_base_url or f"http://{generation.server_host}:{generation.server_port}"
+        return read_server_counters(base_url)
+
+    @torch.no_grad()
+    def _push_head_to_vllm(self) -> None:
+        """Loads the head's current weights into the colocated vLLM drafter."""
+        load_colocated_draft_weights(self.vllm_generation.llm, vllm_draft_weights(self.mtp_head))
+        self._vllm_draft_stale = False
 
     def _rollout(self, prompt_ids: list[list[int]], train: bool) -> GenerationOutput:
         """This round's rollouts: from the background worker when it has them and they are fresh enough, else
@@ -255,6 +329,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             and self._rollout_round % self.args.mtp_online_update_interval == 0
         ):
             self._update_head_online(output)
+            self._vllm_draft_stale = self._vllm_rollouts
         return output
 
     @torch.no_grad()
@@ -356,8 +431,7 @@ class BebopGRPOTrainer(GRPOTrainer):
 
     def _log_rollout(self, output: GenerationOutput, seconds: float, mode: str) -> None:
         """Logs one round's acceptance and speed, summed over processes, and feeds the acceptance-entropy fit."""
-        stats, device = output.stats, self.accelerator.device
-        k = stats.num_speculative_tokens
+        stats = output.stats
         local = torch.tensor(
             [
                 stats.num_drafts,
@@ -366,9 +440,15 @@ class BebopGRPOTrainer(GRPOTrainer):
                 *stats.accepted_per_position.tolist(),
             ],
             dtype=torch.float64,
-            device=device,
         )
-        total = self.accelerator.gather(local.unsqueeze(0)).sum(0).tolist()
+        self._log_round(local, stats.num_speculative_tokens, seconds, mode)
+        if stats.num_speculative_tokens and mode == "train":
+            self._update_fit(stats)
+
+    def _log_round(self, local: torch.Tensor, k: int, seconds: float, mode: str) -> None:
+        """Logs a round from this process's [drafts, accepted tokens, completion tokens, accepted per position]."""
+        device = self.accelerator.device
+        total = self.accelerator.gather(local.to(device).unsqueeze(0)).sum(0).tolist()
         drafts, accepted, tokens = total[:3]
         slowest = self.accelerator.gather(torch.tensor([seconds], device=device)).max().item()
         metrics = self._metrics[mode]
@@ -381,18 +461,17 @@ class BebopGRPOTrainer(GRPOTrainer):
         metrics["rollout/mean_accepted_length"].append(accepted / max(drafts, 1))
         for j, count in enumerate(total[3:]):
             metrics[f"rollout/acceptance_position_{j + 1}"].append(count / max(drafts, 1))
-        if mode == "train":
-            self._update_fit(stats)
 
     def _update_fit(self, stats: AcceptanceStats) -> None:
-        device = self.accelerator.device
-        points = torch.stack(
-            [
-                stats.mean_entropy_per_row.double(),
-                stats.row_acceptance_rate,
-                (stats.drafts_per_row * stats.num_speculative_tokens).double(),
-            ]
-        ).to(device)
+        """Adds one point per completion: (mean entropy, acceptance rate), weighted by its drafted tokens."""
+        self._add_fit_points(
+            stats.mean_entropy_per_row.double(),
+            stats.row_acceptance_rate,
+            (stats.drafts_per_row * stats.num_speculative_tokens).double(),
+        )
+
+    def _add_fit_points(self, entropy: torch.Tensor, acceptance: torch.Tensor, weight: torch.Tensor) -> None:
+        points = torch.stack([entropy, acceptance, weight]).to(self.accelerator.device)
         points = self.accelerator.gather(points.T.contiguous()).cpu()
         self._fit.update(points[:, 0], points[:, 1], points[:, 2], step=self.state.global_step)
         result = self._fit.result()
@@ -456,6 +535,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         if self.mtp_head is not None and self.args.mtp_online_update and os.path.isdir(head_dir):
             saved = MTPHead.from_pretrained(head_dir, dtype=torch.float32)
             self.mtp_head.load_state_dict(saved.state_dict())
+            self._vllm_draft_stale = self._vllm_rollouts
             if "head_optimizer" in state:
                 self._head_optimizer = torch.optim.AdamW(
                     self.mtp_head.parameters(), lr=self.args.mtp_online_learning_rate
@@ -551,3 +631,33 @@ def _prompt_and_completion(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
     """`input_ids` and `attention_mask` of a scored GRPO batch's prompts followed by their completions."""
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+
+
+def _export_vllm_draft(model: Any, args: BebopGRPOConfig, head: MTPHead | None) -> dict[str, Any]:
+    """Writes the head as vLLM's draft checkpoint under `output_dir/vllm_draft` (once per machine) and returns the
+    speculative config of vLLM's engine. A native Qwen3.5 / Qwen3-Next head is the policy checkpoint itself."""
+    from accelerate import PartialState
+
+    policy_path = model if isinstance(model, str) else model.config.name_or_path
+    if head is None and args.mtp_head == "native":
+        return {
+            "method": "mtp",
+            "model": policy_path,
+            "num_speculative_tokens": args.num_speculative_tokens,
+            "draft_sample_method": args.draft_sampling,
+        }
+    if head is None:
+        head = MTPHead.from_pretrained(args.mtp_head)
+    folder = os.path.join(args.output_dir, "vllm_draft")
+    state = PartialState()
+    with state.local_main_process_first():
+        if state.is_local_main_process:
+            target_config = None if isinstance(model, str) else model.config
+            if target_config is None and head.config.layout != "eagle":
+                from transformers import AutoConfig
+
+                target_config = AutoConfig.from_pretrained(policy_path)
+            head.export_vllm(folder, target_config=target_config)
+    return vllm_speculative_config(
+        head.config, folder, num_speculative_tokens=args.num_speculative_tokens, draft_sampling=args.draft_sampling
+    )

