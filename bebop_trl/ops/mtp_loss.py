@@ -213,6 +213,7 @@ class MTPLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """The loss type and temperature, shown in the module's `repr`."""
         return f"loss_type={self.loss_type!r}, temperature={self.temperature}"
 
 

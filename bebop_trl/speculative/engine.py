@@ -27,6 +27,7 @@ from .stats import AcceptanceStats
 
 
 DRAFT_SAMPLING_MODES = ("probabilistic", "greedy")
+"""The values of `draft_sampling`: drafts sampled from the head's distribution, or its argmax."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ SUPPORTED_FORMATS = (
 
 
 def is_conversational(value) -> bool:
+    """Whether `value` is a conversation: a non-empty list of messages with a `role`."""
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
 
 

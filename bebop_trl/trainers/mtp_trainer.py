@@ -51,6 +51,14 @@ class MTPTrainingModule(nn.Module):
         self.completion_only_loss = args.completion_only_loss
 
     def train(self, mode: bool = True) -> "MTPTrainingModule":
+        """Sets the head's training mode; the policy always stays in eval mode (no dropout).
+
+        Args:
+            mode: Training mode of the head.
+
+        Returns:
+            The module itself.
+        """
         super().train(mode)
         self.policy.eval()  # frozen: no dropout, whatever mode the trainer sets
         return self
@@ -62,6 +70,18 @@ class MTPTrainingModule(nn.Module):
         prompt_length: torch.LongTensor | None = None,
         loss_type: str | None = None,
     ) -> MTPLossOutput:
+        """Scores one batch: the head's loss against the frozen policy over every valid slot.
+
+        Args:
+            input_ids: [B, L] token ids, padded.
+            attention_mask: [B, L] 1 for real tokens (default: all).
+            prompt_length: [B] prompt tokens per row; with `completion_only_loss`, only the slots a rollout drafts
+                (starts whose next token is a completion token) count.
+            loss_type: Overrides the configured loss for this batch (the KL warm start uses `"kl"`).
+
+        Returns:
+            The loss and its per-step acceptance statistics.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with torch.no_grad():
@@ -245,12 +265,22 @@ class MTPTrainer(Trainer):
         return self.state.global_step < steps
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The evaluation loss of one batch (no logits or labels: the head's logits are never materialised)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Logs `logs` with the per-step acceptance, TV and expected accepted length averaged since the last log.
+
+        The recorded values are gathered from every process before averaging; evaluation metrics get the `eval_`
+        prefix.
+
+        Args:
+            logs: The metrics `Trainer` logs (loss, learning rate, ...).
+            start_time: Start of the run, for the speed metrics of `Trainer`.
+        """
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
         averaged = {}
