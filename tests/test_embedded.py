@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +29,29 @@ def test_smollm2_loads_offline_and_drafts(tmp_path):
     with torch.no_grad():
         logits = reloaded.compute_logits(reloaded(hidden, ids[:, 1:]).last_hidden_state)
     assert logits.shape == (1, ids.shape[1] - 1, 49152)
+
+
+def test_shipped_head_is_a_small_bf16_adapter_for_smollm2(tmp_path):
+    from bebop_trl.embedded import SMOLLM2_HEAD_DIR, SMOLLM2_REPO_ID
+
+    head = MTPHead.from_pretrained(SMOLLM2_HEAD_DIR)
+    config = head.config
+    assert (config.base_model_name_or_path, config.base_architecture) == (SMOLLM2_REPO_ID, "LlamaForCausalLM")
+    assert (config.hidden_size, config.vocab_size, config.layout) == (576, 49152, "eagle")
+    assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
+    assert all(torch.isfinite(p).all() for p in head.parameters())
+    assert os.path.getsize(os.path.join(SMOLLM2_HEAD_DIR, "model.safetensors")) < 10 * 2**20
+    card = Path(SMOLLM2_HEAD_DIR, "README.md").read_text(encoding="utf-8")
+    assert "## Training recipe" in card and "## Measured" in card
+    # It is the vLLM drafter of the embedded model as it is.
+    head.export_vllm(tmp_path)
+    assert os.path.isfile(tmp_path / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_shipped_head_binds_to_the_embedded_model():
+    from bebop_trl.embedded import load_smollm2, load_smollm2_head
+
+    policy, _ = load_smollm2()
+    head = load_smollm2_head(policy)
+    assert head.is_bound and next(head.parameters()).dtype == policy.dtype
