@@ -308,6 +308,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         return torch.Generator(device=self.accelerator.device).manual_seed(seed)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """`Trainer.get_batch_samples`, through a lookahead with async rollouts so the next batch can be peeked."""
         # With async rollouts every batch passes through the lookahead, which can read the next generation batch.
         if self._lookahead is not None:
             epoch_iterator = self._lookahead.wrap(epoch_iterator)
@@ -480,6 +481,7 @@ class BebopGRPOTrainer(GRPOTrainer):
                 self._metrics["train"][f"acceptance_entropy/{name}"].append(result[name])
 
     def training_step(self, model, inputs, num_items_in_batch):
+        """`GRPOTrainer.training_step`, timed to log the rollout share of the optimizer step's time."""
         started = time.perf_counter()
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._step_seconds += time.perf_counter() - started
