@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .modeling import MTPHead
+from .modeling import EAGLE_LAYOUT, MTPHead
 from .modeling.vllm_export import DRAFT_SAMPLE_METHODS, vllm_speculative_config
 
 
@@ -49,7 +49,7 @@ def serve_command(script_args: Any, draft_args: DraftArguments, extra_args: list
     from trl.scripts.vllm_serve import build_command
 
     head = MTPHead.from_pretrained(draft_args.mtp_head)
-    target_config = None if head.config.layout == "eagle" else AutoConfig.from_pretrained(script_args.model)
+    target_config = None if head.config.layout == EAGLE_LAYOUT else AutoConfig.from_pretrained(script_args.model)
     folder = head.export_vllm(draft_args.draft_dir, target_config=target_config)
     speculative = vllm_speculative_config(
         head.config,

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from ..modeling import MTPHead
+from ..modeling import EAGLE_LAYOUT, MTP_LAYOUT, MTPHead, MTPHeadConfig
 from ..modeling.teacher_forcing import drafting_slots, final_hidden_states, unroll_teacher_forced
 from ..modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
 from ..ops import mtp_loss
@@ -642,12 +642,10 @@ def _export_vllm_draft(model: Any, args: BebopGRPOConfig, head: MTPHead | None) 
 
     policy_path = model if isinstance(model, str) else model.config.name_or_path
     if head is None and args.mtp_head == "native":
-        return {
-            "method": "mtp",
-            "model": policy_path,
-            "num_speculative_tokens": args.num_speculative_tokens,
-            "draft_sample_method": args.draft_sampling,
-        }
+        native = MTPHeadConfig(layout=MTP_LAYOUT)  # vLLM reads the native mtp.* weights from the policy itself
+        return vllm_speculative_config(
+            native, policy_path, num_speculative_tokens=args.num_speculative_tokens, draft_sampling=args.draft_sampling
+        )
     if head is None:
         head = MTPHead.from_pretrained(args.mtp_head)
     folder = os.path.join(args.output_dir, "vllm_draft")
@@ -655,7 +653,7 @@ def _export_vllm_draft(model: Any, args: BebopGRPOConfig, head: MTPHead | None) 
     with state.local_main_process_first():
         if state.is_local_main_process:
             target_config = None if isinstance(model, str) else model.config
-            if target_config is None and head.config.layout != "eagle":
+            if target_config is None and head.config.layout != EAGLE_LAYOUT:
                 from transformers import AutoConfig
 
                 target_config = AutoConfig.from_pretrained(policy_path)

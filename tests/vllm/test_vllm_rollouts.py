@@ -102,24 +102,29 @@ def test_vllm_speculative_output_is_exact_only_with_the_workaround(
     assert fixed > 1e-3, f"with the workaround vLLM's output is not distributed as the target (p = {fixed})"
 
 
-def test_grpo_with_vllm_colocate_drafts_with_the_head(tiny_llama_dir, trained_head_dir, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+def colocate_grpo_trainer(tiny_llama_dir: str, trained_head_dir: str, output_dir, **overrides) -> BebopGRPOTrainer:
+    """GRPO on the tiny Llama with the trained head drafting inside a colocated vLLM (length reward)."""
     args = grpo_config(
-        tmp_path,
+        output_dir,
         rollout_backend="vllm",
         vllm_mode="colocate",
         mtp_head=trained_head_dir,
         num_speculative_tokens=K,
-        max_completion_length=24,
         vllm_max_model_length=128,
-        vllm_enable_sleep_mode=False,
+        **overrides,
     )
-    trainer = BebopGRPOTrainer(
+    return BebopGRPOTrainer(
         tiny_llama_dir,
         reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
         args=args,
         train_dataset=Dataset.from_dict({"prompt": PROMPTS[:16]}),
-        processing_class=tokenizer,
+        processing_class=AutoTokenizer.from_pretrained(tiny_llama_dir),
+    )
+
+
+def test_grpo_with_vllm_colocate_drafts_with_the_head(tiny_llama_dir, trained_head_dir, tmp_path):
+    trainer = colocate_grpo_trainer(
+        tiny_llama_dir, trained_head_dir, tmp_path, max_completion_length=24, vllm_enable_sleep_mode=False
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "rollout/acceptance_rate" in entry]
@@ -132,25 +137,15 @@ def test_grpo_with_vllm_colocate_drafts_with_the_head(tiny_llama_dir, trained_he
 
 
 def test_online_head_updates_and_policy_updates_reach_vllm(tiny_llama_dir, trained_head_dir, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    args = grpo_config(
+    trainer = colocate_grpo_trainer(
+        tiny_llama_dir,
+        trained_head_dir,
         tmp_path,
-        rollout_backend="vllm",
-        vllm_mode="colocate",
-        mtp_head=trained_head_dir,
         mtp_online_update="tv",
         learning_rate=0.05,  # policy steps far larger than the bf16 rounding of vLLM's copy
-        num_speculative_tokens=K,
         max_completion_length=16,
-        vllm_max_model_length=128,
     )
-    trainer = BebopGRPOTrainer(
-        tiny_llama_dir,
-        reward_funcs=lambda completions, **kwargs: [float(len(c)) for c in completions],
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS[:16]}),
-        processing_class=tokenizer,
-    )
+    tokenizer = trainer.processing_class
     initial_embedding = trainer.model.get_input_embeddings().weight.detach().clone()
     trainer.train()
     assert any("mtp_online/loss" in entry for entry in trainer.state.log_history)
