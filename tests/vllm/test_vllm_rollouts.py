@@ -61,7 +61,7 @@ def test_vllm_acceptance_per_position_matches_the_torch_engine(
         draft_sampling=draft_sampling,
         max_new_tokens=max_tokens,
         temperature=1.0,
-        eos_token_id=None,
+        eos_token_id=[],  # vLLM side runs with ignore_eos: both generate max_tokens per sample
         generator=torch.Generator().manual_seed(0),
     )
     engine_rate, engine_drafts = output.stats.acceptance_per_position, output.stats.num_drafts
