@@ -268,6 +268,9 @@ class MTPHead(nn.Module):
         lm_head = policy.get_output_embeddings()
         if lm_head is not None:
             config.vocab_size = lm_head.weight.shape[0]
+        if config.base_architecture is None:  # built from a config and not saved yet: name it as saving would
+            base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+            config.base_architecture = type(base).__name__
         head = cls(config)
         if init_from_policy:
             head._init_from_policy(policy)

@@ -2,8 +2,9 @@
 
 The `eagle` layout is vLLM's EAGLE-1 drafter (`method="eagle"`): `fc` on cat(embedding, hidden), then the
 decoder layers (the first without its input norm), no final norm, the target's embedding and lm_head shared.
-vLLM builds `Eagle<Architecture>` for it and ships that class for Llama targets only; an eagle head with decoder
-layers of another architecture (e.g. Qwen3's, with q/k norms) has no faithful vLLM drafter, and exporting it raises.
+vLLM builds `Eagle<Architecture>` for it: it ships `EagleLlamaForCausalLM`, and this package's vLLM plugin
+([`bebop_trl.vllm_plugin`][bebop_trl.vllm_plugin]) adds the Qwen2 and Qwen3 ones. An eagle head with decoder layers of
+any other architecture has no faithful vLLM drafter, and exporting it raises.
 The `mtp` layout is the native MTP module of the model types in
 [`NATIVE_MTP_MODEL_TYPES`][bebop_trl.modeling.NATIVE_MTP_MODEL_TYPES] (`method="mtp"`), which vLLM reads as
 `mtp.*` tensors next to the target's config.
@@ -23,8 +24,9 @@ if TYPE_CHECKING:
 
 
 DRAFT_SAMPLE_METHODS = ("probabilistic", "greedy")
-# Policy architectures whose EAGLE-1 drafter (`Eagle<Architecture>`) vLLM ships with the same decoder layers.
-VLLM_EAGLE_ARCHITECTURES = ("LlamaForCausalLM",)
+# Policy architectures with an EAGLE-1 drafter (`Eagle<Architecture>`) of the same decoder layers in vLLM: its own
+# Llama one, and the Qwen2 / Qwen3 ones of bebop_trl.vllm_plugin.
+VLLM_EAGLE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def vllm_method(config: MTPHeadConfig) -> str:
@@ -114,9 +116,9 @@ def _eagle_draft_config(config: MTPHeadConfig) -> dict[str, Any]:
     draft = dict(config.decoder_config or {})
     if config.base_architecture not in VLLM_EAGLE_ARCHITECTURES:
         raise ValueError(
-            f"vLLM has no EAGLE drafter with {config.base_architecture} decoder layers (it ships Eagle"
-            f"{'/Eagle'.join(VLLM_EAGLE_ARCHITECTURES)}), so this eagle-layout head cannot run in vLLM as trained. "
-            "Use rollout_backend='torch', or a Llama-family policy."
+            f"vLLM has no EAGLE drafter with {config.base_architecture} decoder layers (drafters exist for "
+            f"{', '.join(VLLM_EAGLE_ARCHITECTURES)}), so this eagle-layout head cannot run in vLLM as trained. "
+            "Use rollout_backend='torch' for this policy."
         )
     draft.update(
         architectures=[config.base_architecture],

@@ -1,13 +1,16 @@
 """vLLM draft checkpoints written by `MTPHead.export_vllm` (vLLM itself loads them in the vLLM lane)."""
 
 import json
+from importlib.metadata import entry_points
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, MistralConfig
 
 from bebop_trl import MTPHead
 from bebop_trl.modeling.hub import load_tensors
-from bebop_trl.modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
+from bebop_trl.modeling.vllm_export import VLLM_EAGLE_ARCHITECTURES, vllm_draft_weights, vllm_speculative_config
+from bebop_trl.vllm_plugin import EAGLE_DRAFTERS, register
 
 
 def perturbed(head: MTPHead) -> MTPHead:
@@ -75,8 +78,33 @@ def test_speculative_config_names_the_method_of_the_layout(load_tiny, architectu
         vllm_speculative_config(head.config, "draft", num_speculative_tokens=0)
 
 
-def test_eagle_export_refuses_decoder_layers_vllm_cannot_run(load_tiny, tmp_path):
-    head = MTPHead.from_model(load_tiny("qwen3"), layout="eagle")
-    with pytest.raises(ValueError, match=r"Qwen3ForCausalLM.*rollout_backend='torch'"):
+@pytest.mark.parametrize("architecture", ["qwen2", "qwen3"])
+def test_eagle_export_of_qwen_heads_keeps_their_decoder_layers(load_tiny, architecture, tmp_path):
+    head = perturbed(MTPHead.from_model(load_tiny(architecture), layout="eagle"))
+    folder = head.export_vllm(tmp_path)
+    with open(f"{folder}/config.json") as f:
+        config = json.load(f)
+    assert config["architectures"] == [head.config.base_architecture]
+    assert config["model_type"] == architecture
+    weights = load_tensors(f"{folder}/model.safetensors")
+    # Qwen3's q/k norms and Qwen2's q/k/v biases are part of what vLLM's drafter must load.
+    extra = {"qwen2": "layers.0.self_attn.q_proj.bias", "qwen3": "layers.0.self_attn.q_norm.weight"}[architecture]
+    assert torch.equal(weights[extra], vllm_draft_weights(head)[extra])
+
+
+def test_vllm_plugin_registers_a_drafter_for_every_architecture_vllm_lacks():
+    drafters = {f"Eagle{arch}" for arch in VLLM_EAGLE_ARCHITECTURES} - {"EagleLlamaForCausalLM"}  # vLLM's own
+    assert set(EAGLE_DRAFTERS) == drafters
+    (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value.startswith("bebop_trl.")]
+    assert plugin.load() is register
+
+
+def test_eagle_export_refuses_decoder_layers_vllm_cannot_run(tmp_path):
+    config = MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32,
+    )  # fmt: skip
+    head = MTPHead.from_model(AutoModelForCausalLM.from_config(config), layout="eagle")
+    with pytest.raises(ValueError, match=r"MistralForCausalLM.*rollout_backend='torch'"):
         head.export_vllm(tmp_path)
     assert not any(tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""Fixtures of the vLLM lane (`make test-vllm`): a head trained on the tiny Llama, exported for vLLM, and engines."""
+"""Fixtures of the vLLM lane (`make test-vllm`): heads trained on the tiny models, exported for vLLM, and engines."""
 
 import gc
 import os
@@ -28,12 +28,9 @@ def tiny_policy(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="session")
-def trained_head_dir(tiny_llama_dir, tmp_path_factory) -> str:
-    """A head trained here with MTPTrainer (e2e_tv after a KL warm start) on the tiny Llama's own samples."""
-    output_dir = tmp_path_factory.mktemp("head")
-    policy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+def train_head(policy_dir: str, output_dir) -> str:
+    """Trains a head with MTPTrainer (e2e_tv) on the tiny policy's own samples and saves it in `output_dir`."""
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
     args = MTPConfig(
         output_dir=str(output_dir),
         loss_type="e2e_tv",
@@ -50,10 +47,17 @@ def trained_head_dir(tiny_llama_dir, tmp_path_factory) -> str:
         disable_tqdm=True,
         seed=0,
     )
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     trainer = MTPTrainer(policy, args, Dataset.from_dict({"prompt": PROMPTS[:128]}), processing_class=tokenizer)
     trainer.train()
     trainer.save_model()
     return str(output_dir)
+
+
+@pytest.fixture(scope="session")
+def trained_head_dir(tiny_llama_dir, tmp_path_factory) -> str:
+    """A head trained here on the tiny Llama (see `train_head`)."""
+    return train_head(tiny_llama_dir, tmp_path_factory.mktemp("head"))
 
 
 @pytest.fixture(scope="session")
@@ -64,16 +68,16 @@ def exported_head(trained_head_dir, tiny_policy, tmp_path_factory) -> tuple[MTPH
 
 @pytest.fixture(scope="session")
 def make_llm(tiny_llama_dir):
-    """Builds one vLLM engine at a time on the tiny Llama (the previous one is released first)."""
+    """Builds one vLLM engine at a time, on the tiny Llama by default (the previous one is released first)."""
     engines = []
 
-    def make(speculative_config=None):
+    def make(speculative_config=None, model: str = tiny_llama_dir):
         from vllm import LLM
 
         engines.clear()
         gc.collect()
         engine = LLM(
-            tiny_llama_dir,
+            model,
             speculative_config=speculative_config,
             enforce_eager=True,
             dtype="float32",

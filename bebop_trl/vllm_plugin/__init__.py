@@ -1,0 +1,24 @@
+"""vLLM plugin: EAGLE-1 drafters for policy architectures that vLLM ships none for.
+
+vLLM runs an eagle-layout head as `Eagle<Architecture>` (the policy's architecture name with an `Eagle` prefix) and
+ships that class for Llama only. This plugin registers drafters built from vLLM's own Qwen2 and Qwen3 decoder
+layers, so that a head trained on such a policy runs in vLLM exactly as it was trained. vLLM calls
+[`register`][bebop_trl.vllm_plugin.register] in every process through the `vllm.general_plugins` entry point of
+this package; nothing needs importing by hand.
+"""
+
+# Drafter classes by the architecture name vLLM looks up, imported lazily by vLLM (importing them needs vLLM).
+EAGLE_DRAFTERS = {
+    "EagleQwen2ForCausalLM": "bebop_trl.vllm_plugin.eagle:EagleQwen2ForCausalLM",
+    "EagleQwen3ForCausalLM": "bebop_trl.vllm_plugin.eagle:EagleQwen3ForCausalLM",
+}
+
+
+def register() -> None:
+    """Registers the drafters with vLLM's model registry, leaving any class vLLM itself ships for a name."""
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for architecture, drafter in EAGLE_DRAFTERS.items():
+        if architecture not in supported:
+            ModelRegistry.register_model(architecture, drafter)
