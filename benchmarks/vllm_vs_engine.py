@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--samples", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=4, help="completions per prompt at T = 1")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--draft-dir", default="outputs/vllm_vs_engine/draft")
     parser.add_argument("--output", default="benchmarks/results/vllm_vs_engine.json")
@@ -47,32 +47,53 @@ def main() -> None:
         for p in reasoning_gym_dataset("basic_arithmetic", args.prompts, seed=7, **task)["prompt"]
     ]
     folder = head.export_vllm(args.draft_dir)
+    # Greedy decoding (T = 0) with greedy drafts is deterministic: both sides must emit the same tokens and accept
+    # the same drafts, up to float ties. At T = 1 the two sample independently: rates agree within noise.
+    runs = {"probabilistic": [1.0], "greedy": [1.0, 0.0]}
     results = {}
-    for mode in ("probabilistic", "greedy"):
+    for mode, temperatures in runs.items():
         config = vllm_speculative_config(head.config, folder, num_speculative_tokens=3, draft_sampling=mode)
         llm = LLM(smollm2_path(), speculative_config=config, enforce_eager=True, dtype="float32", seed=0,
                   max_model_len=512, disable_log_stats=False)  # fmt: skip
-        params = SamplingParams(temperature=1.0, max_tokens=args.max_new_tokens, n=args.samples)
-        with rejection_sampler_expand(fixed=True):
-            before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
-            llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-            counters = SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
+        for temperature in temperatures:
+            samples = args.samples if temperature > 0 else 1
+            params = SamplingParams(temperature=temperature, max_tokens=args.max_new_tokens, n=samples)
+            with rejection_sampler_expand(fixed=True):
+                before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
+                outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+                counters = SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
+            output = generate_from_ids(
+                policy, tokenizer, [p for p in prompts for _ in range(samples)], head=head, num_speculative_tokens=3,
+                draft_sampling=mode, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
+            vllm_completions = [list(o.token_ids) for out in outputs for o in out.outputs]
+            lengths = output.completion_lengths.tolist()
+            engine_completions = [ids[:n] for ids, n in zip(output.completion_ids.tolist(), lengths, strict=True)]
+            results[f"{mode}, T={temperature:g}"] = {
+                "vllm": [a / counters.num_drafts for a in counters.accepted_per_position],
+                "vllm_cycles": counters.num_drafts,
+                "engine": output.stats.acceptance_per_position.tolist(),
+                "engine_cycles": output.stats.num_drafts,
+                "vllm_mean_length": sum(map(len, vllm_completions)) / len(vllm_completions),
+                "engine_mean_length": sum(lengths) / len(lengths),
+                "identical_completions": sum(
+                    a == b for a, b in zip(vllm_completions, engine_completions, strict=True)
+                ),
+                "completions": len(vllm_completions),
+            }
         del llm
-        output = generate_from_ids(
-            policy, tokenizer, [p for p in prompts for _ in range(args.samples)], head=head,
-            num_speculative_tokens=3, draft_sampling=mode, max_new_tokens=args.max_new_tokens, temperature=1.0,
-            generator=torch.Generator().manual_seed(0),
-        )  # fmt: skip
-        results[mode] = {
-            "vllm": [a / counters.num_drafts for a in counters.accepted_per_position],
-            "vllm_cycles": counters.num_drafts,
-            "engine": output.stats.acceptance_per_position.tolist(),
-            "engine_cycles": output.stats.num_drafts,
-        }
-    print("| drafting | vLLM pos 1 / 2 / 3 (cycles) | torch engine pos 1 / 2 / 3 (cycles) |\n|---|---|---|")
-    for mode, r in results.items():
+    print(
+        "| drafting | vLLM pos 1 / 2 / 3 (cycles) | torch engine pos 1 / 2 / 3 (cycles) | mean length vLLM / engine "
+        "| identical completions |\n|---|---|---|---|---|"
+    )
+    for run, r in results.items():
         vllm, engine = " / ".join(f"{a:.3f}" for a in r["vllm"]), " / ".join(f"{a:.3f}" for a in r["engine"])
-        print(f"| {mode} | {vllm} ({r['vllm_cycles']}) | {engine} ({r['engine_cycles']}) |")
+        print(
+            f"| {run} | {vllm} ({r['vllm_cycles']}) | {engine} ({r['engine_cycles']}) "
+            f"| {r['vllm_mean_length']:.1f} / {r['engine_mean_length']:.1f} "
+            f"| {r['identical_completions']} / {r['completions']} |"
+        )
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump({"settings": vars(args), "results": results}, f, indent=2)

@@ -71,20 +71,20 @@ def make_llm(tiny_llama_dir):
     """Builds one vLLM engine at a time, on the tiny Llama by default (the previous one is released first)."""
     engines = []
 
-    def make(speculative_config=None, model: str = tiny_llama_dir):
+    def make(speculative_config=None, model: str = tiny_llama_dir, **overrides):
         from vllm import LLM
 
         engines.clear()
         gc.collect()
+        kwargs = dict(max_model_len=256, skip_tokenizer_init=True) | overrides
         engine = LLM(
             model,
             speculative_config=speculative_config,
             enforce_eager=True,
             dtype="float32",
-            max_model_len=256,
             disable_log_stats=False,
-            skip_tokenizer_init=True,
             seed=0,
+            **kwargs,
         )
         engines.append(engine)
         return engine

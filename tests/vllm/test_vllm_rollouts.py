@@ -28,13 +28,15 @@ def test_workaround_expands_like_the_documented_example():
     assert expanded.tolist() == [5.0, 5.0, 1.0, 1.0, 1.0, 7.0]
 
 
-def vllm_generate(llm, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0):
+def vllm_generate(
+    llm, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0, ignore_eos: bool = True
+):
     """Completions (token ids) of `n` samples per prompt and the round's spec-decode counters."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
-    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True, n=n)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=ignore_eos, n=n)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     completions = [list(o.token_ids) for out in outputs for o in out.outputs]
     return completions, SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
