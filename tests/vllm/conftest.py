@@ -55,9 +55,22 @@ def train_head(policy_dir: str, output_dir) -> str:
 
 
 @pytest.fixture(scope="session")
-def trained_head_dir(tiny_llama_dir, tmp_path_factory) -> str:
-    """A head trained here on the tiny Llama (see `train_head`)."""
-    return train_head(tiny_llama_dir, tmp_path_factory.mktemp("head"))
+def trained_head(tiny_checkpoints, tmp_path_factory):
+    """The folder of a head trained (once per session, see `train_head`) on a tiny policy: `trained_head("qwen3")`."""
+    heads = {}
+
+    def get(architecture: str) -> str:
+        if architecture not in heads:
+            folder = tmp_path_factory.mktemp(f"head-{architecture}")
+            heads[architecture] = train_head(tiny_checkpoints[architecture], folder)
+        return heads[architecture]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def trained_head_dir(trained_head) -> str:
+    return trained_head("llama")
 
 
 @pytest.fixture(scope="session")

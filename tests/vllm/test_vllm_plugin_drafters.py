@@ -9,7 +9,7 @@ from bebop_trl.rollout.torch_engine import generate_from_ids
 from bebop_trl.rollout.vllm_backend import _model_runner
 from bebop_trl.vllm_plugin import EAGLE_DRAFTERS
 
-from .conftest import PROMPTS, speculative_config, train_head
+from .conftest import PROMPTS, speculative_config
 from .test_vllm_rollouts import K, vllm_generate
 
 
@@ -18,11 +18,11 @@ pytestmark = pytest.mark.vllm
 
 @pytest.mark.parametrize("architecture", ["qwen2", "qwen3"])
 def test_qwen_eagle_heads_draft_in_vllm_as_in_the_torch_engine(
-    architecture, tiny_checkpoints, make_llm, tmp_path, monkeypatch
+    architecture, tiny_checkpoints, trained_head, make_llm, tmp_path, monkeypatch
 ):
     policy_dir = tiny_checkpoints[architecture]
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
-    head = MTPHead.from_pretrained(train_head(policy_dir, tmp_path / "head"), policy=policy)
+    head = MTPHead.from_pretrained(trained_head(architecture), policy=policy)
     exported = (head, head.export_vllm(tmp_path / "draft"))
     llm = make_llm(speculative_config(exported, "greedy"), model=policy_dir)
     drafter = llm.llm_engine.vllm_config.speculative_config.draft_model_config.hf_config.architectures

