@@ -20,6 +20,7 @@ from transformers import (
     Qwen3Config,
 )
 from transformers.models.qwen3_5 import Qwen3_5TextConfig
+from transformers.models.qwen3_next import Qwen3NextConfig
 
 from .modeling.hub import WEIGHTS_INDEX_NAME, read_json, save_tensors
 
@@ -60,8 +61,9 @@ def tiny_config(architecture: str = "llama", **overrides: Any) -> PreTrainedConf
     """Config of a 2-layer causal LM with hidden size 64, 2 heads of dim 32 and a 128-token vocabulary.
 
     Args:
-        architecture: `"llama"`, `"qwen2"`, `"qwen3"` or `"qwen3_5"` (text-only Qwen3.5: one linear-attention and
-            one full-attention layer).
+        architecture: `"llama"`, `"qwen2"`, `"qwen3"`, `"qwen3_5"` (text-only Qwen3.5: one linear-attention and
+            one full-attention layer) or `"qwen3_next"` (the same layer types, with mixture-of-experts MLPs: 4
+            experts, 2 per token, and a shared expert).
         **overrides: Config fields to change.
     """
     tokenizer = char_tokenizer()
@@ -80,12 +82,18 @@ def tiny_config(architecture: str = "llama", **overrides: Any) -> PreTrainedConf
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    config_classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen3_5": Qwen3_5TextConfig}
+    config_classes = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "qwen3_5": Qwen3_5TextConfig,
+        "qwen3_next": Qwen3NextConfig,
+    }
     if architecture not in config_classes:
         raise ValueError(f"Unknown tiny architecture {architecture!r}: use one of {sorted(config_classes)}.")
     if architecture == "llama":
         common["tie_word_embeddings"] = True  # like SmolLM2
-    if architecture == "qwen3_5":
+    if architecture in ("qwen3_5", "qwen3_next"):
         common.update(
             layer_types=["linear_attention", "full_attention"],
             linear_key_head_dim=16,
@@ -94,6 +102,8 @@ def tiny_config(architecture: str = "llama", **overrides: Any) -> PreTrainedConf
             linear_num_value_heads=2,
             mtp_num_hidden_layers=1,
         )
+    if architecture == "qwen3_next":
+        common.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     common.update(overrides)
     return config_classes[architecture](**common)
 

@@ -1,7 +1,9 @@
 """Import and export of the MTP weights that checkpoints ship natively (Qwen3.5, Qwen3-Next: `mtp.*`)."""
 
 import os
+import re
 
+import torch
 from transformers import AutoConfig
 
 from .configuration_mtp_head import MTP_LAYOUT, NATIVE_MTP_MODEL_TYPES, MTPHeadConfig
@@ -12,6 +14,60 @@ NATIVE_PREFIX = "mtp."
 NATIVE_WEIGHTS_NAME = "mtp.safetensors"
 # Native names of the decoder stack, and their place in the head (the rest, fc and pre-fc norms, keep their name).
 _DECODER_NAMES = ("layers.", "norm.")
+
+
+# Checkpoints store the experts of an MoE layer one by one (`experts.{i}.{gate,up,down}_proj.weight`); transformers
+# holds them fused, as `experts.gate_up_proj` [E, 2I, H] (each expert's gate rows, then its up rows) and
+# `experts.down_proj` [E, H, I]. vLLM reads the per-expert names.
+_EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert checkpoint tensors -> transformers' fused `gate_up_proj` / `down_proj` (others pass through)."""
+    fused, experts = {}, {}
+    for key, tensor in tensors.items():
+        match = _EXPERT_KEY.match(key)
+        if match is None:
+            fused[key] = tensor
+        else:
+            experts.setdefault(match["experts"], {})[int(match["index"]), match["proj"]] = tensor
+    for prefix, parts in experts.items():
+        count = 1 + max(index for index, _ in parts)
+        missing = [
+            f"{i}.{p}" for i in range(count) for p in ("gate_proj", "up_proj", "down_proj") if (i, p) not in parts
+        ]
+        if missing:
+            raise ValueError(f"The checkpoint's {prefix} lack {missing[:5]}: it is incomplete or corrupt.")
+        fused[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[i, "gate_proj"], parts[i, "up_proj"]]) for i in range(count)]
+        )
+        fused[f"{prefix}.down_proj"] = torch.stack([parts[i, "down_proj"] for i in range(count)])
+    return fused
+
+
+def split_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of [`fuse_experts`][bebop_trl.modeling.native.fuse_experts]: fused expert tensors -> per-expert ones."""
+    split = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".experts.gate_up_proj"):
+            prefix = key.removesuffix(".gate_up_proj")
+            for i, gate_up in enumerate(tensor):
+                gate, up = gate_up.chunk(2)
+                split[f"{prefix}.{i}.gate_proj.weight"], split[f"{prefix}.{i}.up_proj.weight"] = (
+                    gate.clone(),
+                    up.clone(),
+                )
+        elif key.endswith(".experts.down_proj"):
+            prefix = key.removesuffix(".down_proj")
+            split.update({f"{prefix}.{i}.down_proj.weight": down.clone() for i, down in enumerate(tensor)})
+        else:
+            split[key] = tensor
+    return split
+
+
+def head_state_to_native(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A head's state dict under the checkpoint's native `mtp.*` names, experts one by one."""
+    return split_experts({head_to_native_key(k): v for k, v in state.items()})
 
 
 def native_to_head_key(key: str) -> str:
@@ -54,7 +110,8 @@ def load_native_head(
     config.base_model_name_or_path = str(policy_name_or_path)
     head = head_cls(config)
     head.load_head_state_dict(
-        {native_to_head_key(k): v for k, v in native.items()}, source=f"the mtp.* tensors of {policy_name_or_path}"
+        {native_to_head_key(k): v for k, v in fuse_experts(native).items()},
+        source=f"the mtp.* tensors of {policy_name_or_path}",
     )
     return head.place(policy, dtype=dtype, device=device, check_base_model=check_base_model)
 
@@ -89,5 +146,5 @@ def save_native_weights(head, save_directory: str | os.PathLike) -> str:
         )
     os.makedirs(save_directory, exist_ok=True)
     path = os.path.join(save_directory, NATIVE_WEIGHTS_NAME)
-    save_tensors({head_to_native_key(k): v for k, v in head.state_dict().items()}, path)
+    save_tensors(head_state_to_native(head.state_dict()), path)
     return path

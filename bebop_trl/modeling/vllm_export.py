@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .configuration_mtp_head import EAGLE_LAYOUT, MTP_LAYOUT, MTPHeadConfig
 from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, save_tensors
-from .native import NATIVE_WEIGHTS_NAME, head_to_native_key
+from .native import NATIVE_WEIGHTS_NAME, head_state_to_native
 
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def vllm_draft_weights(head: "MTPHead") -> dict[str, Any]:
     """
     state = head.state_dict()
     if head.config.layout == MTP_LAYOUT:
-        return {head_to_native_key(k): v for k, v in state.items()}
+        return head_state_to_native(state)
     # EAGLE-1 names: `fc.weight` and `layers.N.*`; the identity norms of the eagle layout hold no weights.
     return {k.removeprefix("model."): v for k, v in state.items()}
 

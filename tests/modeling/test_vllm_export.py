@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM, MistralConfig
 
 from bebop_trl import MTPHead
 from bebop_trl.modeling.hub import load_tensors
+from bebop_trl.modeling.native import fuse_experts, split_experts
 from bebop_trl.modeling.vllm_export import VLLM_EAGLE_ARCHITECTURES, vllm_draft_weights, vllm_speculative_config
+from bebop_trl.testing import tiny_causal_lm
 from bebop_trl.vllm_plugin import EAGLE_DRAFTERS, register
 
 
@@ -46,13 +48,17 @@ def test_eagle_export_has_vllm_eagle_names_and_config(load_tiny, tmp_path):
     assert vllm_draft_weights(head).keys() == weights.keys()
 
 
-def test_mtp_export_round_trips_through_the_native_reader(load_tiny, tmp_path):
-    policy = load_tiny("qwen3_5")
+@pytest.mark.parametrize("architecture", ["qwen3_5", "qwen3_next"])
+def test_mtp_export_round_trips_through_the_native_reader(architecture, tmp_path):
+    policy = tiny_causal_lm(architecture)
     head = perturbed(MTPHead.from_model(policy, layout="mtp"))
     folder = head.export_vllm(tmp_path / "draft", target_config=policy.config)
 
     index = json.loads((tmp_path / "draft" / "model.safetensors.index.json").read_text())
     assert index["weight_map"] and all(k.startswith("mtp.") for k in index["weight_map"])
+    if architecture == "qwen3_next":  # experts one by one, as checkpoints store them and vLLM reads them
+        assert "mtp.layers.0.mlp.experts.3.up_proj.weight" in index["weight_map"]
+        assert not any(k.endswith("gate_up_proj") for k in index["weight_map"])
     # vLLM's method="mtp" reads the `mtp.*` tensors listed in the index, as `MTPHead.from_native` does.
     reloaded = MTPHead.from_native(folder, policy=policy, check_base_model=False)
     for name, value in head.state_dict().items():
@@ -108,3 +114,22 @@ def test_eagle_export_refuses_decoder_layers_vllm_cannot_run(tmp_path):
     with pytest.raises(ValueError, match=r"MistralForCausalLM.*rollout_backend='torch'"):
         head.export_vllm(tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_expert_fusion_matches_the_checkpoint_format_of_transformers(tmp_path):
+    model = tiny_causal_lm("qwen3_next")
+    model.save_pretrained(tmp_path)  # transformers writes the experts one by one
+    stored = load_tensors(str(tmp_path / "model.safetensors"))
+    assert "model.layers.1.mlp.experts.2.gate_proj.weight" in stored
+    fused = fuse_experts(stored)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(fused[name], value, rtol=0, atol=0)
+    assert split_experts(fused).keys() == stored.keys()
+    for name, value in split_experts(fused).items():
+        torch.testing.assert_close(value, stored[name], rtol=0, atol=0)
+
+
+def test_expert_fusion_names_an_incomplete_checkpoint():
+    tensors = {f"mtp.layers.0.mlp.experts.0.{p}.weight": torch.zeros(2, 2) for p in ("gate_proj", "up_proj")}
+    with pytest.raises(ValueError, match=r"experts lack \['0.down_proj'\]"):
+        fuse_experts(tensors)

@@ -89,12 +89,11 @@ def make_llm(tiny_llama_dir):
 
         engines.clear()
         gc.collect()
-        kwargs = dict(max_model_len=256, skip_tokenizer_init=True) | overrides
+        kwargs = dict(max_model_len=256, skip_tokenizer_init=True, dtype="float32") | overrides
         engine = LLM(
             model,
             speculative_config=speculative_config,
             enforce_eager=True,
-            dtype="float32",
             disable_log_stats=False,
             seed=0,
             **kwargs,
