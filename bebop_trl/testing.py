@@ -103,7 +103,9 @@ def tiny_config(architecture: str = "llama", **overrides: Any) -> PreTrainedConf
             mtp_num_hidden_layers=1,
         )
     if architecture == "qwen3_next":
-        common.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+        common.update(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+        )
     common.update(overrides)
     return config_classes[architecture](**common)
 

@@ -176,3 +176,28 @@ def load_colocated_draft_weights(llm: Any, weights: dict[str, torch.Tensor]) -> 
         return
     reload_weights(runner.vllm_config, draft, iter(weights.items()), weights_path=None, is_checkpoint_format=True)
     llm.reset_prefix_cache()
+
+
+def push_draft_weights_to_server(client: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Streams head weights into the drafter of a `vllm serve` server with vLLM's draft weight update.
+
+    One update session: `/start_draft_weight_update` points the server's weight-transfer engine at the drafter, the
+    tensors go over TRL's weight-transfer group (NCCL, set up by TRL for the policy sync), `/finish_weight_update`
+    closes it. The server must run in vLLM's dev mode with a weight-transfer engine, as `bebop-trl vllm-serve`
+    starts it.
+
+    Args:
+        client: TRL's `VLLMClient` of the trainer's main process, with its communicator initialised.
+        weights: From [`vllm_draft_weights`][bebop_trl.modeling.vllm_export.vllm_draft_weights] (the names of the
+            exported draft checkpoint), on the trainer's device.
+    """
+    metadata = [(name, str(t.dtype).removeprefix("torch."), list(t.shape)) for name, t in weights.items()]
+    # TRL's client opens a policy session around `update_named_params` unless one is open: mark the draft session as
+    # the open one (`weight_update()` does the same for the policy).
+    client._post(f"{client.base_url}/start_draft_weight_update", json={})
+    client._updating_weights = True
+    try:
+        client.update_named_params(metadata, iter(weights.items()))
+    finally:
+        client._updating_weights = False
+        client._post(f"{client.base_url}/finish_weight_update", json={})

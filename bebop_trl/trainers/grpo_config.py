@@ -116,11 +116,6 @@ class BebopGRPOConfig(GRPOConfig):
                     "async_rollouts runs the torch engine in a background worker; with rollout_backend='vllm' use "
                     "TRL's vLLM server mode instead, or set rollout_backend='torch'."
                 )
-            if self.mtp_online_update and self.vllm_mode != "colocate":
-                raise ValueError(
-                    "Online head updates reach vLLM's drafter only in colocate mode: set vllm_mode='colocate', or "
-                    "restart `bebop-trl vllm-serve` with the updated head."
-                )
         elif (self.mtp_head is not None or self.async_rollouts) and self.use_vllm:
             raise ValueError(
                 "use_vllm=True generates with TRL's vLLM backend, which the torch speculative engine does not use: "

@@ -23,6 +23,7 @@ from ..rollout.torch_engine import generate_from_ids
 from ..rollout.vllm_backend import (
     SpecDecodeCounters,
     load_colocated_draft_weights,
+    push_draft_weights_to_server,
     read_server_counters,
     speculative_llm,
     sync_colocated_policy,
@@ -221,8 +222,12 @@ class BebopGRPOTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _push_head_to_vllm(self) -> None:
-        """Loads the head's current weights into the colocated vLLM drafter."""
-        load_colocated_draft_weights(self.vllm_generation.llm, vllm_draft_weights(self.mtp_head))
+        """Loads the head's current weights into vLLM's drafter (in process, or the server's)."""
+        weights = vllm_draft_weights(self.mtp_head)
+        if self.vllm_generation.mode == "colocate":
+            load_colocated_draft_weights(self.vllm_generation.llm, weights)
+        elif self.accelerator.is_main_process:  # TRL's client lives on the main process only
+            push_draft_weights_to_server(self.vllm_generation.vllm_client, weights)
         self._vllm_draft_stale = False
 
     def _rollout(self, prompt_ids: list[list[int]], train: bool) -> GenerationOutput:

@@ -4,8 +4,12 @@ import json
 import shlex
 from types import SimpleNamespace
 
-from bebop_trl import MTPHead
-from bebop_trl.rollout.vllm_backend import SpecDecodeCounters, speculative_llm
+import pytest
+import torch
+
+from bebop_trl import BebopGRPOTrainer, MTPHead
+from bebop_trl.modeling.vllm_export import vllm_draft_weights
+from bebop_trl.rollout.vllm_backend import SpecDecodeCounters, push_draft_weights_to_server, speculative_llm
 from bebop_trl.vllm_serve import main as vllm_serve
 
 
@@ -83,3 +87,53 @@ def test_vllm_serve_exports_the_head_and_passes_its_speculative_config(load_tiny
         "draft_sample_method": "greedy",
     }
     assert (draft_dir / "model.safetensors").is_file() and command[-2:] == ["--max-num-seqs", "8"]
+
+
+class RecordingClient:
+    """Stands for TRL's VLLMClient: records the requests and the streamed tensors (the NCCL part needs GPUs)."""
+
+    base_url = "http://server:8000"
+
+    def __init__(self):
+        self.calls, self._updating_weights = [], False
+
+    def _post(self, url, json):
+        self.calls.append(url.removeprefix(self.base_url))
+
+    def update_named_params(self, metadata, named_params):
+        # Inside an open session TRL's client does not start (and finish) a policy update of its own.
+        assert self._updating_weights
+        self.calls.append(("update", metadata, dict(named_params)))
+
+
+def test_head_weights_go_to_the_servers_drafter_in_one_draft_update_session(load_tiny):
+    head = MTPHead.from_model(load_tiny("llama"))
+    weights = vllm_draft_weights(head)
+    client = RecordingClient()
+    trainer = SimpleNamespace(
+        mtp_head=head,
+        vllm_generation=SimpleNamespace(mode="server", vllm_client=client),
+        accelerator=SimpleNamespace(is_main_process=True),
+        _vllm_draft_stale=True,
+    )
+    BebopGRPOTrainer._push_head_to_vllm(trainer)
+
+    start, (_, metadata, streamed), finish = client.calls
+    assert (start, finish) == ("/start_draft_weight_update", "/finish_weight_update")
+    assert [name for name, _, _ in metadata] == list(weights) == list(streamed)
+    assert metadata[0][1:] == (
+        str(weights["fc.weight"].dtype).removeprefix("torch."),
+        list(weights["fc.weight"].shape),
+    )
+    for name, tensor in weights.items():
+        torch.testing.assert_close(streamed[name], tensor, rtol=0, atol=0)
+    assert not client._updating_weights and not trainer._vllm_draft_stale
+
+
+def test_a_failed_draft_update_still_closes_the_session():
+    client = RecordingClient()
+    client.update_named_params = lambda metadata, named_params: (_ for _ in ()).throw(RuntimeError("NCCL"))
+    with pytest.raises(RuntimeError, match="NCCL"):
+        push_draft_weights_to_server(client, {"fc.weight": torch.zeros(2, 4)})
+    assert client.calls == ["/start_draft_weight_update", "/finish_weight_update"]
+    assert not client._updating_weights

@@ -554,7 +554,6 @@ def test_unsupported_options_with_a_head_are_rejected(option, load_tiny, tiny_ch
         (dict(max_staleness=0), "max_staleness"),
         (dict(rollout_backend="sglang"), "rollout_backend"),
         (dict(rollout_backend="vllm", async_rollouts=True), "async_rollouts"),
-        (dict(rollout_backend="vllm", mtp_head="my-org/head", mtp_online_update="tv", vllm_mode="server"), "colocate"),
         (dict(mtp_online_update="bogus", mtp_head="my-org/head"), "mtp_online_update"),
         (dict(mtp_online_update="tv"), "set mtp_head"),
         (dict(mtp_online_update="tv", mtp_head="my-org/head", mtp_online_update_interval=0), "interval"),
@@ -569,6 +568,7 @@ def test_valid_speculative_configs_are_accepted(tmp_path):
     # The counterpart of the rejections above: the same fields with valid values.
     grpo_config(tmp_path, use_vllm=True)
     assert grpo_config(tmp_path, rollout_backend="vllm", mtp_head="my-org/head").use_vllm
+    grpo_config(tmp_path, rollout_backend="vllm", vllm_mode="server", mtp_head="my-org/head", mtp_online_update="tv")
     grpo_config(tmp_path, async_rollouts=True, max_staleness=2)
     for loss_type in ("e2e_tv", "tv", "kl", "rkl", "ce"):
         grpo_config(tmp_path, mtp_head="my-org/head", mtp_online_update=loss_type, mtp_online_update_interval=2)
