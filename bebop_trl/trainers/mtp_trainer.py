@@ -300,14 +300,19 @@ class MTPTrainer(Trainer):
         The engine drafts `num_speculative_tokens` tokens from the head on up to `eval_num_prompts` held-out prompts
         at the training temperature, in both drafting modes; the figures also go into the head's model card.
         """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            # transformers evaluates each set by calling this method again, with its name and prefix eval_<name>.
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
         self._last_eval_averages = {}
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         # The per-step statistics went to the loggers as eval_*; return them under the caller's prefix too.
         metrics.update(
             {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in self._last_eval_averages.items()}
         )
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, dict) or dataset is None:
+        if dataset is None:
             return metrics
         measured = {f"{metric_key_prefix}_{k}": v for k, v in self.measure_acceptance(dataset).items()}
         self.head.config.metrics = {k.removeprefix(f"{metric_key_prefix}_"): round(v, 4) for k, v in measured.items()}

@@ -336,3 +336,14 @@ def test_kl_warm_start_trains_the_first_steps_with_kl(load_tiny, tokenizer, dist
     assert all(e["kl_warm_start"] == 0.0 for e in ce.state.log_history if "loss" in e)
     with pytest.raises(ValueError, match="kl_warm_start"):
         config(tmp_path, kl_warm_start=-1)
+
+
+def test_evaluate_measures_each_named_eval_set(load_tiny, tokenizer, distilled, tmp_path):
+    args = config(tmp_path, max_steps=1, eval_num_prompts=2, eval_max_new_tokens=4)
+    eval_sets = {"easy": distilled.select(range(4)), "hard": distilled.select(range(4, 8))}
+    trainer = MTPTrainer(load_tiny("llama"), args, distilled, eval_sets, tokenizer)
+    metrics = trainer.evaluate()
+    for name in eval_sets:
+        assert f"eval_{name}_loss" in metrics
+        assert 0.0 <= metrics[f"eval_{name}_measured_acceptance_probabilistic"] <= 1.0
+    assert not any(key.startswith("eval_measured") for key in metrics)  # nothing unlabelled
