@@ -7,9 +7,10 @@ noise hits every configuration alike):
 - `plain`: the engine without a head (the baseline every speed-up is measured against);
 - `spec`: the engine with an MTP head, for k = 1..4 and both drafting modes.
 
-It also measures the cost of one draft step and of a policy forward over T tokens, and prints the speed-up that
-the measured acceptance allows with those costs: a cycle emits `1 + sum_j P(first j drafts accepted)` tokens for
-`k * c_draft + c_verify(k + 1)`, against `c_verify(1)` per token without a head.
+It also measures the cost of a decode step, a draft step and a (k + 1)-token verify pass (as `make quickstart` does,
+with `bebop_trl.quickstart.measure`), and prints the speed-up that the measured acceptance allows with those costs:
+a cycle emits `1 + sum_j P(first j drafts accepted)` tokens for `k * c_draft + c_verify(k + 1)`, against `c_decode`
+per token without a head.
 
 Usage:
     BEBOP_TRL_CACHE=/tmp/bebop-cache python benchmarks/bench_engine.py [--quick] [--head PATH] [--output FILE]
@@ -19,17 +20,15 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from bebop_trl.embedded import load_smollm2
 from bebop_trl.modeling import MTPHead
-from bebop_trl.modeling.teacher_forcing import positions_from_mask
-from bebop_trl.speculative import SpeculativeGenerator, probs_from_logits, sample
+from bebop_trl.quickstart.measure import implied_speedup_limit, measure_step_costs, relative_step_costs
+from bebop_trl.speculative import SpeculativeGenerator
 
 
 QUESTIONS = [
@@ -127,64 +126,16 @@ def run_once(config: Config, model, head, batch, max_new_tokens: int, seed: int,
     measurement.seconds += elapsed
 
 
-@torch.no_grad()
-def step_costs(model, head, batch, ks: list[int], repeats: int) -> dict[str, float]:
-    """Median seconds of a policy forward over T = 1..max(k)+1 new tokens and of one head draft step."""
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    batch_size = input_ids.shape[0]
-    cache = DynamicCache(config=model.config)
-    position_ids = positions_from_mask(attention_mask)
-    model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache)
-    hidden = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[-1]
-    head_cache = head.new_cache()
-    head(hidden, input_ids, attention_mask=attention_mask, position_ids=position_ids + 1, past_key_values=head_cache)
-    last_position = position_ids[:, -1:]
-    tokens = input_ids[:, -1:]
-
-    def verify(num_tokens: int) -> None:
-        mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, num_tokens)], dim=-1)
-        model(
-            input_ids=tokens.expand(-1, num_tokens),
-            attention_mask=mask,
-            position_ids=last_position + 1 + torch.arange(num_tokens),
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=True,
-        )
-        cache.crop(-num_tokens)
-
-    def draft_step() -> None:
-        mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
-        out = head(
-            hidden[:, -1:],
-            tokens,
-            attention_mask=mask,
-            position_ids=last_position + 2,
-            past_key_values=head_cache,
-            use_cache=True,
-        )
-        sample(probs_from_logits(head.compute_logits(out.last_hidden_state[:, 0])))
-        head_cache.crop(-1)
-
-    steps = {f"verify_{t}": lambda t=t: verify(t) for t in range(1, max(ks) + 2)}
-    steps["draft"] = draft_step
-    times = {name: [] for name in steps}
-    # Interleaved like the generation runs, so that a burst of machine load hits every step alike.
-    for repeat in range(repeats + 1):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if repeat:  # the first round is a warm-up
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def implied_speedup(acceptance_per_position: list[float], costs: dict[str, float]) -> float:
-    """Speed-up over plain decoding that the acceptance and step costs allow (no other overhead)."""
-    k = len(acceptance_per_position)
-    tokens_per_cycle = 1 + sum(acceptance_per_position)
-    cycle_cost = k * costs["draft"] + costs[f"verify_{k + 1}"]
-    return tokens_per_cycle / cycle_cost * costs["verify_1"]
+def step_costs(model, head, batch, k: int, repeats: int) -> dict[str, float]:
+    """Median seconds of a 1-token decode step, a (k + 1)-token verify pass and a draft step on `batch`."""
+    prompts = [
+        ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
+    with torch.no_grad():
+        return measure_step_costs(
+            model, head, prompts, pad_token_id=model.generation_config.pad_token_id or 0, num_speculative_tokens=k,
+            temperature=1.0, repeats=repeats,
+        )  # fmt: skip
 
 
 def main() -> None:
@@ -233,7 +184,7 @@ def main() -> None:
                 )
         print(f"repeat {repeat + 1}/{args.repeats} done", flush=True)
 
-    costs = {b: step_costs(model, head, batches[b][0], args.ks, repeats=15) for b in args.batch_sizes}
+    costs = {(b, k): step_costs(model, head, batches[b][0], k, repeats=15) for b in args.batch_sizes for k in args.ks}
     rows = []
     for config in configs:
         m = measurements[config.batch_size, config.name]
@@ -250,7 +201,7 @@ def main() -> None:
         )
         if config.method == "spec":
             per_position = [a / m.num_drafts for a in m.accepted_per_position]
-            limit = implied_speedup(per_position, costs[config.batch_size])
+            limit = implied_speedup_limit(per_position, relative_step_costs(costs[config.batch_size, config.k]))
             row.update(
                 acceptance_rate=m.num_accepted / (m.num_drafts * config.k),
                 acceptance_per_position=per_position,
@@ -273,8 +224,8 @@ def main() -> None:
             + f"{per_position:<34} "
             + (f"{row['implied_speedup_limit']:>6.2f} {row['fraction_of_limit']:>6.2f}" if spec else "")
         )
-    for batch_size, c in costs.items():
-        print(f"step costs, batch {batch_size}: " + ", ".join(f"{name} {1000 * s:.1f} ms" for name, s in c.items()))
+    for (batch_size, k), c in costs.items():
+        print(f"step costs, batch {batch_size}, k {k}: " + ", ".join(f"{n} {1000 * s:.1f} ms" for n, s in c.items()))
 
     result = dict(
         model="HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -284,7 +235,7 @@ def main() -> None:
         repeats=args.repeats,
         torch_threads=torch.get_num_threads(),
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__),
-        step_costs_seconds={str(b): c for b, c in costs.items()},
+        step_costs_seconds={f"batch {b}, k {k}": c for (b, k), c in costs.items()},
         results=rows,
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
