@@ -34,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         "trained on; other tasks use their default difficulty).",
     )
 
+    quickstart.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice, one per core); on a machine busy with other jobs, fewer "
+        "threads than cores can be faster.",
+    )
+
     commands.add_parser(
         "vllm-serve",
         add_help=False,
@@ -48,7 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     if args.command == "quickstart":
+        import torch
+
         from .quickstart import QuickstartSettings, run_quickstart
+
+        if args.threads is not None:
+            if args.threads < 1:
+                parser.error(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
 
         run_quickstart(
             QuickstartSettings.create(

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from bebop_trl import MTPHead
 from bebop_trl.cli import main
@@ -291,6 +292,17 @@ def test_cli_passes_every_option(captured_settings, tmp_path):
     assert (settings.output_dir, settings.seed, settings.model, settings.task) == (str(tmp_path), 3, "org/m", "x")
     assert settings.fast and not settings.uses_embedded_model and settings.task_config() == {}
     assert all(getattr(settings, name) == value for name, value in FAST_BUDGETS.items())
+
+
+def test_cli_threads_sets_torchs_cpu_threads(captured_settings):
+    before = torch.get_num_threads()
+    try:
+        assert main(["quickstart", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1 and len(captured_settings) == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--threads", "0"])
 
 
 def test_settings_reject_unknown_fields():
