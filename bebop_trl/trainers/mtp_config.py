@@ -52,7 +52,8 @@ class MTPConfig(TrainingArguments):
         metadata={
             "help": "For 'tv' and 'e2e_tv': train the first steps with 'kl' instead, whose gradient does not vanish "
             "where the head and the policy barely overlap (the TV gradient does). A value >= 1 is a number of "
-            "optimizer steps, one in [0, 1) a fraction of the run's steps."
+            "optimizer steps, one in [0, 1) a fraction of the run's steps. On SmolLM2-135M, 30 KL steps of 150 "
+            "raised an e2e_tv head's measured acceptance from 0.031 to 0.102 (docs: Benchmarks, loss ablation)."
         },
     )
     completion_only_loss: bool = field(
