@@ -34,18 +34,18 @@ def main() -> None:
 
     from bebop_trl.embedded import load_smollm2, load_smollm2_head, smollm2_path
     from bebop_trl.modeling.vllm_export import vllm_speculative_config
+    from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG
     from bebop_trl.rollout.torch_engine import generate_from_ids
     from bebop_trl.rollout.vllm_backend import SpecDecodeCounters
     from bebop_trl.tasks import reasoning_gym_dataset
+    from bebop_trl.trainers.mtp_data import prompt_ids_of
     from tests.vllm.vllm_cpu_workaround import rejection_sampler_expand
 
     policy, tokenizer = load_smollm2()
     head = load_smollm2_head(policy)
-    task = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
-    prompts = [
-        list(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
-        for p in reasoning_gym_dataset("basic_arithmetic", args.prompts, seed=7, **task)["prompt"]
-    ]
+    # Held-out questions of the task the shipped head was trained on.
+    questions = reasoning_gym_dataset("basic_arithmetic", args.prompts, seed=7, **DEFAULT_TASK_CONFIG)
+    prompts = prompt_ids_of(questions, tokenizer)
     folder = head.export_vllm(args.draft_dir)
     # Greedy decoding (T = 0) with greedy drafts is deterministic: both sides must emit the same tokens and accept
     # the same drafts, up to float ties. At T = 1 the two sample independently: rates agree within noise.
@@ -68,15 +68,14 @@ def main() -> None:
                 generator=torch.Generator().manual_seed(0),
             )  # fmt: skip
             vllm_completions = [list(o.token_ids) for out in outputs for o in out.outputs]
-            lengths = output.completion_lengths.tolist()
-            engine_completions = [ids[:n] for ids, n in zip(output.completion_ids.tolist(), lengths, strict=True)]
+            engine_completions = output.unpadded(output.completion_ids)
             results[f"{mode}, T={temperature:g}"] = {
                 "vllm": [a / counters.num_drafts for a in counters.accepted_per_position],
                 "vllm_cycles": counters.num_drafts,
                 "engine": output.stats.acceptance_per_position.tolist(),
                 "engine_cycles": output.stats.num_drafts,
                 "vllm_mean_length": sum(map(len, vllm_completions)) / len(vllm_completions),
-                "engine_mean_length": sum(lengths) / len(lengths),
+                "engine_mean_length": output.completion_lengths.double().mean().item(),
                 "identical_completions": sum(
                     a == b for a, b in zip(vllm_completions, engine_completions, strict=True)
                 ),

@@ -61,5 +61,4 @@ def sample_completions(
             [`SpeculativeGenerator.generate`][bebop_trl.SpeculativeGenerator.generate].
     """
     out = generate_from_ids(policy, tokenizer, prompts, **kwargs)
-    lengths = out.completion_lengths.tolist()
-    return [ids[:length] for ids, length in zip(out.completion_ids.tolist(), lengths, strict=True)]
+    return out.unpadded(out.completion_ids)

@@ -52,6 +52,12 @@ class GenerationOutput:
         """[B] number of generated tokens per row."""
         return self.completion_mask.sum(dim=-1)
 
+    def unpadded(self, values: torch.Tensor) -> list[list]:
+        """The rows of a [B, L] tensor aligned with the completions (`completion_ids`, `logprobs`) as lists, each
+        cut at its completion's end."""
+        lengths = self.completion_lengths.tolist()
+        return [row[:length] for row, length in zip(values.tolist(), lengths, strict=True)]
+
 
 @dataclass
 class _SamplingParams:

@@ -175,10 +175,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         if mode == "train":
             self._rollout_seconds += elapsed
         self._log_rollout(output, elapsed, mode)
-        lengths = output.completion_lengths.tolist()
-        completion_ids = [ids[:n] for ids, n in zip(output.completion_ids.tolist(), lengths, strict=True)]
-        logprobs = [lps[:n] for lps, n in zip(output.logprobs.tolist(), lengths, strict=True)]
-        return completion_ids, logprobs
+        return output.unpadded(output.completion_ids), output.unpadded(output.logprobs)
 
     def _generate_with_vllm(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images):
         """TRL's vLLM generation with the head as vLLM's drafter; acceptance read from vLLM's counters."""

@@ -1,16 +1,16 @@
 """vLLM lane, real model: the shipped SmolLM2 head drafts in vLLM as in the torch engine (`make test-vllm-slow`)."""
 
-import math
-
 import pytest
 import torch
 
 from bebop_trl.embedded import load_smollm2, load_smollm2_head, smollm2_path
 from bebop_trl.modeling.vllm_export import vllm_speculative_config
+from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG
 from bebop_trl.rollout.torch_engine import generate_from_ids
 from bebop_trl.tasks import reasoning_gym_dataset
+from bebop_trl.trainers.mtp_data import prompt_ids_of
 
-from .test_vllm_rollouts import K, vllm_generate
+from .test_vllm_rollouts import K, acceptance_per_position, assert_rates_agree, vllm_generate
 
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -23,11 +23,7 @@ def smollm2():
     """The embedded policy, the shipped head, and held-out prompts of the head's task (both sides stop at EOS)."""
     policy, tokenizer = load_smollm2()
     head = load_smollm2_head(policy)
-    task = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
-    prompts = [
-        list(tokenizer.apply_chat_template(p, add_generation_prompt=True, return_dict=True)["input_ids"])
-        for p in reasoning_gym_dataset("basic_arithmetic", 16, seed=7, **task)["prompt"]
-    ]
+    prompts = prompt_ids_of(reasoning_gym_dataset("basic_arithmetic", 16, seed=7, **DEFAULT_TASK_CONFIG), tokenizer)
     return policy, tokenizer, head, prompts
 
 
@@ -50,10 +46,8 @@ def test_greedy_decoding_emits_and_accepts_as_the_torch_engine(smollm2, make_llm
     llm = smollm2_llm(make_llm, head, head.export_vllm(tmp_path), "greedy")
     completions, counters = vllm_generate(llm, prompts, n=1, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=False)
     output = engine_run(smollm2, "greedy", 0.0, samples=1)
-    lengths = output.completion_lengths.tolist()
-    engine_completions = [ids[:n] for ids, n in zip(output.completion_ids.tolist(), lengths, strict=True)]
-    same = sum(a == b for a, b in zip(completions, engine_completions, strict=True))
-    vllm_rate = torch.tensor(counters.accepted_per_position[:K], dtype=torch.float64) / counters.num_drafts
+    same = sum(a == b for a, b in zip(completions, output.unpadded(output.completion_ids), strict=True))
+    vllm_rate = acceptance_per_position(counters)
     print(
         f"greedy T=0: vLLM {vllm_rate.tolist()}, engine {output.stats.acceptance_per_position.tolist()}, {same} same"
     )
@@ -68,12 +62,9 @@ def test_probabilistic_drafting_accepts_as_the_torch_engine(smollm2, make_llm, t
     samples = 4
     _, counters = vllm_generate(llm, prompts, n=samples, max_tokens=MAX_TOKENS, ignore_eos=False)
     output = engine_run(smollm2, "probabilistic", 1.0, samples)
-    vllm_rate = torch.tensor(counters.accepted_per_position[:K], dtype=torch.float64) / counters.num_drafts
+    vllm_rate = acceptance_per_position(counters)
     engine_rate, engine_drafts = output.stats.acceptance_per_position, output.stats.num_drafts
     print(f"probabilistic T=1: vLLM {vllm_rate.tolist()} ({counters.num_drafts}), engine {engine_rate.tolist()}")
     assert counters.num_drafts > 1000 and engine_drafts > 1000
     assert engine_rate[0] > 0.3
-    for j in range(K):
-        p, q = vllm_rate[j].item(), engine_rate[j].item()
-        standard_error = math.sqrt(p * (1 - p) / counters.num_drafts + q * (1 - q) / engine_drafts)
-        assert abs(p - q) <= 5 * standard_error + 0.01, (j, vllm_rate.tolist(), engine_rate.tolist())
+    assert_rates_agree(vllm_rate, counters.num_drafts, engine_rate, engine_drafts)
