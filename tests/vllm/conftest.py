@@ -1,7 +1,10 @@
 """Fixtures of the vLLM lane (`make test-vllm`): heads trained on the tiny models, exported for vLLM, and engines."""
 
+import contextlib
 import gc
+import inspect
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bebop_trl import MTPConfig, MTPHead, MTPTrainer
 from bebop_trl.modeling.vllm_export import vllm_speculative_config
+from bebop_trl.rollout.vllm_backend import _model_runner
 
 from .vllm_cpu_workaround import rejection_sampler_expand
 
@@ -117,3 +121,26 @@ def _rejection_sampler_workaround():
 def speculative_config(exported_head, draft_sampling: str, k: int = 3) -> dict:
     head, folder = exported_head
     return vllm_speculative_config(head.config, folder, num_speculative_tokens=k, draft_sampling=draft_sampling)
+
+
+@contextlib.contextmanager
+def recorded_draft_calls(llm, monkeypatch) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Within the context every forward of `llm`'s drafter is recorded: `input_ids`, `positions`, `hidden_states`
+    and its output hidden states `out`. The first call of a request runs over its whole prompt and depends on these
+    inputs only, so it can be replayed through the head."""
+    draft_model = _model_runner(llm).get_draft_model()
+    signature, calls = inspect.signature(type(draft_model).forward), []
+
+    def recording_forward(*args, **kwargs):
+        out = type(draft_model).forward(draft_model, *args, **kwargs)
+        inputs = signature.bind(draft_model, *args, **kwargs).arguments
+        hidden = out[0] if isinstance(out, tuple) else out  # EAGLE drafters also return the next step's input
+        calls.append({name: inputs[name].clone() for name in ("input_ids", "positions", "hidden_states")})
+        calls[-1]["out"] = hidden.clone()
+        return out
+
+    monkeypatch.setattr(draft_model, "forward", recording_forward)
+    try:
+        yield calls
+    finally:
+        monkeypatch.undo()

@@ -1,16 +1,13 @@
 """vLLM lane: an `mtp`-layout head (Qwen3-Next, mixture-of-experts layer) runs as vLLM's native MTP drafter."""
 
-import inspect
-
 import pytest
 import torch
 
 from bebop_trl import MTPHead
 from bebop_trl.modeling.vllm_export import vllm_speculative_config
-from bebop_trl.rollout.vllm_backend import _model_runner
 from bebop_trl.testing import char_tokenizer, tiny_causal_lm
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, recorded_draft_calls
 from .test_vllm_rollouts import vllm_generate
 
 
@@ -32,21 +29,9 @@ def test_qwen3_next_mtp_head_drafts_in_vllm_as_exported(make_llm, tmp_path, monk
     llm = make_llm(config, model=str(tmp_path / "policy"), dtype="bfloat16", enable_prefix_caching=False)
     assert llm.llm_engine.vllm_config.speculative_config.method == "mtp"
 
-    draft_model = _model_runner(llm).get_draft_model()
-    signature, calls = inspect.signature(type(draft_model).forward), []
-
-    def recording_forward(*args, **kwargs):
-        out = type(draft_model).forward(draft_model, *args, **kwargs)
-        inputs = signature.bind(draft_model, *args, **kwargs).arguments
-        calls.append(
-            {name: inputs[name].clone() for name in ("input_ids", "positions", "hidden_states")} | {"out": out}
-        )
-        return out
-
-    monkeypatch.setattr(draft_model, "forward", recording_forward)
     prompt = char_tokenizer()(PROMPTS[150] + PROMPTS[151] + PROMPTS[152])["input_ids"]
-    _, counters = vllm_generate(llm, [prompt], n=1, max_tokens=16, temperature=0.0)
-    monkeypatch.undo()
+    with recorded_draft_calls(llm, monkeypatch) as calls:
+        _, counters = vllm_generate(llm, [prompt], n=1, max_tokens=16, temperature=0.0)
     assert counters.num_drafts > 0
 
     # The drafter's first call covers the prompt and depends on its inputs only (vLLM's own target hidden states).

@@ -6,11 +6,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bebop_trl import MTPHead
 from bebop_trl.rollout.torch_engine import generate_from_ids
-from bebop_trl.rollout.vllm_backend import _model_runner
 from bebop_trl.vllm_plugin import EAGLE_DRAFTERS
 
-from .conftest import PROMPTS, speculative_config
-from .test_vllm_rollouts import K, vllm_generate
+from .conftest import PROMPTS, recorded_draft_calls, speculative_config
+from .test_vllm_rollouts import K, acceptance_per_position, vllm_generate
 
 
 pytestmark = pytest.mark.vllm
@@ -32,18 +31,11 @@ def test_qwen_eagle_heads_draft_in_vllm_as_in_the_torch_engine(
 
     # The drafter's first call runs over the whole prompt and depends on its inputs only: its output must be the
     # head's on the same inputs (vLLM's own target hidden states), at every position.
-    draft_model = _model_runner(llm).get_draft_model()
-    calls = []
-
-    def recording_forward(input_ids, positions, hidden_states, inputs_embeds=None):
-        out = type(draft_model).forward(draft_model, input_ids, positions, hidden_states, inputs_embeds)
-        calls.append((input_ids.clone(), positions.clone(), hidden_states.clone(), out[0].clone()))
-        return out
-
-    monkeypatch.setattr(draft_model, "forward", recording_forward)
-    vllm_generate(llm, held_out[:1], n=1, max_tokens=2, temperature=0.0)
-    monkeypatch.undo()
-    input_ids, positions, hidden_states, vllm_out = calls[0]
+    with recorded_draft_calls(llm, monkeypatch) as calls:
+        vllm_generate(llm, held_out[:1], n=1, max_tokens=2, temperature=0.0)
+    input_ids, positions, hidden_states, vllm_out = (
+        calls[0][k] for k in ("input_ids", "positions", "hidden_states", "out")
+    )
     assert input_ids.tolist() == [*held_out[0][1:], input_ids[-1].item()]
     with torch.no_grad():
         expected = head(hidden_states[None], input_ids[None], position_ids=positions[None]).last_hidden_state[0]
@@ -56,7 +48,7 @@ def test_qwen_eagle_heads_draft_in_vllm_as_in_the_torch_engine(
         policy, tokenizer, held_out, head=head, num_speculative_tokens=K, draft_sampling="greedy",
         max_new_tokens=max_tokens, temperature=0.0, eos_token_id=[],  # vLLM side: ignore_eos
     )  # fmt: skip
-    vllm_rate = torch.tensor(counters.accepted_per_position[:K], dtype=torch.float64) / counters.num_drafts
+    vllm_rate = acceptance_per_position(counters)
     engine_rate = output.stats.acceptance_per_position
     same = sum(c == e for c, e in zip(completions, output.completion_ids.tolist(), strict=True))
     print(f"{architecture}: vLLM {vllm_rate.tolist()}, engine {engine_rate.tolist()}, {same}/{len(held_out)} same")

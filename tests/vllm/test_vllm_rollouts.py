@@ -42,6 +42,20 @@ def vllm_generate(
     return completions, SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
 
 
+def acceptance_per_position(counters: SpecDecodeCounters) -> torch.Tensor:
+    """[K] fraction of vLLM's draft cycles whose j-th draft was accepted (as `AcceptanceStats` measures it)."""
+    return torch.tensor(counters.accepted_per_position[:K], dtype=torch.float64) / counters.num_drafts
+
+
+def assert_rates_agree(vllm_rate: torch.Tensor, vllm_drafts: int, engine_rate: torch.Tensor, engine_drafts: int):
+    """Per position, |vLLM - engine| within 5 standard errors + 0.01: acceptance events of one sequence are
+    correlated, hence the wide margin."""
+    for j in range(K):
+        p, q = vllm_rate[j].item(), engine_rate[j].item()
+        standard_error = math.sqrt(p * (1 - p) / vllm_drafts + q * (1 - q) / engine_drafts)
+        assert abs(p - q) <= 5 * standard_error + 0.01, (j, vllm_rate.tolist(), engine_rate.tolist())
+
+
 @pytest.mark.parametrize("draft_sampling", ["probabilistic", "greedy"])
 def test_vllm_acceptance_per_position_matches_the_torch_engine(
     draft_sampling, make_llm, exported_head, tiny_policy, tiny_llama_dir
@@ -52,7 +66,7 @@ def test_vllm_acceptance_per_position_matches_the_torch_engine(
     samples, max_tokens = 4, 32
     llm = make_llm(speculative_config(exported_head, draft_sampling))
     _, counters = vllm_generate(llm, held_out, samples, max_tokens)
-    vllm_rate = torch.tensor(counters.accepted_per_position[:K], dtype=torch.float64) / counters.num_drafts
+    vllm_rate = acceptance_per_position(counters)
 
     output = generate_from_ids(
         tiny_policy,
@@ -69,15 +83,11 @@ def test_vllm_acceptance_per_position_matches_the_torch_engine(
     engine_rate, engine_drafts = output.stats.acceptance_per_position, output.stats.num_drafts
 
     print(f"{draft_sampling}: vLLM {vllm_rate.tolist()} ({counters.num_drafts} cycles), engine {engine_rate.tolist()}")
-    # Both ran a few thousand cycles; acceptance events of one sequence are correlated, hence the wide margin.
     assert counters.num_drafts > 1000 and engine_drafts > 1000
     # Greedy drafts are accepted with probability p(argmax q), low on this high-entropy tiny model at T = 1.
     floor = {"probabilistic": 0.3, "greedy": 0.01}[draft_sampling]
     assert engine_rate[0] > floor, f"too few accepted drafts for the comparison to mean anything: {engine_rate}"
-    for j in range(K):
-        p, q = vllm_rate[j].item(), engine_rate[j].item()
-        standard_error = math.sqrt(p * (1 - p) / counters.num_drafts + q * (1 - q) / engine_drafts)
-        assert abs(p - q) <= 5 * standard_error + 0.01, (j, vllm_rate.tolist(), engine_rate.tolist())
+    assert_rates_agree(vllm_rate, counters.num_drafts, engine_rate, engine_drafts)
 
 
 def test_vllm_speculative_output_is_exact_only_with_the_workaround(

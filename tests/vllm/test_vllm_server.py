@@ -14,7 +14,7 @@ from bebop_trl.rollout.vllm_backend import read_server_counters
 from bebop_trl.vllm_serve import DraftArguments, serve_command
 
 from .conftest import PROMPTS
-from .test_vllm_rollouts import K
+from .test_vllm_rollouts import K, acceptance_per_position
 from .vllm_cpu_workaround import api_server_command
 
 
@@ -74,7 +74,7 @@ def test_server_drafts_with_the_head_and_counts_as_the_torch_engine(server):
         policy, tokenizer, prompts, head=head, num_speculative_tokens=K, draft_sampling="greedy",
         max_new_tokens=max_tokens, temperature=0.0, eos_token_id=[],
     )  # fmt: skip
-    server_rate = torch.tensor(counters.accepted_per_position[:K], dtype=torch.float64) / counters.num_drafts
+    server_rate = acceptance_per_position(counters)
     same = sum(a == b for a, b in zip(completions, output.completion_ids.tolist(), strict=True))
     print(f"server {server_rate.tolist()} ({counters.num_drafts}), engine {output.stats.acceptance_per_position}")
     assert counters.num_drafts > 500 and counters.accepted_per_position[0] > 0
