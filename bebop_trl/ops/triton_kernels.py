@@ -1,8 +1,9 @@
 """Triton tile math for [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] on CUDA.
 
 The tiled engine, the autograd function and the matmuls (cuBLAS) are the PyTorch path's; this module only fuses the
-element-wise work on each [t, v] logits tile into one kernel per sweep, one program per row. Only
-`bebop_trl.ops.mtp_loss` imports it, and only for CUDA inputs, so CPU installs never need Triton.
+element-wise work on each [t, v] float32 logits tile into one kernel per sweep, one program per row. Only
+`bebop_trl.ops.mtp_loss` imports it: for CUDA inputs, or for CPU inputs with `backend="triton"` under Triton's
+interpreter (`TRITON_INTERPRET=1`, read when this module defines the kernels), so CPU installs never need Triton.
 """
 
 import torch
@@ -100,7 +101,7 @@ def _divergence_kernel(
 
 
 class TritonTileMath:
-    """`chunked.TileMath` with fused Triton kernels; needs contiguous CUDA tiles."""
+    """`chunked.TileMath` with fused Triton kernels for contiguous float32 tiles (CPU ones under the interpreter)."""
 
     def online_lse(self, zq: torch.Tensor, zp: torch.Tensor, state: torch.Tensor, workspace: Workspace) -> None:
         n_rows, n_cols = zq.shape

@@ -1,9 +1,6 @@
 import importlib.util
 import os
-import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,11 +8,11 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.overrides import TorchFunctionMode
 
 from bebop_trl.ops import MTPLoss, MTPLossOutput, mtp_loss
+from bebop_trl.ops.chunked import compute_dtype
 from bebop_trl.ops.reference import mtp_loss_reference
 
 
 LOSS_TYPES = ["ce", "kl", "rkl", "tv", "e2e_tv"]
-REPO_ROOT = Path(__file__).resolve().parents[2]
 # The module, not the function of the same name that `bebop_trl.ops` exports.
 mtp_loss_module = importlib.import_module("bebop_trl.ops.mtp_loss")
 
@@ -77,16 +74,23 @@ CASES = {
     "five-steps-hot": (5, 6, 12, 129, [5, 4, 3, 2, 1, 5], 1.5, 4, 128),
     "all-but-one-masked": (4, 5, 8, 70, [1, 0, 0, 0, 0], 1.0, 2, 32),
     "one-tile": (2, 9, 8, 64, None, 2.0, 64, 64),
+    # A vocabulary tile wider than the Triton kernels' 4096-column blocks, so that each program loops over its row.
+    "wider-than-a-block": (2, 3, 8, 5000, [2, 1, 0], 0.9, 2, 8192),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_matches_reference_fp32(loss_type, case):
+def check_matches_reference_fp32(loss_type: str, case: str, backend: str = "auto", device: str = "cpu") -> None:
+    """Runs `CASES[case]` through `mtp_loss` and the reference in float32 and compares values and gradients."""
     num_steps, num_positions, hidden, vocab, lengths, temperature, token_tile, vocab_tile = CASES[case]
-    inputs = make_inputs(num_steps, num_positions, hidden, vocab, lengths=lengths)
+    inputs = to_device(make_inputs(num_steps, num_positions, hidden, vocab, lengths=lengths), device)
     out, grad = run(
-        mtp_loss, inputs, loss_type=loss_type, temperature=temperature, token_tile=token_tile, vocab_tile=vocab_tile
+        mtp_loss,
+        inputs,
+        loss_type=loss_type,
+        temperature=temperature,
+        token_tile=token_tile,
+        vocab_tile=vocab_tile,
+        backend=backend,
     )
     ref, ref_grad = run(mtp_loss_reference, inputs, loss_type=loss_type, temperature=temperature)
     assert_close_outputs(out, ref, atol=1e-5)
@@ -94,11 +98,14 @@ def test_matches_reference_fp32(loss_type, case):
     assert ref_grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_half_precision_matches_fp32_reference(loss_type, dtype):
-    inputs = make_inputs(3, 20, 16, 200, dtype=dtype, lengths=[3, 2, 1, 0] * 5, seed=1)
-    out, grad = run(mtp_loss, inputs, loss_type=loss_type, temperature=0.8, token_tile=8, vocab_tile=64)
+def check_half_precision_matches_fp32_reference(
+    loss_type: str, dtype: torch.dtype, backend: str = "auto", device: str = "cpu"
+) -> None:
+    """Runs `mtp_loss` on `dtype` inputs and the reference on the same values in float32, and compares them."""
+    inputs = to_device(make_inputs(3, 20, 16, 200, dtype=dtype, lengths=[3, 2, 1, 0] * 5, seed=1), device)
+    out, grad = run(
+        mtp_loss, inputs, loss_type=loss_type, temperature=0.8, token_tile=8, vocab_tile=64, backend=backend
+    )
     # The reference runs in float32 on the same rounded values, so only the output rounding differs.
     fp32_inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
     ref, ref_grad = run(mtp_loss_reference, fp32_inputs, loss_type=loss_type, temperature=0.8)
@@ -107,6 +114,22 @@ def test_half_precision_matches_fp32_reference(loss_type, dtype):
     # Tile math is float32, so values match as tightly as in float32; the gradient is rounded to `dtype` once.
     assert_close_outputs(out, ref, atol=1e-5)
     assert_grad_close(grad, ref_grad, rel=1e-2)
+
+
+def to_device(inputs: dict, device: str) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_matches_reference_fp32(loss_type, case):
+    check_matches_reference_fp32(loss_type, case)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_half_precision_matches_fp32_reference(loss_type, dtype):
+    check_half_precision_matches_fp32_reference(loss_type, dtype)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -262,7 +285,6 @@ def test_memory_stays_within_a_tile():
         ({"temperature": float("nan")}, "temperature must be"),
         ({"token_tile": 0}, "must be positive"),
         ({"backend": "cuda"}, "Unknown backend"),
-        ({"backend": "triton"}, 'backend="triton" needs CUDA'),
     ],
 )
 def test_bad_input_raises(change, message):
@@ -272,12 +294,21 @@ def test_bad_input_raises(change, message):
         mtp_loss(**arguments)
 
 
-def test_cpu_inputs_use_torch_path_without_importing_triton(monkeypatch):
-    # Pretend Triton is installed: CPU inputs must still take the PyTorch path and leave the kernels unimported.
+def pretend_triton_is_installed(monkeypatch, installed: bool = True) -> None:
+    """Makes `importlib.util.find_spec("triton")` answer as if Triton were (or were not) installed."""
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real_find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if installed else None) if name == "triton" else real_find_spec(name, *a),
     )
+
+
+def test_cpu_inputs_use_torch_path_without_importing_triton(monkeypatch):
+    # Even with Triton installed and its interpreter on, "auto" keeps CPU inputs on the PyTorch path and leaves the
+    # kernels unimported.
+    pretend_triton_is_installed(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delitem(sys.modules, "bebop_trl.ops.triton_kernels", raising=False)
     select = mtp_loss_module._select_backend
     assert select("auto", torch.device("cpu"), torch.float32) == "torch"
@@ -289,51 +320,87 @@ def test_cpu_inputs_use_torch_path_without_importing_triton(monkeypatch):
 
 
 def test_auto_backend_without_triton_is_torch(monkeypatch):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
-    )
+    pretend_triton_is_installed(monkeypatch, installed=False)
     assert mtp_loss_module._select_backend("auto", torch.device("cuda"), torch.float32) == "torch"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
-def test_triton_tile_math_matches_torch_in_interpreter():
-    # The Triton interpreter runs the kernels on CPU tensors; it must be enabled before the kernels are defined.
-    script = textwrap.dedent(
-        """
-        import torch
-        from bebop_trl.ops.chunked import TorchTileMath, tiled_divergence
-        from bebop_trl.ops.triton_kernels import TritonTileMath
-
-        generator = torch.Generator().manual_seed(0)
-        draft, target = torch.randn(2, 19, 8, generator=generator)
-        weight = torch.randn(70, 8, generator=generator) * 0.7
-        labels = torch.randint(70, (19,), generator=generator)
-        for loss_type in ("ce", "kl", "rkl", "tv", "e2e_tv"):
-            kwargs = dict(loss_type=loss_type, temperature=0.8, token_tile=8, vocab_tile=32, need_grad=True)
-            args = (draft, target, weight, labels if loss_type == "ce" else None)
-            expected = tiled_divergence(*args, tile_math=TorchTileMath(), **kwargs)
-            actual = tiled_divergence(*args, tile_math=TritonTileMath(), **kwargs)
-            for a, e in zip(actual, expected, strict=True):
-                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
-        """
-    )
-    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": pythonpath}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    pretend_triton_is_installed(monkeypatch)
+    select = mtp_loss_module._select_backend
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"with Triton's interpreter \(TRITON_INTERPRET=1"):
+        select("triton", torch.device("cpu"), torch.float32)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert select("triton", torch.device("cpu"), torch.float32) == "triton"
+    pretend_triton_is_installed(monkeypatch, installed=False)
+    with pytest.raises(ValueError, match="needs the triton package"):
+        select("triton", torch.device("cpu"), torch.float32)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_triton_backend_takes_float32_and_half_inputs_but_not_float64(monkeypatch, device, dtype):
+    pretend_triton_is_installed(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tile_dtype = compute_dtype(torch.empty(0, dtype=dtype))
+    if dtype == torch.float64:
+        with pytest.raises(ValueError, match=r"float32, bfloat16 or float16 \(not float64\)"):
+            mtp_loss_module._select_backend("triton", torch.device(device), tile_dtype)
+    else:
+        assert mtp_loss_module._select_backend("triton", torch.device(device), tile_dtype) == "triton"
+
+
+def test_triton_backend_rejects_float64_inputs_before_importing_triton(monkeypatch):
+    pretend_triton_is_installed(monkeypatch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delitem(sys.modules, "bebop_trl.ops.triton_kernels", raising=False)
+    with pytest.raises(ValueError, match="not float64"):
+        mtp_loss(**make_inputs(2, 3, 8, 20, dtype=torch.float64, seed=15), loss_type="tv", backend="triton")
+    assert "bebop_trl.ops.triton_kernels" not in sys.modules
+
+
+# The Triton kernels on CPU tensors under Triton's interpreter (make test-triton), and on CUDA (make test-gpu).
+TRITON_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.triton, id="interpreter"),
+    pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+]
+# Out-of-row lanes of a kernel block compute -inf - (-inf) = NaN before they are masked out; on CPU the interpreter
+# runs the kernels with numpy, which warns about it.
+ignore_masked_lane_nan = pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+
+
+def require_triton(device: str) -> None:
+    """Skips unless the Triton kernels can run on `device`, or fails if BEBOP_TRL_REQUIRE_TRITON=1.
+
+    `make test-triton` sets BEBOP_TRL_REQUIRE_TRITON=1, so that a lane whose kernels never ran fails instead of
+    passing on skips.
+    """
+    if importlib.util.find_spec("triton") is None:
+        reason = "needs the triton package (make test-triton installs it)"
+    elif device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        reason = "needs Triton's interpreter on CPU: TRITON_INTERPRET=1 in the environment (make test-triton sets it)"
+    elif device == "cuda" and not torch.cuda.is_available():
+        reason = "needs a CUDA device"
+    else:
+        return
+    if os.environ.get("BEBOP_TRL_REQUIRE_TRITON") == "1":
+        pytest.fail(f"BEBOP_TRL_REQUIRE_TRITON=1 but this test {reason}")
+    pytest.skip(reason)
+
+
+@ignore_masked_lane_nan
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_triton_backend_matches_reference_on_cuda(loss_type):
-    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
-        pytest.skip("needs CUDA and triton")
-    inputs = make_inputs(3, 40, 64, 1000, dtype=torch.bfloat16, lengths=[3, 2, 1, 0] * 10, seed=14)
-    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}
-    inputs["draft_hidden"] = inputs["draft_hidden"].detach().requires_grad_()
-    out, grad = run(mtp_loss, inputs, loss_type=loss_type, backend="triton", token_tile=32, vocab_tile=256)
-    fp32_inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-    ref, ref_grad = run(mtp_loss_reference, fp32_inputs, loss_type=loss_type)
-    assert_close_outputs(out, ref, atol=1e-4)
-    assert_grad_close(grad, ref_grad, rel=1e-2)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_backend_matches_reference_fp32(device, loss_type, case):
+    require_triton(device)
+    check_matches_reference_fp32(loss_type, case, backend="triton", device=device)
+
+
+@ignore_masked_lane_nan
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_backend_half_precision_matches_fp32_reference(device, loss_type, dtype):
+    require_triton(device)
+    check_half_precision_matches_fp32_reference(loss_type, dtype, backend="triton", device=device)
