@@ -2,12 +2,15 @@
 
 import math
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
 from datasets import Dataset
+from huggingface_hub import CommitInfo
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -18,9 +21,11 @@ from transformers import (
     Trainer,
 )
 from transformers.trainer_callback import TrainerCallback
+from transformers.trainer_utils import HubStrategy, SaveStrategy
+from transformers.utils import PushInProgress, hf_api
 
 from ..modeling import MTPHead
-from ..modeling.hub import WEIGHTS_NAME, head_model_card, load_tensors
+from ..modeling.hub import CONFIG_NAME, MODEL_CARD_NAME, WEIGHTS_NAME, head_model_card, load_tensors
 from ..modeling.teacher_forcing import (
     completion_token_mask,
     drafting_slots,
@@ -32,6 +37,11 @@ from ..rollout.torch_engine import generate_from_ids
 from ..speculative import DRAFT_SAMPLING_MODES
 from .mtp_config import MTPConfig
 from .mtp_data import PROMPT_LENGTH, needs_self_distillation, prompt_ids_of, self_distill, tokenize_dataset
+
+
+TRAINING_ARGS_NAME = "training_args.json"
+# Everything a head repo holds: what `save_model` writes and the only files a push uploads.
+HEAD_REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, TRAINING_ARGS_NAME)
 
 
 class MTPTrainingModule(nn.Module):
@@ -109,7 +119,9 @@ class MTPTrainer(Trainer):
     forward for the hidden states; the head is unrolled `num_mtp_steps` steps along the sequence with teacher
     forcing, and [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] gives the loss and the per-step acceptance 1 - TV. Evaluation
     adds the acceptance measured with the real [`SpeculativeGenerator`][bebop_trl.SpeculativeGenerator] on held-out
-    prompts, in both drafting modes. Checkpoints hold the head only (an adapter repo) plus the trainer state.
+    prompts, in both drafting modes. `save_model` writes the head only, as an adapter repo (`config.json`,
+    `model.safetensors`, `README.md`, `training_args.json`; no pickle), and `push_to_hub` uploads just these files;
+    checkpoints add the trainer state.
 
     Args:
         model: The policy: a model or the folder / Hub id of one.
@@ -353,12 +365,22 @@ class MTPTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------ checkpoints
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Saves the head only (an adapter repo with its model card) and the training arguments."""
+        """Saves the head (an adapter repo with its model card) and the training arguments as JSON.
+
+        Unlike `Trainer._save`, nothing here is a pickle (`training_args.bin`) and the tokenizer is not saved: a head
+        is loaded onto its policy and uses the policy's tokenizer. The files written are exactly `HEAD_REPO_FILES`.
+
+        Args:
+            output_dir: Folder to write (default: `args.output_dir`).
+            state_dict: Ignored: the head saves its own weights, never the frozen policy's.
+        """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
         self.head.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        # to_json_string masks the Hub token, so the file can be published with the head.
+        with open(os.path.join(output_dir, TRAINING_ARGS_NAME), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string() + "\n")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         self.head.load_head_state_dict(
@@ -372,7 +394,118 @@ class MTPTrainer(Trainer):
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Writes the head's model card (recipe and measured acceptance) into `output_dir`."""
         if self.is_world_process_zero():
-            head_model_card(self.head.config).save(os.path.join(self.args.output_dir, "README.md"))
+            head_model_card(self.head.config).save(os.path.join(self.args.output_dir, MODEL_CARD_NAME))
+
+    # ------------------------------------------------------------------------------------------------------- Hub
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> CommitInfo | Future | None:
+        """Saves the head into `output_dir` and uploads it to `args.hub_model_id`: the head repo files only.
+
+        As `Trainer.push_to_hub` (the repo is created if needed, an ongoing checkpoint push is awaited), except that
+        only `config.json`, `model.safetensors`, `README.md` and `training_args.json` are uploaded, whatever else
+        `output_dir` holds: `Trainer` uploads the whole folder, where checkpoints, logs, tokenizer files or a
+        `training_args.bin` pickle left by other tools would go along.
+
+        Args:
+            commit_message: Message of the commit.
+            blocking: Return only when the upload has finished; otherwise return a `Future` of it.
+            token: Hub token with write access (default: `args.hub_token`).
+            revision: Branch to push to (default: `args.hub_revision`).
+            private: Create the repo as private (default: `args.hub_private_repo`; ignored if it exists).
+            **kwargs: Passed to [`create_model_card`][bebop_trl.MTPTrainer.create_model_card], as in `Trainer`.
+
+        Returns:
+            The commit on the Hub, or a `Future` of it when `blocking=False`; None on processes other than the
+            main one.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        # Every process takes part in saving (collective gathers under some backends); only the main one uploads.
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        self._finish_current_push()
+        return hf_api().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=self.args.output_dir,
+            commit_message=commit_message,
+            token=token,
+            run_as_future=not blocking,
+            allow_patterns=list(HEAD_REPO_FILES),
+            revision=revision if revision is not None else self.args.hub_revision,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Pushes the head of a checkpoint just saved, when `push_to_hub` is set and `hub_strategy` is not "end".
+
+        Replaces `Trainer._push_from_checkpoint`, which re-saves the tokenizer and pickles the training arguments
+        (`training_args.bin`) into `output_dir`, then uploads that whole folder. Here the head repo files are copied
+        from the checkpoint into `output_dir` and only they are uploaded, in the background as in `Trainer`. With
+        `hub_strategy` "checkpoint" or "all_checkpoints" the checkpoint folder itself, with the optimizer, scheduler
+        and RNG state that resuming needs, still goes to `last-checkpoint/` or `checkpoint-N/` in the repo, as
+        transformers does: a head loaded from the repo reads only its root files.
+
+        Args:
+            checkpoint_folder: The `checkpoint-N` folder just written.
+        """
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        # As in Trainer: pushes do not pile up behind a slow upload unless `hub_always_push` asks for every one.
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        output_dir = self.args.output_dir
+        # The upload runs in the background: from a copy, since checkpoint rotation may delete the folder meanwhile.
+        for name in HEAD_REPO_FILES:
+            if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(output_dir, name))
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            commit_message = f"Training in progress, step {self.state.global_step}"
+        else:
+            commit_message = f"Training in progress, epoch {int(self.state.epoch)}"
+        push_jobs = [
+            hf_api().upload_folder(
+                repo_id=self.hub_model_id,
+                folder_path=output_dir,
+                commit_message=commit_message,
+                token=self.args.hub_token,
+                run_as_future=True,
+                allow_patterns=list(HEAD_REPO_FILES),
+                revision=self.args.hub_revision,
+            )
+        ]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = (
+                "last-checkpoint"
+                if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                else os.path.basename(checkpoint_folder)
+            )
+            push_jobs.append(
+                hf_api().upload_folder(
+                    repo_id=self.hub_model_id,
+                    folder_path=checkpoint_folder,
+                    path_in_repo=path_in_repo,
+                    commit_message=commit_message + ", checkpoint",
+                    token=self.args.hub_token,
+                    run_as_future=True,
+                    revision=self.args.hub_revision,
+                )
+            )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(push_jobs)
+        else:
+            self.push_in_progress.jobs.extend(push_jobs)
 
 
 def _recipe(args: MTPConfig) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -131,6 +132,29 @@ def test_save_load_is_bit_exact(load_tiny, tmp_path, dtype, tokens):
     assert config["hidden_size"] == 64 and config["vocab_size"] == 128
     assert config["base_architecture"] == "LlamaForCausalLM"
     assert config["recipe"] == {"loss_type": "e2e_tv", "steps": 10}
+
+
+def test_loading_a_head_never_unpickles(load_tiny, tmp_path, monkeypatch):
+    policy = load_tiny("llama")
+    trained = MTPHead.from_model(policy)
+    trained.save_pretrained(tmp_path / "head")
+    # Pickles beside the head, as older trainers and tools leave them, must not be read.
+    torch.save({"args": 1}, tmp_path / "head" / "training_args.bin")
+    torch.save(trained.state_dict(), tmp_path / "head" / "pytorch_model.bin")
+    save_native_mtp_checkpoint(tmp_path / "qwen35")
+    native_policy = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen35").eval()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a head unpickled a file")
+
+    for target in (torch, pickle):
+        monkeypatch.setattr(target, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    loaded = MTPHead.from_pretrained(tmp_path / "head", policy=policy)
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    MTPHead.from_native(tmp_path / "qwen35", policy=native_policy)
 
 
 def test_model_card_has_hub_metadata_and_recipe(load_tiny, tmp_path):

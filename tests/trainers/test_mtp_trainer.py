@@ -1,10 +1,12 @@
 import json
 import os
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from transformers import AutoTokenizer, TrainerCallback
 
 from bebop_trl import MTPConfig, MTPHead, MTPTrainer
@@ -19,6 +21,69 @@ from bebop_trl.ops import mtp_loss
 from bebop_trl.trainers import mtp_data
 from bebop_trl.trainers.mtp_config import LOSS_TYPES
 from bebop_trl.trainers.mtp_data import self_distill, tokenize_dataset
+
+
+HEAD_REPO_FILES = ["README.md", "config.json", "model.safetensors", "training_args.json"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def is_pickle(path: Path) -> bool:
+    """Whether a file is, or may be, a pickle: by its name, or by its first bytes."""
+    if path.suffix in PICKLE_SUFFIXES:
+        return True
+    if path.suffix == ".safetensors":
+        # Its first 8 bytes are a header length, which may begin with any byte: read it as safetensors instead.
+        try:
+            load_tensors(str(path))
+        except OSError:
+            return True
+        return False
+    # A bare pickle starts with the PROTO opcode; torch.save writes a zip archive holding data.pkl.
+    magic = path.read_bytes()[:4]
+    return magic.startswith(b"\x80") or magic == b"PK\x03\x04"
+
+
+class FakeHub:
+    """Stands in for `hf_api()`: records what each `upload_folder` would upload, filtering the folder as
+    huggingface_hub does, at the time of the call (pushes during training run in the background there)."""
+
+    def __init__(self):
+        self.created = []
+        self.uploads = []
+
+    def create_repo(self, repo_id, *, token=None, private=None, exist_ok=False):
+        self.created.append(repo_id)
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
+        present = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).glob("**/*") if p.is_file()]
+        files = sorted(
+            filter_repo_objects(
+                present, allow_patterns=allow_patterns, ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS
+            )
+        )
+        upload = dict(kwargs, repo_id=repo_id, files=files)
+        upload["pickles"] = [name for name in files if is_pickle(Path(folder_path, name))]
+        if "README.md" in files:
+            upload["card"] = Path(folder_path, "README.md").read_text()
+        if "model.safetensors" in files:
+            upload["weights"] = load_tensors(os.path.join(folder_path, "model.safetensors"))
+        self.uploads.append(upload)
+        if kwargs.get("run_as_future"):
+            future = Future()
+            future.set_result("commit")
+            return future
+        return "commit"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> FakeHub:
+    hub = FakeHub()
+    # Trainer.init_hf_repo creates the repo through transformers' hf_api; MTPTrainer uploads through its own import.
+    monkeypatch.setattr("transformers.trainer.hf_api", lambda: hub)
+    monkeypatch.setattr("bebop_trl.trainers.mtp_trainer.hf_api", lambda: hub)
+    return hub
 
 
 def config(tmp_path, **overrides) -> MTPConfig:
@@ -163,7 +228,7 @@ def test_resume_gives_the_same_head_as_an_uninterrupted_run(load_tiny, tokenizer
         "rng_state.pth",
         "scheduler.pt",
         "trainer_state.json",
-        "training_args.bin",
+        "training_args.json",
     ]
     stored = load_tensors(str(checkpoint / "model.safetensors"))
     assert stored.keys() == interrupted.head.state_dict().keys(), "a checkpoint holds the head only"
@@ -182,16 +247,24 @@ def test_resume_gives_the_same_head_as_an_uninterrupted_run(load_tiny, tokenizer
 
 def test_final_save_is_an_adapter_with_recipe_and_measured_acceptance(load_tiny, tokenizer, distilled, tmp_path):
     policy = load_tiny("llama")
-    trainer = MTPTrainer(policy, config(tmp_path, max_steps=2), distilled, distilled.select(range(4)), tokenizer)
+    args = config(tmp_path, max_steps=2, hub_token="hf_secret")
+    trainer = MTPTrainer(policy, args, distilled, distilled.select(range(4)), tokenizer)
     trainer.train()
     trainer.evaluate()
     trainer.save_model()
+    # The head repo and nothing else: no tokenizer, no training_args.bin.
+    assert sorted(os.listdir(tmp_path)) == HEAD_REPO_FILES
+    assert not [name for name in os.listdir(tmp_path) if is_pickle(tmp_path / name)]
     trainer.create_model_card()
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["recipe"]["loss_type"] == "e2e_tv" and saved["recipe"]["num_mtp_steps"] == 3
     assert 0.0 <= saved["metrics"]["measured_acceptance_probabilistic"] <= 1.0
     card = (tmp_path / "README.md").read_text()
     assert "| loss_type | e2e_tv |" in card and "measured_acceptance_greedy" in card
+    training_args = (tmp_path / "training_args.json").read_text()
+    assert "hf_secret" not in training_args
+    assert json.loads(training_args) == json.loads(args.to_json_string())
+    assert json.loads(training_args)["hub_token"] == "<HUB_TOKEN>"
     head = MTPHead.from_pretrained(tmp_path, policy=policy)
     for name, tensor in trainer.head.state_dict().items():
         assert torch.equal(head.state_dict()[name], tensor)
@@ -289,28 +362,79 @@ def test_tokenize_formats(tokenizer):
     assert truncated["input_ids"] == [tokenizer("abcd")["input_ids"]], "truncated, and 1-token rows dropped"
 
 
-def test_push_to_hub_uploads_the_head_and_its_card(load_tiny, tokenizer, distilled_train, tmp_path, monkeypatch):
-    uploaded = {}
-
-    class FakeApi:
-        def upload_folder(self, *, repo_id, folder_path, **kwargs):
-            uploaded["repo_id"] = repo_id
-            uploaded["files"] = sorted(os.listdir(folder_path))
-            uploaded["card"] = Path(folder_path, "README.md").read_text()
-            uploaded["weights"] = load_tensors(os.path.join(folder_path, "model.safetensors"))
-            return "commit"
-
-    monkeypatch.setattr("transformers.trainer.hf_api", lambda: FakeApi())
+def test_push_to_hub_uploads_the_head_and_its_card(load_tiny, tokenizer, distilled_train, tmp_path, fake_hub):
     trainer = MTPTrainer(
-        load_tiny("llama"), config(tmp_path, max_steps=1), distilled_train, processing_class=tokenizer
+        load_tiny("llama"), config(tmp_path, max_steps=1, hub_token="t"), distilled_train, processing_class=tokenizer
     )
     trainer.train()
+    # Files other tools leave in output_dir never reach the head repo.
+    tokenizer.save_pretrained(tmp_path)
+    torch.save(trainer.args, tmp_path / "training_args.bin")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "events.out").write_text("logs")
     trainer.hub_model_id = "org/tiny-head"  # as init_hf_repo sets it when push_to_hub=True
-    assert trainer.push_to_hub() == "commit"
-    assert uploaded["repo_id"] == "org/tiny-head"
-    assert {"README.md", "config.json", "model.safetensors"} <= set(uploaded["files"])
-    assert "library_name: bebop-trl" in uploaded["card"] and "| loss_type | e2e_tv |" in uploaded["card"]
-    assert uploaded["weights"].keys() == trainer.head.state_dict().keys()
+    assert trainer.push_to_hub(revision="dev") == "commit"
+    (upload,) = fake_hub.uploads
+    assert upload["repo_id"] == "org/tiny-head"
+    assert upload["files"] == HEAD_REPO_FILES
+    assert upload["pickles"] == []
+    assert upload["commit_message"] == "End of training" and upload["token"] == "t" and upload["revision"] == "dev"
+    assert upload["run_as_future"] is False
+    assert "library_name: bebop-trl" in upload["card"] and "| loss_type | e2e_tv |" in upload["card"]
+    assert upload["weights"].keys() == trainer.head.state_dict().keys()
+    assert fake_hub.created == [], "the repo id was already set"
+
+
+@pytest.mark.parametrize("hub_strategy", ["every_save", "checkpoint"])
+def test_push_during_training_uploads_the_head_only(
+    hub_strategy, load_tiny, tokenizer, distilled_train, tmp_path, fake_hub
+):
+    args = config(
+        tmp_path,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        push_to_hub=True,
+        hub_model_id="org/tiny-head",
+        hub_strategy=hub_strategy,
+        hub_token="t",
+        hub_revision="dev",
+    )
+    trainer = MTPTrainer(load_tiny("llama"), args, distilled_train, processing_class=tokenizer)
+    assert fake_hub.created == ["org/tiny-head"]
+    trainer.train()
+    trainer.push_to_hub()
+
+    head_pushes = [u for u in fake_hub.uploads if u.get("path_in_repo") is None]
+    assert [u["commit_message"] for u in head_pushes] == [
+        "Training in progress, step 1",
+        "Training in progress, step 2",
+        "End of training",
+    ]
+    for upload in head_pushes:
+        assert upload["repo_id"] == "org/tiny-head" and upload["token"] == "t" and upload["revision"] == "dev"
+        assert upload["files"] == HEAD_REPO_FILES, upload["commit_message"]
+        assert upload["pickles"] == [], upload["commit_message"]
+    assert [u["run_as_future"] for u in head_pushes] == [True, True, False]
+    # The last push during training and the final one carry the trained head.
+    for upload in head_pushes[1:]:
+        assert upload["weights"].keys() == trainer.head.state_dict().keys()
+        for name, tensor in trainer.head.state_dict().items():
+            assert torch.equal(upload["weights"][name], tensor), name
+
+    checkpoint_pushes = [u for u in fake_hub.uploads if u.get("path_in_repo") is not None]
+    if hub_strategy == "every_save":
+        assert checkpoint_pushes == []
+    else:
+        # The resumable checkpoint (trainer state included) goes to its own folder of the repo, as in transformers.
+        assert [u["path_in_repo"] for u in checkpoint_pushes] == ["last-checkpoint", "last-checkpoint"]
+        assert [u["commit_message"] for u in checkpoint_pushes] == [
+            "Training in progress, step 1, checkpoint",
+            "Training in progress, step 2, checkpoint",
+        ]
+        assert set(HEAD_REPO_FILES) < set(checkpoint_pushes[-1]["files"])
+    # What transformers would have written into output_dir during the pushes is not there.
+    assert not {"training_args.bin", "tokenizer.json", "tokenizer_config.json"} & set(os.listdir(tmp_path))
 
 
 def test_kl_warm_start_trains_the_first_steps_with_kl(load_tiny, tokenizer, distilled_train, tmp_path):
