@@ -42,6 +42,38 @@ def main(argv: list[str] | None = None) -> int:
         "threads than cores can be faster.",
     )
 
+    verify = commands.add_parser(
+        "verify-engine",
+        help="Check that speculative sampling follows the policy's law (chi-square test on a tiny policy) and that "
+        "the returned sampling log-probs are the policy's, on the torch engine and the installed vLLM; exits 1 if "
+        "any case fails.",
+    )
+    verify.add_argument(
+        "--engine",
+        choices=("torch", "vllm", "all"),
+        default=None,
+        help="Engine to check (default: the torch engine, and vLLM if it is installed).",
+    )
+    verify.add_argument("--samples", type=int, default=8000, help="Completions sampled per case.")
+    verify.add_argument(
+        "--temperatures", type=float, nargs="+", default=[1.0, 0.7], help="Sampling temperatures to check."
+    )
+    verify.add_argument(
+        "--draft-sampling",
+        choices=("probabilistic", "greedy"),
+        nargs="+",
+        default=["probabilistic", "greedy"],
+        help="Drafting modes to check.",
+    )
+    verify.add_argument(
+        "--no-vllm-shims",
+        action="store_true",
+        help="Check the vLLM build as installed, without bebop-trl's fixes for builds known to sample the wrong law.",
+    )
+    verify.add_argument("--alpha", type=float, default=1e-3, help="A case fails when its p-value is at most this.")
+    verify.add_argument("--seed", type=int, default=0, help="Seed of the sampling.")
+    verify.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+
     commands.add_parser(
         "vllm-serve",
         add_help=False,
@@ -55,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         vllm_serve(argv[1:])
         return 0
     args = parser.parse_args(argv)
+    if args.command == "verify-engine":
+        return _verify_engine(args)
     if args.command == "quickstart":
         import torch
 
@@ -71,6 +105,32 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     return 0
+
+
+def _verify_engine(args) -> int:
+    import importlib.util
+
+    from .verification import format_table, verify_engine, write_json
+
+    if args.engine is None:
+        engines = ["torch"] + (["vllm"] if importlib.util.find_spec("vllm") is not None else [])
+    else:
+        engines = ["torch", "vllm"] if args.engine == "all" else [args.engine]
+    checks = verify_engine(
+        engines,
+        num_samples=args.samples,
+        temperatures=args.temperatures,
+        draft_sampling_modes=args.draft_sampling,
+        vllm_shims=not args.no_vllm_shims,
+        alpha=args.alpha,
+        seed=args.seed,
+    )
+    print(format_table(checks))
+    if args.json:
+        write_json(checks, args.json)
+    failed = [c for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} of {len(checks)} cases passed.")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

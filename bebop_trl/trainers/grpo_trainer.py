@@ -28,8 +28,10 @@ from ..rollout.vllm_backend import (
     speculative_llm,
     sync_colocated_policy,
 )
+from ..rollout.vllm_exactness import VLLMExactness, guard_vllm_exactness
 from ..speculative import AcceptanceStats, GenerationOutput
 from ..speculative.engine import eval_mode
+from ..speculative.exactness import completion_logprobs
 from .acceptance_fit import AcceptanceEntropyFit
 from .grpo_config import BebopGRPOConfig
 
@@ -85,6 +87,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else model.config.name_or_path
             args = BebopGRPOConfig(f"{os.path.basename(str(name).rstrip('/')) or 'policy'}-GRPO")
         self._vllm_rollouts = getattr(args, "rollout_backend", "torch") == "vllm"
+        self._vllm_exactness = _guard_vllm(args) if self._vllm_rollouts else None
         self._vllm_speculative_config = None
         if self._vllm_rollouts and (head is not None or args.mtp_head is not None):
             self._vllm_speculative_config = _export_vllm_draft(model, args, head)
@@ -186,6 +189,8 @@ class BebopGRPOTrainer(GRPOTrainer):
         completion_ids, logprobs = super()._generate_single_turn(
             prompt_ids, images, multimodal_fields, num_generations, has_tool_images
         )
+        if logprobs is not None and self._vllm_exactness is not None and self._vllm_exactness.logprobs_ok is False:
+            logprobs = self._policy_logprobs(prompt_ids, completion_ids)
         elapsed = time.perf_counter() - started
         if mode == "train":
             self._rollout_round += 1
@@ -207,6 +212,27 @@ class BebopGRPOTrainer(GRPOTrainer):
                 torch.tensor([float(round_counts.num_draft_tokens)], dtype=torch.float64),
             )
         return completion_ids, logprobs
+
+    def _policy_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """The sampling log-probs of vLLM's completions, recomputed with the policy (for a build whose own are
+        wrong): vLLM's copy of the policy holds the same weights, so these are the log-probs it sampled from."""
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+            ) as policy,
+            eval_mode(policy),
+        ):
+            return completion_logprobs(
+                policy,
+                prompt_ids,
+                completion_ids,
+                temperature=self.temperature,
+                top_k=self.top_k or 0,
+                top_p=self.top_p,
+                batch_size=self.args.per_device_train_batch_size,
+            )
 
     def _read_vllm_counters(self) -> SpecDecodeCounters:
         generation = self.vllm_generation
@@ -635,6 +661,23 @@ def _prompt_and_completion(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.T
     """`input_ids` and `attention_mask` of a scored GRPO batch's prompts followed by their completions."""
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     return input_ids, torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+
+
+def _guard_vllm(args: GRPOConfig) -> VLLMExactness | None:
+    """The exactness guard of vLLM rollouts (see [`guard_vllm_exactness`][bebop_trl.rollout.vllm_exactness.guard_vllm_exactness]).
+
+    In colocate mode every process applies the fixes of its own engine; the local main process runs the self-test
+    first, so the others read its cached result. In server mode the engine is the server's, which
+    `bebop-trl vllm-serve` guards.
+    """
+    from accelerate import PartialState
+
+    if not isinstance(args, BebopGRPOConfig) or args.vllm_mode != "colocate":
+        return None
+    with PartialState().local_main_process_first():
+        return guard_vllm_exactness(
+            apply_shims=args.vllm_compat_shims, self_test=args.vllm_self_test, allow_inexact=args.vllm_allow_inexact
+        )
 
 
 def _export_vllm_draft(model: Any, args: BebopGRPOConfig, head: MTPHead | None) -> dict[str, Any]:

@@ -4,7 +4,8 @@ vLLM runs an eagle-layout head as `Eagle<Architecture>` (the policy's architectu
 ships that class for Llama only. This plugin registers drafters built from vLLM's own Qwen2 and Qwen3 decoder
 layers, so that a head trained on such a policy runs in vLLM exactly as it was trained. vLLM calls
 [`register`][bebop_trl.vllm_plugin.register] in every process through the `vllm.general_plugins` entry point of
-this package; nothing needs importing by hand.
+this package; nothing needs importing by hand. It also applies, in each of those processes, the compatibility
+shims named by the process that started vLLM (see [`compat`][bebop_trl.vllm_plugin.compat]).
 """
 
 # Drafter classes by the architecture name vLLM looks up, imported lazily by vLLM (importing them needs vLLM).
@@ -15,8 +16,13 @@ EAGLE_DRAFTERS = {
 
 
 def register() -> None:
-    """Registers the drafters with vLLM's model registry, leaving any class vLLM itself ships for a name."""
+    """Applies the compatibility shims named in `BEBOP_TRL_VLLM_SHIMS` and registers the drafters with vLLM's model
+    registry, leaving any class vLLM itself ships for a name."""
     from vllm import ModelRegistry
+
+    from .compat import apply_shims_from_environment
+
+    apply_shims_from_environment()
 
     supported = set(ModelRegistry.get_supported_archs())
     for architecture, drafter in EAGLE_DRAFTERS.items():

@@ -7,7 +7,6 @@ completions of at most 10 tokens, on one CPU thread: with models this small, mor
 import json
 import math
 import pathlib
-from collections import defaultdict
 
 import pytest
 import torch
@@ -18,11 +17,10 @@ from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from bebop_trl import BebopGRPOConfig, BebopGRPOTrainer, MTPHead
-from bebop_trl.speculative import probs_from_logits, rejection
-from bebop_trl.testing import TINY_VOCAB_SIZE
+from bebop_trl.speculative import rejection
 
 from ..speculative.helpers import chisquare_pvalue, perturbed_head
-from .grpo_helpers import grpo_config
+from .grpo_helpers import EXACT_PROMPTS, ROWS_PER_PROMPT, TokenReward, first_two_token_laws, grpo_config
 
 
 PROMPTS = ["1+2=", "3*4=", "hello", "x", "abc:", "7-5=", "Q: 2+2?", "zz"]
@@ -266,38 +264,6 @@ def test_runs_with_a_head_are_reproducible(load_tiny, tokenizer, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ exactness of the rollouts
-
-EXACT_PROMPTS = ["hello", "3*4="]  # different lengths: the batch is left-padded
-ROWS_PER_PROMPT = 2048
-NO_TOKEN = TINY_VOCAB_SIZE  # reward of a token position the completion did not reach (it ended at EOS)
-
-
-class TokenReward:
-    """A reward that is the id of the completion's token at `position` (NO_TOKEN past its end); keeps a log."""
-
-    def __init__(self, position: int):
-        self.position, self.__name__ = position, f"token_{position}"
-        self.given: dict[str, list[int]] = defaultdict(list)
-
-    def __call__(self, prompts, completions, completion_ids, **kwargs):
-        rewards = [ids[self.position] if len(ids) > self.position else NO_TOKEN for ids in completion_ids]
-        for prompt, reward in zip(prompts, rewards, strict=True):
-            self.given[prompt].append(reward)
-        return [float(r) for r in rewards]
-
-
-@torch.no_grad()
-def first_two_token_laws(policy, prompt_ids, eos_token_ids, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact laws of the first and the second completion token (cell NO_TOKEN: the completion ended before)."""
-    prompt = torch.tensor([prompt_ids])
-    first = probs_from_logits(policy(input_ids=prompt).logits[:, -1], **sampling)[0].double()
-    prefixes = torch.cat([prompt.expand(TINY_VOCAB_SIZE, -1), torch.arange(TINY_VOCAB_SIZE).unsqueeze(-1)], dim=1)
-    second_given_first = probs_from_logits(policy(input_ids=prefixes).logits[:, -1], **sampling).double()
-    ends = torch.zeros(TINY_VOCAB_SIZE, dtype=torch.bool)
-    ends[list(eos_token_ids)] = True
-    first_law = torch.cat([first, torch.zeros(1, dtype=torch.float64)])
-    second_law = torch.cat([(first * ~ends) @ second_given_first, first[ends].sum().reshape(1)])
-    return first_law, second_law
 
 
 def speculative_rollouts(policy, head, tokenizer, output_dir, **sampling):

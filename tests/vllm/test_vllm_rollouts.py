@@ -1,31 +1,30 @@
 """vLLM lane: heads exported for vLLM draft as in the torch engine, and vLLM's speculative output is exact."""
 
+import functools
 import math
 
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
+from trl.generation import vllm_generation
 
 from bebop_trl import BebopGRPOTrainer
+from bebop_trl.cli import main
 from bebop_trl.rollout.torch_engine import generate_from_ids
 from bebop_trl.rollout.vllm_backend import SpecDecodeCounters
+from bebop_trl.speculative.exactness import chisquare_pvalue, completion_logprobs
+from bebop_trl.testing import perturbed_head
+from bebop_trl.verification import format_table, verify_engine
+from bebop_trl.vllm_plugin import compat
 
-from ..speculative.helpers import chisquare_pvalue, encode_sequences, exact_sequence_law
-from ..trainers.grpo_helpers import grpo_config
+from ..trainers.grpo_helpers import EXACT_PROMPTS, ROWS_PER_PROMPT, TokenReward, first_two_token_laws, grpo_config
 from .conftest import PROMPTS, speculative_config
-from .vllm_cpu_workaround import expand_batch_to_tokens, rejection_sampler_expand
 
 
 pytestmark = pytest.mark.vllm
 
 K = 3
-
-
-def test_workaround_expands_like_the_documented_example():
-    x = torch.tensor([5.0, 0.0, 7.0])
-    expanded = expand_batch_to_tokens(x, torch.tensor([2, 5, 6]), 6, replace_from=0, replace_to=1)
-    assert expanded.tolist() == [5.0, 5.0, 1.0, 1.0, 1.0, 7.0]
 
 
 def vllm_generate(
@@ -90,28 +89,17 @@ def test_vllm_acceptance_per_position_matches_the_torch_engine(
     assert_rates_agree(vllm_rate, counters.num_drafts, engine_rate, engine_drafts)
 
 
-def test_vllm_speculative_output_is_exact_only_with_the_workaround(
-    make_llm, exported_head, tiny_policy, tiny_llama_dir
-):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    prompt = tokenizer("3+4=")["input_ids"]
-    vocab_size = tiny_policy.get_output_embeddings().weight.shape[0]
-    # The law of the first two tokens: the second one is the first that passes vLLM's rejection sampler.
-    law = exact_sequence_law(tiny_policy, prompt, 2)
-    llm = make_llm(speculative_config(exported_head, "probabilistic"))
-
-    def pvalue() -> float:
-        completions, counters = vllm_generate(llm, [prompt], n=4000, max_tokens=2)
-        assert counters.num_drafts > 0
-        ids = torch.tensor(completions)
-        return chisquare_pvalue(encode_sequences(ids, torch.ones_like(ids), vocab_size), law)
-
-    with rejection_sampler_expand(fixed=False):
-        build = pvalue()
-    fixed = pvalue()
-    print(f"chi-square p-value of vLLM's speculative output: build {build:.3g}, with the workaround {fixed:.3g}")
-    assert build < 1e-6, f"the vllm-cpu build's output matched the target law (p = {build}): is the defect gone?"
-    assert fixed > 1e-3, f"with the workaround vLLM's output is not distributed as the target (p = {fixed})"
+def test_verify_engine_fails_the_build_without_its_shim_and_passes_it_with_it(capsys):
+    # The command a user runs, on every engine: the torch engine and vLLM with the package's fix pass every case.
+    assert main(["verify-engine", "--engine", "all"]) == 0
+    table = capsys.readouterr().out
+    print(table)
+    assert "8 of 8 cases passed." in table
+    # The build as installed: at temperature > 0 its rejection sampler samples the wrong law.
+    checks = verify_engine(["vllm"], vllm_shims=False)
+    print(format_table(checks))
+    assert all(not check.passed for check in checks)
+    assert all(check.pvalue < 1e-6 for check in checks if check.draft_sampling == "probabilistic"), checks
 
 
 def colocate_grpo_trainer(tiny_llama_dir: str, trained_head_dir: str, output_dir, **overrides) -> BebopGRPOTrainer:
@@ -188,3 +176,92 @@ def test_online_head_updates_and_policy_updates_reach_vllm(tiny_llama_dir, train
     restored = acceptance_rate()
     assert scrambled < trained - 0.1, (trained, scrambled)
     assert abs(restored - trained) < 0.05, (trained, restored)
+
+
+def known_defect_shims() -> list:
+    return compat.shims_for(compat.installed_vllm_build())
+
+
+def test_grpo_on_a_known_biased_build_without_its_shim_is_refused(tiny_llama_dir, trained_head_dir, tmp_path):
+    if not known_defect_shims():
+        pytest.skip("the installed vLLM build has no known defect")
+    with pytest.raises(RuntimeError) as error:
+        colocate_grpo_trainer(tiny_llama_dir, trained_head_dir, tmp_path, vllm_compat_shims=False)
+    assert "known to sample the wrong law" in str(error.value)
+    assert "bebop-trl verify-engine --engine vllm" in str(error.value)
+    assert "vllm_allow_inexact=True" in str(error.value)
+
+
+def test_grpo_vllm_rollouts_follow_the_policy_law_with_the_shim(tiny_llama_dir, tiny_policy, tmp_path, monkeypatch):
+    # vLLM's CPU backend would load the float32 checkpoint in bf16: in float32 its log-probs compare to rounding.
+    monkeypatch.setattr(vllm_generation, "LLM", functools.partial(vllm_generation.LLM, dtype="float32"))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rewards = [TokenReward(0), TokenReward(1)]
+    args = grpo_config(
+        tmp_path,
+        rollout_backend="vllm",
+        vllm_mode="colocate",
+        vllm_max_model_length=64,
+        vllm_enable_sleep_mode=False,
+        num_speculative_tokens=2,
+        max_completion_length=3,
+        # TRL sizes vLLM's batch (max_num_seqs) by this; the round below generates 4096 rollouts.
+        per_device_train_batch_size=256,
+    )
+    trainer = BebopGRPOTrainer(
+        tiny_llama_dir,
+        rewards,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": EXACT_PROMPTS}),
+        processing_class=tokenizer,
+        head=perturbed_head(tiny_policy, scale=0.05),
+    )
+    # The guard applied the build's fix and its self-test (run once, in a child process) passed.
+    exactness = trainer._vllm_exactness
+    assert exactness.shims == [shim.name for shim in known_defect_shims()]
+    assert exactness.law_ok and exactness.logprobs_ok, exactness
+    inputs = [{"prompt": prompt} for prompt in EXACT_PROMPTS for _ in range(ROWS_PER_PROMPT)]
+    trainer.model.train()  # a training round, without the optimizer step
+    batch = trainer._generate_and_score_completions(inputs)
+    counters = trainer._vllm_counters
+    assert counters.num_drafts > 0 and 0 < counters.num_accepted_tokens < counters.num_draft_tokens
+
+    for index, prompt in enumerate(EXACT_PROMPTS):
+        first_law, second_law = first_two_token_laws(
+            trainer.model, tokenizer(prompt)["input_ids"], trainer.eos_token_ids
+        )
+        for reward, law in zip(rewards, (first_law, second_law), strict=True):
+            pvalue = chisquare_pvalue(torch.tensor(reward.given[prompt]), law)
+            print(f"vLLM GRPO rollouts, {prompt!r}, {reward.__name__}: chi-square p = {pvalue:.3g}")
+            assert pvalue > 1e-3, f"{prompt!r}, {reward.__name__}: chi-square p-value {pvalue:.2e}"
+        rows = slice(index * ROWS_PER_PROMPT, (index + 1) * ROWS_PER_PROMPT)
+        first_tokens = batch["completion_ids"][rows, 0]
+        torch.testing.assert_close(
+            batch["sampling_per_token_logps"][rows, 0], first_law[first_tokens].log().float(), atol=1e-4, rtol=0
+        )
+
+    # vLLM's sampling log-probs against a fresh forward pass of the policy, on every completion token.
+    def logprob_error(batch) -> float:
+        prompts = [
+            ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"], strict=True)
+        ]
+        completions = [
+            ids[mask.bool()].tolist()
+            for ids, mask in zip(batch["completion_ids"], batch["completion_mask"], strict=True)
+        ]
+        fresh = completion_logprobs(trainer.model, prompts, completions, temperature=trainer.temperature)
+        returned = batch["sampling_per_token_logps"]
+        return max(
+            abs(returned[row, t].item() - value) for row, values in enumerate(fresh) for t, value in enumerate(values)
+        )
+
+    error = logprob_error(batch)
+    print(f"largest |vLLM sampling log-prob - policy log-prob| over {len(inputs)} rollouts: {error:.2g}")
+    assert error < 1e-3
+    # Where the guard finds the build's log-probs wrong, the trainer recomputes them with the policy.
+    recomputed = []
+    policy_logprobs = trainer._policy_logprobs
+    monkeypatch.setattr(trainer, "_policy_logprobs", lambda *a: recomputed.append(1) or policy_logprobs(*a))
+    trainer._vllm_exactness.logprobs_ok = False
+    assert logprob_error(trainer._generate_and_score_completions(inputs)) < 1e-5
+    assert recomputed == [1]

@@ -15,7 +15,7 @@ from bebop_trl.vllm_serve import DraftArguments, serve_command
 
 from .conftest import PROMPTS
 from .test_vllm_rollouts import K, acceptance_per_position
-from .vllm_cpu_workaround import api_server_command
+from .vllm_cpu_cli import api_server_command
 
 
 pytestmark = pytest.mark.vllm
