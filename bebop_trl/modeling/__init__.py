@@ -1,6 +1,7 @@
-"""MTP draft heads: configuration, construction, adapter-style checkpoints and native MTP import/export."""
+"""MTP draft heads: configuration, construction, draft vocabularies, checkpoints, native MTP import/export."""
 
 from .configuration_mtp_head import EAGLE_LAYOUT, MTP_LAYOUT, NATIVE_MTP_MODEL_TYPES, MTPHeadConfig, default_layout
+from .draft_vocab import draft_vocab_mass, estimate_token_mass, select_draft_vocab
 from .modeling_mtp_head import MTPHead, MTPHeadOutput
 
 
@@ -12,4 +13,7 @@ __all__ = [
     "MTPHeadConfig",
     "MTPHeadOutput",
     "default_layout",
+    "draft_vocab_mass",
+    "estimate_token_mass",
+    "select_draft_vocab",
 ]

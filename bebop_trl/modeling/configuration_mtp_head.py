@@ -37,6 +37,9 @@ class MTPHeadConfig(PreTrainedConfig):
         base_architecture: The policy's architecture class name (e.g. `"LlamaForCausalLM"`).
         hidden_size: The policy's hidden size.
         vocab_size: Number of rows of the policy's lm_head.
+        draft_vocab_size: Size of the head's draft vocabulary, a subset of the policy's that the head drafts from
+            with its own lm_head rows (stored with the head, with the subset's token ids); None drafts from the
+            whole vocabulary through the policy's lm_head.
         num_layers: Number of decoder layers in the head.
         layout: `"mtp"` (RMSNorm on the embedding and on the hidden state before the 2H -> H projection, final
             norm after the block: DeepSeek-V3 / Qwen3-Next / Qwen3.5 MTP, vLLM `method="mtp"`) or `"eagle"` (no
@@ -54,6 +57,7 @@ class MTPHeadConfig(PreTrainedConfig):
     base_architecture: str | None = None
     hidden_size: int = 0
     vocab_size: int = 0
+    draft_vocab_size: int | None = None
     num_layers: int = 1
     layout: str = EAGLE_LAYOUT
     decoder_config: dict[str, Any] | None = None
@@ -65,6 +69,12 @@ class MTPHeadConfig(PreTrainedConfig):
             raise ValueError(f"Unknown MTP head layout {self.layout!r}: use one of {LAYOUTS}.")
         if self.num_layers < 1:
             raise ValueError(f"An MTP head needs at least one decoder layer, got num_layers={self.num_layers}.")
+        draft_size = self.draft_vocab_size
+        if draft_size is not None and (draft_size < 1 or (self.vocab_size and draft_size > self.vocab_size)):
+            raise ValueError(
+                f"draft_vocab_size must be None (the whole vocabulary) or in [1, vocab_size={self.vocab_size}], got "
+                f"{self.draft_vocab_size}."
+            )
         super().__post_init__(**kwargs)
 
     @classmethod

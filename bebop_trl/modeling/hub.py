@@ -114,6 +114,7 @@ def head_model_card(config) -> ModelCard:
         f"| decoder layers | {config.num_layers} (`{config.base_model_type}`) |",
         f"| hidden size | {config.hidden_size} |",
         f"| vocabulary | {config.vocab_size} |",
+        *([f"| draft vocabulary | {config.draft_vocab_size} tokens |"] if config.draft_vocab_size is not None else []),
         f"| base architecture | `{config.base_architecture}` |",
     ]
     for title, table in (("Training recipe", config.recipe), ("Measured", config.metrics)):

@@ -56,11 +56,22 @@ class MTPHead(nn.Module):
     The embedding and lm_head are the policy's: shared, frozen, never stored in the head. [`bind`][bebop_trl.MTPHead.bind]
     attaches a head to its policy after checking that they match.
 
+    A head may instead draft from a subset D of the vocabulary (`draft_vocab` in
+    [`from_model`][bebop_trl.MTPHead.from_model]), which makes its lm_head product |D| / V as costly. It then holds
+    its own frozen lm_head rows for D, copied from the policy's when it is built and saved with it, and the sorted
+    target ids of D. [`compute_logits`][bebop_trl.MTPHead.compute_logits] still returns logits over the whole
+    vocabulary, -inf outside D, so the draft probability of every token outside D is exactly 0 and rejection
+    sampling stays exact: the policy's mass outside D is simply never accepted.
+
     Example:
         ```python
         head = MTPHead.from_model(policy)          # new head, bound to `policy`
         head.save_pretrained("my-head")            # config.json + model.safetensors + README.md
         head = MTPHead.from_pretrained("my-head", policy=policy)
+
+        # A head drafting from the 8192 tokens that carry most of the policy's mass on its own samples.
+        draft_vocab = select_draft_vocab(policy.config.vocab_size, sequences=samples, size=8192)
+        head = MTPHead.from_model(policy, draft_vocab=draft_vocab)
         ```
     """
 
@@ -96,6 +107,13 @@ class MTPHead(nn.Module):
             decoder.layers[0].input_layernorm = nn.Identity()
             decoder.norm = nn.Identity()
         self.model = decoder
+        # Buffers, not parameters: like the policy's lm_head, the draft rows are frozen, so no optimizer, noise or
+        # `requires_grad_(True)` over the head's parameters may touch them; they still move and save with the head.
+        draft_size = config.draft_vocab_size
+        self.register_buffer("draft_vocab", None if draft_size is None else torch.zeros(draft_size, dtype=torch.long))
+        self.register_buffer(
+            "draft_lm_head_weight", None if draft_size is None else torch.zeros(draft_size, hidden_size)
+        )
         self._policy_io: tuple[nn.Module, nn.Module] | None = None
 
     # ----------------------------------------------------------------------------------------------------- policy
@@ -167,7 +185,12 @@ class MTPHead(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        """The policy's lm_head weight [V, H] (shared and frozen)."""
+        """The policy's lm_head weight [V, H] (shared and frozen).
+
+        It scores the policy's side of a head loss. A head with a draft vocabulary drafts with its own rows
+        `draft_lm_head_weight` [|D|, H] for the target ids `draft_vocab` [|D|] (both None otherwise), which
+        [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] takes as its `draft_lm_head_weight` and `draft_vocab`.
+        """
         return self._bound_io()[1].weight
 
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -175,9 +198,27 @@ class MTPHead(nn.Module):
         return self._bound_io()[0](input_ids).detach()
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Draft logits from head hidden states, through the policy's lm_head."""
-        lm_head = self._bound_io()[1]
-        return lm_head(hidden_states.to(lm_head.weight.dtype))
+        """Draft logits [..., V] over the whole vocabulary, from head hidden states [..., H].
+
+        With a draft vocabulary, the logits outside it are -inf, so softmax, sampling and argmax give those tokens
+        probability exactly 0.
+        """
+        draft_logits = self.compute_draft_logits(hidden_states)
+        if self.draft_vocab is None:
+            return draft_logits
+        logits = draft_logits.new_full((*draft_logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return logits.index_copy_(-1, self.draft_vocab, draft_logits)
+
+    def compute_draft_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the head's draft vocabulary: [..., |D|], column j for token `draft_vocab[j]`.
+
+        The cheap form of [`compute_logits`][bebop_trl.MTPHead.compute_logits] for callers that map draft indices to
+        token ids themselves; without a draft vocabulary it is the same [..., V] logits.
+        """
+        if self.draft_lm_head_weight is None:
+            lm_head = self._bound_io()[1]
+            return lm_head(hidden_states.to(lm_head.weight.dtype))
+        return nn.functional.linear(hidden_states.to(self.draft_lm_head_weight.dtype), self.draft_lm_head_weight)
 
     # ---------------------------------------------------------------------------------------------------- forward
 
@@ -245,6 +286,7 @@ class MTPHead(nn.Module):
         layout: str | None = None,
         *,
         init_from_policy: bool = True,
+        draft_vocab: torch.Tensor | list[int] | None = None,
         **config_kwargs: Any,
     ) -> "MTPHead":
         """Builds a new head for `policy`, bound to it.
@@ -262,18 +304,38 @@ class MTPHead(nn.Module):
             num_layers: Number of decoder layers in the head.
             layout: `"mtp"` or `"eagle"`; by default the layout vLLM loads as is for this policy.
             init_from_policy: Initialise from the policy as above; otherwise keep the architecture's random init.
+            draft_vocab: Target token ids the head drafts from (sorted, each once; e.g. from
+                [`select_draft_vocab`][bebop_trl.modeling.draft_vocab.select_draft_vocab]), or None for the whole
+                vocabulary. The head copies the policy's lm_head rows of these tokens, frozen, whatever
+                `init_from_policy` says: they are the policy's lm_head over D.
             **config_kwargs: Further [`MTPHeadConfig`][bebop_trl.MTPHeadConfig] fields (e.g. `recipe`).
+
+        Raises:
+            ValueError: If `draft_vocab` is not a sorted, duplicate-free 1-D list of ids of the policy's vocabulary.
         """
+        if "draft_vocab_size" in config_kwargs:
+            raise ValueError("Pass the draft vocabulary itself as draft_vocab=ids; its size follows from it.")
         config = MTPHeadConfig.from_policy_config(policy.config, num_layers=num_layers, layout=layout, **config_kwargs)
         lm_head = policy.get_output_embeddings()
         if lm_head is not None:
             config.vocab_size = lm_head.weight.shape[0]
+        if draft_vocab is not None:
+            if lm_head is None:
+                raise ValueError(
+                    "A draft vocabulary needs the policy's lm_head rows, but the policy exposes no lm_head."
+                )
+            draft_vocab = _checked_draft_vocab(draft_vocab, config.vocab_size, source="draft_vocab")
+            config.draft_vocab_size = len(draft_vocab)
         if config.base_architecture is None:  # built from a config and not saved yet: name it as saving would
             base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
             config.base_architecture = type(base).__name__
         head = cls(config)
         if init_from_policy:
             head._init_from_policy(policy)
+        if draft_vocab is not None:
+            with torch.no_grad():
+                head.draft_vocab.copy_(draft_vocab)
+                head.draft_lm_head_weight.copy_(lm_head.weight[draft_vocab.to(lm_head.weight.device)])
         reference = policy.get_input_embeddings().weight
         head.to(device=reference.device, dtype=reference.dtype)
         return head.bind(policy)
@@ -385,6 +447,21 @@ class MTPHead(nn.Module):
             source: Where the tensors come from, for error messages.
         """
         expected = self.state_dict()
+        configured = self.config.draft_vocab_size
+        stored = len(state["draft_vocab"]) if "draft_vocab" in state else None
+        if stored != configured:
+            if configured is None:
+                problem = f"have a draft vocabulary of {stored} tokens, but its config has no draft_vocab_size"
+            elif stored is None:
+                problem = f"have no draft vocabulary, but its config says draft_vocab_size={configured}"
+            else:
+                problem = (
+                    f"have a draft vocabulary of {stored} tokens, but its config says draft_vocab_size={configured}"
+                )
+            raise ValueError(
+                f"The weights in {source} {problem}: config.json and the weights file come from different heads. "
+                "Save the head again with save_pretrained."
+            )
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong_shape = [
@@ -398,14 +475,19 @@ class MTPHead(nn.Module):
                 f"{unexpected[:5]}, wrong shapes {wrong_shape[:5]}. The weights file and config.json come from "
                 "different heads; save the head again."
             )
-        stored_dtype = next(iter(state.values())).dtype
+        # The draft vocabulary's ids are integers: the head's dtype is that of its floating-point weights.
+        stored_dtype = next(v for v in state.values() if v.is_floating_point()).dtype
         self.to(stored_dtype)
+        if configured is not None:
+            _checked_draft_vocab(state["draft_vocab"], self.config.vocab_size, source=f"the draft_vocab of {source}")
         self.load_state_dict(state, strict=True)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Saves the head as an adapter repo: `config.json`, `model.safetensors` and a `README.md` model card.
 
-        Only the head's own weights are saved (never the policy's embedding or lm_head), always as safetensors.
+        Only the head's own weights are saved (never the policy's embedding or lm_head), always as safetensors. A
+        head with a draft vocabulary also saves its lm_head rows and their target ids (`draft_lm_head_weight`,
+        `draft_vocab`): they are the head's, no longer the policy's.
 
         Args:
             save_directory: Folder to write (created if needed).
@@ -512,6 +594,31 @@ def _copy_matching(source: nn.Module, target: nn.Module) -> bool:
         return False
     target.load_state_dict({k: src[k] for k in dst})
     return True
+
+
+def _checked_draft_vocab(ids: torch.Tensor | list[int], vocab_size: int, *, source: str) -> torch.LongTensor:
+    """`ids` as a LongTensor, after checking that they are a valid draft vocabulary of a `vocab_size` vocabulary.
+
+    Raises:
+        ValueError: Naming `source`, what is wrong and how to fix it.
+    """
+    ids = torch.as_tensor(ids)
+    if ids.numel() == 0:
+        raise ValueError(f"{source} is empty: a draft vocabulary needs at least one token.")
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(
+            f"{source} must be a 1-D list or tensor of integer token ids, got {ids.dtype} of shape {tuple(ids.shape)}."
+        )
+    ids = ids.long()
+    if (ids[1:] <= ids[:-1]).any():
+        raise ValueError(f"{source} must be sorted with each id once: pass torch.unique(ids), which sorts them.")
+    if ids[0] < 0 or ids[-1] >= vocab_size:
+        outside = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(
+            f"{source} holds ids outside the policy's vocabulary [0, {vocab_size}) (e.g. {outside[0].item()}): it "
+            "was chosen for another tokenizer or model. Choose it again for this policy."
+        )
+    return ids
 
 
 def _same_model_name(a: str | None, b: str | None) -> bool:

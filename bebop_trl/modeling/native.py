@@ -144,6 +144,12 @@ def save_native_weights(head, save_directory: str | os.PathLike) -> str:
         raise ValueError(
             f"Only `mtp`-layout heads have native `mtp.*` names; this head has layout {head.config.layout!r}."
         )
+    if head.config.draft_vocab_size is not None:
+        raise ValueError(
+            "Native MTP weights draft through the model's own lm_head over its whole vocabulary, so a head with a "
+            f"draft vocabulary ({head.config.draft_vocab_size} tokens) has no native form. Save it with "
+            "save_pretrained, or build the head without draft_vocab."
+        )
     os.makedirs(save_directory, exist_ok=True)
     path = os.path.join(save_directory, NATIVE_WEIGHTS_NAME)
     save_tensors(head_state_to_native(head.state_dict()), path)

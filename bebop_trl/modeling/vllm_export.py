@@ -8,6 +8,12 @@ any other architecture has no faithful vLLM drafter, and exporting it raises.
 The `mtp` layout is the native MTP module of the model types in
 [`NATIVE_MTP_MODEL_TYPES`][bebop_trl.modeling.NATIVE_MTP_MODEL_TYPES] (`method="mtp"`), which vLLM reads as
 `mtp.*` tensors next to the target's config.
+
+Neither runs a head with a draft vocabulary. vLLM stores one only in its EAGLE-3 drafters (`draft_id_to_target_id`:
+target id = j + d2t[j]; their own lm_head over the subset, logits scattered into the target vocabulary), whose
+decoder layer reads the target's auxiliary hidden states and is not this head's. Its EAGLE-1 drafters (the Llama one
+and this package's) share the target's lm_head and have no mapping, and `method="mtp"` always shares the target's
+lm_head. Exporting such a head therefore raises.
 """
 
 import json
@@ -30,8 +36,23 @@ VLLM_EAGLE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCau
 
 
 def vllm_method(config: MTPHeadConfig) -> str:
-    """The vLLM speculative `method` that runs a head of this configuration (`"eagle"` or `"mtp"`)."""
+    """The vLLM speculative `method` that runs a head of this configuration (`"eagle"` or `"mtp"`).
+
+    Raises:
+        ValueError: If the head has a draft vocabulary, which no vLLM drafter of either method runs.
+    """
+    _require_full_vocabulary(config)
     return {EAGLE_LAYOUT: "eagle", MTP_LAYOUT: "mtp"}[config.layout]
+
+
+def _require_full_vocabulary(config: MTPHeadConfig) -> None:
+    if config.draft_vocab_size is not None:
+        raise ValueError(
+            f"This head drafts from a {config.draft_vocab_size}-token draft vocabulary, which vLLM's EAGLE-1 and MTP "
+            "drafters cannot run: they score drafts with the target's full lm_head and have no draft-to-target id "
+            "map (only vLLM's EAGLE-3 drafters have one, with another decoder layer). Use rollout_backend='torch' "
+            "for this head, or train a head without draft_vocab_size for vLLM."
+        )
 
 
 def vllm_speculative_config(
@@ -70,7 +91,11 @@ def vllm_draft_weights(head: "MTPHead") -> dict[str, Any]:
 
     Args:
         head: An [`MTPHead`][bebop_trl.MTPHead].
+
+    Raises:
+        ValueError: If the head has a draft vocabulary, which no vLLM drafter of either method runs.
     """
+    _require_full_vocabulary(head.config)
     state = head.state_dict()
     if head.config.layout == MTP_LAYOUT:
         return head_state_to_native(state)

@@ -89,9 +89,10 @@ class Divergence:
         grad_terms: Number of coefficient tiles `c` per logits tile, i.e. of [t, H] accumulators `sum_v c_v W_v`.
         tile: PyTorch tile math `(log_q, log_p, acc, need_grad, workspace) -> coefficients`, with the log-softmax
             tiles (overwritten) and `acc` as in `TileMath.divergence`.
-        finish: `(tv, stat, terms, lse_q, h, weight, labels) -> (value, grad)`, with `terms` the [k, t, H]
-            accumulators (None without gradient), `h` the temperature-scaled hidden states and `grad` the derivative
-            of `value` with respect to `h`.
+        finish: `(tv, stat, terms, lse_q, log_mass, h, weight, labels) -> (value, grad)`, with `terms` the
+            [k, t, H] accumulators (None without gradient), `log_mass` the log of the policy's probability mass on
+            the draft vocabulary (0 without one), `h` the temperature-scaled hidden states, `weight` the draft's
+            lm_head weight and `grad` the derivative of `value` with respect to `h`.
     """
 
     grad_terms: int
@@ -105,6 +106,11 @@ class Divergence:
 #   KL(q || p):  q_v (log q_v - log p_v - KL(q || p))  ->  (q log(q/p)) @ W - KL * (q @ W)
 #   CE:  q - onehot(label)  ->  q @ W - W[label]
 # TV's S and the reverse KL are only known once the sweep is done, hence the second accumulator `q @ W` for both.
+# With a draft vocabulary D, q lives on D and p is the policy's full-vocabulary distribution restricted to D, so
+# sum_D p = P(D) <= 1. TV, reverse KL and CE keep their formulas (q is 0 outside D, and TV adds the constant
+# 0.5 * (1 - P(D)) once the sweep is done). The forward KL is infinite against p itself; it is taken against p
+# renormalised over D, p_D = p / P(D):
+#   KL(p_D || q):  q - p / P(D)  ->  q @ W - (p @ W) / P(D), with P(D) only known at the end: two accumulators.
 
 
 def _add_tv(q: Tensor, p: Tensor, tv: Tensor) -> Tensor:
@@ -158,6 +164,26 @@ def _rkl_finish(tv: Tensor, stat: Tensor, terms: Tensor | None, *_: Any) -> tupl
     return stat, None if terms is None else terms[0] - stat[:, None] * terms[1]
 
 
+def _draft_vocab_kl_tile(
+    log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspace: Workspace
+) -> tuple[Tensor, ...]:
+    log_ratio = torch.sub(log_p, log_q, out=workspace.tile("scratch", log_q.shape, log_q))
+    q, p = log_q.exp_(), log_p.exp_()
+    acc[1] += log_ratio.mul_(p).sum(dim=1)
+    # p itself is a gradient coefficient here, so the difference goes to the scratch tile instead of over p.
+    acc[0] += 0.5 * torch.linalg.vector_norm(torch.sub(p, q, out=log_ratio), ord=1, dim=1)
+    return (q, p) if need_grad else ()
+
+
+def _draft_vocab_kl_finish(
+    tv: Tensor, stat: Tensor, terms: Tensor | None, lse_q: Tensor, log_mass: Tensor, *_: Any
+) -> tuple[Tensor, Tensor | None]:
+    # stat = sum_D p log(p / q) = P(D) * (KL(p_D || q) + log P(D)). The clamp only matters where P(D) underflows,
+    # and there p, hence stat and p @ W, are 0 as well.
+    mass = log_mass.exp().clamp_min(torch.finfo(log_mass.dtype).tiny)
+    return stat / mass - log_mass, None if terms is None else terms[0] - terms[1] / mass[:, None]
+
+
 def _ce_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspace: Workspace) -> tuple[Tensor, ...]:
     q = log_q.exp_()
     _add_tv(q, log_p.exp_(), acc[0])
@@ -165,7 +191,14 @@ def _ce_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspa
 
 
 def _ce_finish(
-    tv: Tensor, stat: Tensor, terms: Tensor | None, lse_q: Tensor, h: Tensor, weight: Tensor, labels: Tensor
+    tv: Tensor,
+    stat: Tensor,
+    terms: Tensor | None,
+    lse_q: Tensor,
+    log_mass: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    labels: Tensor,
 ) -> tuple[Tensor, Tensor | None]:
     # The label's logit and one-hot gradient are one row of W per slot, cheaper to gather than to find in tiles.
     label_rows = weight[labels].to(h.dtype)
@@ -173,12 +206,16 @@ def _ce_finish(
     return value, None if terms is None else terms[0] - label_rows
 
 
+# The tile math of the forward KL with a draft vocabulary; every other loss keeps its own (see above).
+DRAFT_VOCAB_KL = "kl_draft_vocab"
+
 DIVERGENCES: dict[str, Divergence] = {
     "ce": Divergence(1, _ce_tile, _ce_finish),
     "kl": Divergence(1, _kl_tile, _kl_finish),
     "rkl": Divergence(2, _rkl_tile, _rkl_finish),
     "tv": Divergence(2, _tv_tile, _tv_finish),
     "e2e_tv": Divergence(2, _tv_tile, _tv_finish),
+    DRAFT_VOCAB_KL: Divergence(2, _draft_vocab_kl_tile, _draft_vocab_kl_finish),
 }
 
 
@@ -186,11 +223,8 @@ class TorchTileMath:
     """`TileMath` in plain PyTorch, for every device."""
 
     def online_lse(self, zq: Tensor, zp: Tensor, state: Tensor, workspace: Workspace) -> None:
-        for z, running_max, running_sum in ((zq, state[0], state[1]), (zp, state[2], state[3])):
-            new_max = torch.maximum(running_max, z.amax(dim=1))
-            shifted = torch.sub(z, new_max[:, None], out=workspace.tile("scratch", z.shape, z))
-            running_sum.mul_((running_max - new_max).exp_()).add_(shifted.exp_().sum(dim=1))
-            running_max.copy_(new_max)
+        fold_lse(zq, state[0:2], workspace)
+        fold_lse(zp, state[2:4], workspace)
 
     def divergence(
         self,
@@ -206,6 +240,15 @@ class TorchTileMath:
         log_q = zq.sub_(lse_q[:, None])
         log_p = zp.sub_(lse_p[:, None])
         return DIVERGENCES[loss_type].tile(log_q, log_p, acc, need_grad, workspace)
+
+
+def fold_lse(z: Tensor, state: Tensor, workspace: Workspace) -> None:
+    """Folds a [t, v] logits tile into a running log-sum-exp `state` [2, t] (max, sum of `exp(z - max)`)."""
+    running_max, running_sum = state
+    new_max = torch.maximum(running_max, z.amax(dim=1))
+    shifted = torch.sub(z, new_max[:, None], out=workspace.tile("scratch", z.shape, z))
+    running_sum.mul_((running_max - new_max).exp_()).add_(shifted.exp_().sum(dim=1))
+    running_max.copy_(new_max)
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -225,46 +268,65 @@ def tiled_divergence(
     vocab_tile: int,
     need_grad: bool,
     tile_math: TileMath,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Per-slot divergence, TV distance and gradient, sweeping the vocabulary twice per tile of slots.
+    draft_weight: Tensor | None = None,
+    draft_vocab: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Per-slot divergence, TV distance and gradient, sweeping the draft's vocabulary twice per tile of slots.
 
     The first sweep accumulates both models' log-sum-exp online. TV compares normalised probabilities, so
     everything else waits for the second sweep, which recomputes the logits tiles and accumulates the TV, the
     loss's statistic and, if `need_grad`, the gradient products `c @ W`. The second sweep runs backwards over the
     vocabulary, so its first tile is the one the first sweep ended on and is not recomputed.
 
+    With a draft vocabulary D, the draft's logits come from `draft_weight` over D only, and the policy's over D
+    from the rows `weight[draft_vocab]`, gathered tile by tile. The policy's normaliser still runs over the whole
+    vocabulary, in one more sweep of the policy alone before the first, so that `p` is the policy's distribution
+    itself and the mass it puts outside D counts as rejected.
+
     Args:
         draft: [M, H] the head's hidden states of the valid slots.
         target: [M, H] the policy's hidden states of the same slots.
-        weight: [V, H] the shared lm_head weight.
-        labels: [M] target token ids (`"ce"` only).
-        loss_type: A key of `DIVERGENCES`.
+        weight: [V, H] the policy's lm_head weight (also the draft's without a draft vocabulary).
+        labels: [M] label indices into the draft's vocabulary (`"ce"` only).
+        loss_type: A key of `DIVERGENCES` other than `DRAFT_VOCAB_KL`.
         temperature: Softmax temperature.
         token_tile: Slots per tile.
         vocab_tile: Maximum vocabulary entries per tile.
         need_grad: Whether to compute the gradient.
         tile_math: Element-wise tile implementation.
+        draft_weight: [|D|, H] the draft's lm_head weight over its vocabulary D, or None for the full vocabulary.
+        draft_vocab: [|D|] the target token ids of D's rows, sorted; given with `draft_weight`.
 
     Returns:
-        The [M] divergence, the [M] TV distance and, if `need_grad`, the [M, H] gradient of each slot's divergence
-        with respect to its `draft` row, all in float32 (float64 for float64 inputs).
+        The [M] divergence, the [M] TV distance, the [M] policy mass outside the draft vocabulary (0 without one)
+        and, if `need_grad`, the [M, H] gradient of each slot's divergence with respect to its `draft` row, all in
+        float32 (float64 for float64 inputs).
     """
-    divergence = DIVERGENCES[loss_type]
-    dtype = compute_dtype(draft, target, weight)
+    restricted = draft_vocab is not None
+    divergence_name = DRAFT_VOCAB_KL if restricted and loss_type == "kl" else loss_type
+    divergence = DIVERGENCES[divergence_name]
+    draft_weight = draft_weight if restricted else weight
+    dtype = compute_dtype(draft, target, weight, draft_weight)
     num_slots, hidden_size = draft.shape
-    vocab_size = weight.shape[0]
-    # Equal vocabulary tiles: as many sweeps as `vocab_tile` implies, but no small remainder tile, so the tile
-    # that the second sweep reuses from the first is a full one.
-    vocab_tile = -(-vocab_size // -(-vocab_size // vocab_tile))
-    vocab_starts = range(0, vocab_size, vocab_tile)
+    draft_starts, draft_tile = _vocab_tiles(draft_weight.shape[0], vocab_tile)
+    target_starts, target_tile = _vocab_tiles(weight.shape[0], vocab_tile)
     value = draft.new_empty(num_slots, dtype=dtype)
     tv = torch.empty_like(value)
+    outside = torch.zeros_like(value)
     grad = draft.new_empty(num_slots, hidden_size, dtype=dtype) if need_grad else None
     workspace = Workspace()
 
-    def weight_tile(vocab_start: int) -> Tensor:
-        rows = weight[vocab_start : vocab_start + vocab_tile]
-        return rows if rows.dtype == dtype else workspace.tile("weight", rows.shape, value).copy_(rows)
+    def in_dtype(rows: Tensor, name: str) -> Tensor:
+        return rows if rows.dtype == dtype else workspace.tile(name, rows.shape, value).copy_(rows)
+
+    def weight_tiles(vocab_start: int) -> tuple[Tensor, Tensor]:
+        """The draft's and the policy's lm_head rows of the draft vocabulary tile starting at `vocab_start`."""
+        w = in_dtype(draft_weight[vocab_start : vocab_start + draft_tile], "weight")
+        if not restricted:
+            return w, w
+        ids = draft_vocab[vocab_start : vocab_start + draft_tile]
+        rows = torch.index_select(weight, 0, ids, out=workspace.tile("gathered", (len(ids), hidden_size), weight))
+        return w, in_dtype(rows, "target_weight")
 
     def logits(h: Tensor, w: Tensor, name: str) -> Tensor:
         return torch.mm(h, w.T, out=workspace.tile(name, (h.shape[0], w.shape[0]), h))
@@ -274,36 +336,68 @@ def tiled_divergence(
         # 1/T is folded into the small [t, H] operands rather than into every [t, v] logits tile.
         hq = draft[rows].to(dtype) / temperature
         hp = target[rows].to(dtype) / temperature
+        if restricted:
+            # Before the draft sweep, whose last logits tiles the second sweep reuses.
+            full_state = hp.new_zeros(2, hp.shape[0])
+            full_state[0] = float("-inf")
+            for vocab_start in target_starts:
+                w = in_dtype(weight[vocab_start : vocab_start + target_tile], "weight")
+                fold_lse(logits(hp, w, "zp"), full_state, workspace)
         state = hq.new_zeros(4, hq.shape[0])
         state[0::2] = float("-inf")
-        for vocab_start in vocab_starts:
-            w = weight_tile(vocab_start)
-            zq, zp = logits(hq, w, "zq"), logits(hp, w, "zp")
+        for vocab_start in draft_starts:
+            wq, wp = weight_tiles(vocab_start)
+            zq, zp = logits(hq, wq, "zq"), logits(hp, wp, "zp")
             tile_math.online_lse(zq, zp, state, workspace)
         lse_q = state[0] + state[1].log()
         lse_p = state[2] + state[3].log()
+        log_mass = torch.zeros_like(lse_p)
+        if restricted:
+            full_lse = full_state[0] + full_state[1].log()
+            # The first sweep's lse_p covers D only. Rounding may put it a hair above the whole vocabulary's when D
+            # is all of it.
+            log_mass = (lse_p - full_lse).clamp_max(0)
+            lse_p = full_lse
 
         acc = hq.new_zeros(2, hq.shape[0])
         terms = hq.new_zeros(divergence.grad_terms, *hq.shape) if need_grad else None
-        for vocab_start in reversed(vocab_starts):
-            if vocab_start != vocab_starts[-1]:
-                w = weight_tile(vocab_start)
-                zq, zp = logits(hq, w, "zq"), logits(hp, w, "zp")
-            coefficients = tile_math.divergence(loss_type, zq, zp, lse_q, lse_p, acc, need_grad, workspace)
+        for vocab_start in reversed(draft_starts):
+            if vocab_start != draft_starts[-1]:
+                wq, wp = weight_tiles(vocab_start)
+                zq, zp = logits(hq, wq, "zq"), logits(hp, wp, "zp")
+            coefficients = tile_math.divergence(divergence_name, zq, zp, lse_q, lse_p, acc, need_grad, workspace)
             for term, coefficient in zip(terms if need_grad else (), coefficients, strict=True):
-                term.addmm_(coefficient, w)
+                term.addmm_(coefficient, wq)
 
+        if restricted:
+            # Outside D, q is 0 and |p - q| = p: that half of the TV sum is the mass the sweep never visited.
+            outside[rows] = -torch.expm1(log_mass)
+            acc[0] += 0.5 * outside[rows]
         tile_labels = labels[rows] if labels is not None else None
-        value[rows], tile_grad = divergence.finish(acc[0], acc[1], terms, lse_q, hq, weight, tile_labels)
+        value[rows], tile_grad = divergence.finish(
+            acc[0], acc[1], terms, lse_q, log_mass, hq, draft_weight, tile_labels
+        )
         tv[rows] = acc[0]
         if need_grad:
             # Chain rule through z = h W^T / T.
             grad[rows] = tile_grad / temperature
-    return value, tv, grad
+    return value, tv, outside, grad
+
+
+def _vocab_tiles(vocab_size: int, vocab_tile: int) -> tuple[range, int]:
+    """Tile starts and width that split `vocab_size` entries into equal tiles of at most `vocab_tile`.
+
+    Equal tiles: as many sweeps as `vocab_tile` implies, but no small remainder tile, so the tile that the second
+    sweep reuses from the first is a full one.
+    """
+    vocab_tile = -(-vocab_size // -(-vocab_size // vocab_tile))
+    return range(0, vocab_size, vocab_tile), vocab_tile
 
 
 class MTPDivergenceFunction(torch.autograd.Function):
-    """Per-slot divergence and TV distance of the valid slots, differentiable with respect to `draft` only.
+    """Per-slot divergence, TV distance and policy mass outside the draft vocabulary of the valid slots.
+
+    Differentiable with respect to `draft` only.
 
     The backward pass only ever receives a per-slot scalar upstream gradient, because every loss reduction is a
     function of the per-slot values. The forward pass therefore stores the per-slot gradient for a unit upstream
@@ -324,8 +418,10 @@ class MTPDivergenceFunction(torch.autograd.Function):
         token_tile: int,
         vocab_tile: int,
         tile_math: TileMath,
-    ) -> tuple[Tensor, Tensor]:
-        value, tv, grad = tiled_divergence(
+        draft_weight: Tensor | None,
+        draft_vocab: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        value, tv, outside, grad = tiled_divergence(
             draft,
             target,
             weight,
@@ -336,15 +432,19 @@ class MTPDivergenceFunction(torch.autograd.Function):
             vocab_tile=vocab_tile,
             need_grad=ctx.needs_input_grad[0],
             tile_math=tile_math,
+            draft_weight=draft_weight,
+            draft_vocab=draft_vocab,
         )
         ctx.save_for_backward(grad)
         ctx.draft_dtype = draft.dtype
-        ctx.mark_non_differentiable(tv)
-        return value, tv
+        ctx.mark_non_differentiable(tv, outside)
+        return value, tv, outside
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_value: Tensor, grad_tv: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_value: Tensor, grad_tv: Tensor | None, grad_outside: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
         grad_draft = (grad * grad_value[:, None]).to(ctx.draft_dtype)
-        return grad_draft, None, None, None, None, None, None, None, None
+        return grad_draft, *(None,) * 10

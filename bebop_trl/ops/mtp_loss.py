@@ -5,6 +5,11 @@ start position `t`) the head's distribution is `q = softmax(draft_hidden @ W^T /
 `p = softmax(target_hidden @ W^T / T)`. [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] trains `q` towards `p`
 and reports how often a speculative verifier would accept the draft, tiling over slots and vocabulary so that no
 [slots, V] logits tensor ever exists.
+
+A head may draft from a subset D of the vocabulary, with its own lm_head rows `W_D` [|D|, H]: then
+`q = softmax(draft_hidden @ W_D^T / T)` lives on D (it is 0 elsewhere), while `p` stays the policy's
+full-vocabulary distribution, so that the reported acceptance `sum_{v in D} min(p_v, q_v) <= p(D)` is exactly the
+one rejection sampling achieves.
 """
 
 import importlib.util
@@ -40,12 +45,16 @@ class MTPLossOutput:
         expected_accepted_length: Scalar (detached): expected number of accepted draft tokens per start position,
             `sum_j prod_{i<=j} (1 - TV_{t,i})` over the valid steps of `t`, averaged over start positions with at
             least one valid slot.
+        target_mass_outside_draft_vocab: [S] mean probability the policy puts outside the draft vocabulary per
+            draft step, over valid slots (detached): `1 - acceptance` can never fall below it. All zeros without a
+            draft vocabulary.
     """
 
     loss: Tensor
     tv: Tensor
     acceptance: Tensor
     expected_accepted_length: Tensor
+    target_mass_outside_draft_vocab: Tensor
 
 
 def mtp_loss(
@@ -60,6 +69,8 @@ def mtp_loss(
     token_tile: int = DEFAULT_TOKEN_TILE,
     vocab_tile: int = DEFAULT_VOCAB_TILE,
     backend: Backend = "auto",
+    draft_lm_head_weight: Tensor | None = None,
+    draft_vocab: Tensor | None = None,
 ) -> MTPLossOutput:
     """Distillation loss of an MTP draft head against its frozen policy, computed tile by tile.
 
@@ -76,6 +87,21 @@ def mtp_loss(
 
     `"ce"`, `"kl"`, `"rkl"` and `"tv"` are averaged over the valid slots. TV statistics are returned for every loss
     type, so training with any of them can be monitored by acceptance.
+
+    With a draft vocabulary D (`draft_lm_head_weight` and `draft_vocab`), `q` is the head's softmax over D and 0
+    elsewhere, and `p` is still the policy's softmax over the whole vocabulary:
+
+    - `"tv"`, `"e2e_tv"` and the reported statistics use `TV(p, q) = 1 - sum_{v in D} min(p_v, q_v)`, so the
+      acceptance is at most `p(D)` and the policy's mass outside D counts as rejected, as in rejection sampling.
+      `p` is never renormalised over D, which would overstate the acceptance.
+    - `"rkl"`: `KL(q || p) = sum_{v in D} q_v log(q_v / p_v)`, finite and exact since `q` is 0 outside D; it is at
+      least `-log p(D)`.
+    - `"kl"`: `KL(p || q)` is infinite whenever `p` has mass outside D, so the loss is `KL(p_D || q)` against
+      `p_D = p / p(D)`, the policy renormalised over D. Its minimiser `q = p_D` also minimises the TV over
+      drafts on D (it reaches the ceiling `p(D)`), so it trains towards the right head; its value is no bound on
+      the acceptance, which the returned statistics report against `p` itself.
+    - `"ce"`: `-log q(label)`, averaged over the valid slots whose label lies in D; the other slots are skipped
+      (their loss would be infinite and no draft on D can predict them).
 
     The logits `h @ W^T / T` of either model are never materialised: the op walks over tiles of `token_tile` slots
     by up to `vocab_tile` vocabulary entries with an online log-sum-exp, so its extra memory is a few float32 tiles
@@ -105,13 +131,17 @@ def mtp_loss(
             `"triton"` force one. `"triton"` needs the triton package and inputs in float32, bfloat16 or float16 on
             CUDA, or on CPU with Triton's interpreter enabled (`TRITON_INTERPRET=1` in the environment before the
             first Triton call), which runs the kernels slowly in Python to test them without a GPU.
+        draft_lm_head_weight: [|D|, H] the head's own lm_head rows over its draft vocabulary D, or None when the
+            head drafts from the whole vocabulary with `lm_head_weight`. Frozen: it gets no gradient.
+        draft_vocab: [|D|] the target token id of each row of `draft_lm_head_weight`, strictly increasing; given
+            together with it.
 
     Returns:
         The loss and the acceptance statistics.
 
     Raises:
         ValueError: If shapes, dtypes or options are inconsistent, the mask is not prefix-closed or has no valid
-            slot, or `labels` are missing or out of range for `"ce"`.
+            slot, `labels` are missing or out of range for `"ce"`, or the draft vocabulary is inconsistent.
 
     Example:
         ```python
@@ -120,23 +150,41 @@ def mtp_loss(
         print(out.acceptance, out.expected_accepted_length)
         ```
     """
-    mask = validate_inputs(draft_hidden, target_hidden, lm_head_weight, loss_type, mask, labels, temperature)
+    mask = validate_inputs(
+        draft_hidden,
+        target_hidden,
+        lm_head_weight,
+        loss_type,
+        mask,
+        labels,
+        temperature,
+        draft_lm_head_weight=draft_lm_head_weight,
+        draft_vocab=draft_vocab,
+    )
     if token_tile < 1 or vocab_tile < 1:
         raise ValueError(f"token_tile and vocab_tile must be positive, got {token_tile} and {vocab_tile}.")
-    dtype = compute_dtype(draft_hidden, target_hidden, lm_head_weight)
+    weights = (lm_head_weight,) if draft_lm_head_weight is None else (lm_head_weight, draft_lm_head_weight)
+    dtype = compute_dtype(draft_hidden, target_hidden, *weights)
     tile_math = _tile_math(_select_backend(backend, lm_head_weight.device, dtype))
 
+    slot_labels = labels[mask] if loss_type == "ce" else None
+    label_in_draft_vocab = None
+    if slot_labels is not None and draft_vocab is not None:
+        slot_labels, label_in_draft_vocab = draft_indices(slot_labels, draft_vocab, lm_head_weight.shape[0])
+
     # Masked slots are dropped before the vocabulary sweeps, so padding costs nothing.
-    value, tv = MTPDivergenceFunction.apply(
+    value, tv, outside = MTPDivergenceFunction.apply(
         draft_hidden[mask],
         target_hidden.detach()[mask],
         lm_head_weight.detach(),
-        labels[mask] if loss_type == "ce" else None,
+        slot_labels,
         loss_type,
         float(temperature),
         token_tile,
         vocab_tile,
         tile_math,
+        None if draft_lm_head_weight is None else draft_lm_head_weight.detach(),
+        draft_vocab,
     )
 
     # The reductions run on [S, N] per-slot values with ordinary torch ops, so autograd propagates the e2e_tv
@@ -146,19 +194,46 @@ def mtp_loss(
         # Masked slots have TV 0, i.e. acceptance 1: they neither break the products nor are counted.
         survival = torch.cumprod(1 - value.new_zeros(mask.shape).masked_scatter(mask, value), dim=0)
         loss = 1 - (survival * valid).sum() / len(value)
+    elif label_in_draft_vocab is not None:
+        # A batch without any label in D has loss 0 and no gradient, rather than 0 / 0.
+        counted = label_in_draft_vocab.to(value.dtype)
+        loss = (value * counted).sum() / counted.sum().clamp_min(1)
     else:
         loss = value.mean()
 
     with torch.no_grad():
         slot_tv = tv.new_zeros(mask.shape).masked_scatter(mask, tv)
         step_tv = slot_tv.sum(dim=1) / valid.sum(dim=1)
+        step_outside = outside.new_zeros(mask.shape).masked_scatter(mask, outside).sum(dim=1) / valid.sum(dim=1)
         accepted = (torch.cumprod(1 - slot_tv, dim=0) * valid).sum(dim=0)
         # With a prefix-closed mask, a start position has a valid slot exactly when its first step is valid.
         expected_accepted_length = accepted[mask[0]].mean()
 
     return MTPLossOutput(
-        loss=loss, tv=step_tv, acceptance=1 - step_tv, expected_accepted_length=expected_accepted_length
+        loss=loss,
+        tv=step_tv,
+        acceptance=1 - step_tv,
+        expected_accepted_length=expected_accepted_length,
+        target_mass_outside_draft_vocab=step_outside,
     )
+
+
+def draft_indices(labels: Tensor, draft_vocab: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """Maps target token ids to row indices of a draft vocabulary.
+
+    Args:
+        labels: Target token ids in `[0, vocab_size)`, any shape.
+        draft_vocab: [|D|] the target ids of the draft vocabulary's rows.
+        vocab_size: Size of the target vocabulary.
+
+    Returns:
+        The row index of each label in `draft_vocab` (0 for labels outside it) and a bool tensor, True where the
+        label is in the draft vocabulary.
+    """
+    index = torch.full((vocab_size,), -1, dtype=torch.long, device=labels.device)
+    index[draft_vocab] = torch.arange(len(draft_vocab), device=labels.device)
+    rows = index[labels]
+    return rows.clamp_min(0), rows >= 0
 
 
 class MTPLoss(nn.Module):
@@ -200,6 +275,8 @@ class MTPLoss(nn.Module):
         lm_head_weight: Tensor,
         mask: Tensor | None = None,
         labels: Tensor | None = None,
+        draft_lm_head_weight: Tensor | None = None,
+        draft_vocab: Tensor | None = None,
     ) -> MTPLossOutput:
         """Computes the loss, see [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] for the arguments."""
         return mtp_loss(
@@ -213,6 +290,8 @@ class MTPLoss(nn.Module):
             token_tile=self.token_tile,
             vocab_tile=self.vocab_tile,
             backend=self.backend,
+            draft_lm_head_weight=draft_lm_head_weight,
+            draft_vocab=draft_vocab,
         )
 
     def extra_repr(self) -> str:
@@ -228,6 +307,9 @@ def validate_inputs(
     mask: Tensor | None,
     labels: Tensor | None,
     temperature: float,
+    *,
+    draft_lm_head_weight: Tensor | None = None,
+    draft_vocab: Tensor | None = None,
 ) -> Tensor:
     """Checks the arguments shared by [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] and its reference implementation.
 
@@ -297,7 +379,44 @@ def validate_inputs(
                     f"labels of valid slots must lie in [0, {lm_head_weight.shape[0]}) (the vocabulary of "
                     "lm_head_weight); mark padded slots invalid in mask instead of using an ignore index."
                 )
+    if draft_lm_head_weight is not None or draft_vocab is not None:
+        _validate_draft_vocab(lm_head_weight, draft_lm_head_weight, draft_vocab)
     return mask
+
+
+def _validate_draft_vocab(lm_head_weight: Tensor, draft_weight: Tensor | None, draft_vocab: Tensor | None) -> None:
+    if draft_weight is None or draft_vocab is None:
+        raise ValueError(
+            "Pass draft_lm_head_weight and draft_vocab together (a head with a draft vocabulary has both: "
+            "head.draft_lm_head_weight and head.draft_vocab), or neither for a head drafting from the whole vocabulary."
+        )
+    vocab_size, hidden_size = lm_head_weight.shape
+    if draft_weight.dim() != 2 or draft_weight.shape[1] != hidden_size or not draft_weight.is_floating_point():
+        raise ValueError(
+            f"draft_lm_head_weight must be a floating-point [|D|, H] tensor with H = {hidden_size}, got "
+            f"{draft_weight.dtype} of shape {tuple(draft_weight.shape)}."
+        )
+    if draft_vocab.dim() != 1 or draft_vocab.dtype.is_floating_point or draft_vocab.dtype == torch.bool:
+        raise ValueError(
+            f"draft_vocab must be a 1-D integer tensor of target token ids, got {draft_vocab.dtype} of shape "
+            f"{tuple(draft_vocab.shape)}."
+        )
+    if len(draft_vocab) != draft_weight.shape[0]:
+        raise ValueError(
+            f"draft_vocab has {len(draft_vocab)} ids but draft_lm_head_weight has {draft_weight.shape[0]} rows; "
+            "row j of the draft lm_head must be the one of target token draft_vocab[j]."
+        )
+    for name, tensor in (("draft_lm_head_weight", draft_weight), ("draft_vocab", draft_vocab)):
+        if tensor.device != lm_head_weight.device:
+            raise ValueError(
+                f"{name} must be on the device of lm_head_weight ({lm_head_weight.device}), got {tensor.device}."
+            )
+    if len(draft_vocab) == 0:
+        raise ValueError("draft_vocab is empty: a draft vocabulary needs at least one token.")
+    if (draft_vocab[1:] <= draft_vocab[:-1]).any():
+        raise ValueError("draft_vocab must be strictly increasing (sorted target ids, each once).")
+    if draft_vocab[0] < 0 or draft_vocab[-1] >= vocab_size:
+        raise ValueError(f"draft_vocab ids must lie in [0, {vocab_size}) (the rows of lm_head_weight).")
 
 
 def _select_backend(backend: str, device: torch.device, dtype: torch.dtype) -> Literal["torch", "triton"]:

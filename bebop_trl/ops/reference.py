@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mtp_loss import LossType, MTPLossOutput, validate_inputs
+from .mtp_loss import LossType, MTPLossOutput, draft_indices, validate_inputs
 
 
 def mtp_loss_reference(
@@ -21,28 +21,65 @@ def mtp_loss_reference(
     mask: Tensor | None = None,
     labels: Tensor | None = None,
     temperature: float = 1.0,
+    draft_lm_head_weight: Tensor | None = None,
+    draft_vocab: Tensor | None = None,
 ) -> MTPLossOutput:
     """Same contract as [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss], minus the tiling and backend options.
+
+    With a draft vocabulary, the head's distribution is scattered into a full-vocabulary `q` that is 0 outside it,
+    and compared with the policy's full-vocabulary `p` as it is.
 
     Args:
         draft_hidden: [S, N, H] the head's final hidden states.
         target_hidden: [S, N, H] the policy's final hidden states for the same slots (no gradient).
-        lm_head_weight: [V, H] the shared lm_head weight (no gradient).
+        lm_head_weight: [V, H] the policy's lm_head weight (no gradient).
         loss_type: `"ce"`, `"kl"`, `"rkl"`, `"tv"` or `"e2e_tv"`.
         mask: [S, N] bool prefix-closed validity mask; `None` means all valid.
         labels: [S, N] token ids, required for `"ce"`.
         temperature: Softmax temperature.
+        draft_lm_head_weight: [|D|, H] the head's lm_head rows over its draft vocabulary (no gradient), or None.
+        draft_vocab: [|D|] target ids of those rows.
 
     Returns:
         The loss and acceptance statistics, computed in float32 (float64 for float64 inputs).
     """
-    mask = validate_inputs(draft_hidden, target_hidden, lm_head_weight, loss_type, mask, labels, temperature)
+    mask = validate_inputs(
+        draft_hidden,
+        target_hidden,
+        lm_head_weight,
+        loss_type,
+        mask,
+        labels,
+        temperature,
+        draft_lm_head_weight=draft_lm_head_weight,
+        draft_vocab=draft_vocab,
+    )
     dtype = torch.promote_types(draft_hidden.dtype, torch.float32)
     weight = lm_head_weight.detach().to(dtype)
-    log_q = F.log_softmax(draft_hidden.to(dtype) @ weight.T / temperature, dim=-1)
-    log_p = F.log_softmax(target_hidden.detach().to(dtype) @ weight.T / temperature, dim=-1)
-    q, p = log_q.exp(), log_p.exp()
-    tv = 0.5 * (p - q).abs().sum(dim=-1)
+    target_logits = target_hidden.detach().to(dtype) @ weight.T / temperature
+    log_p = F.log_softmax(target_logits, dim=-1)
+    p = log_p.exp()
+    counted = mask
+    if draft_vocab is None:
+        log_q = F.log_softmax(draft_hidden.to(dtype) @ weight.T / temperature, dim=-1)
+        q_full = log_q.exp()
+        log_p_draft = log_p
+        # Over the whole vocabulary, p renormalised is p itself.
+        log_p_renormalised = log_p
+        draft_labels = labels
+    else:
+        draft_weight = draft_lm_head_weight.detach().to(dtype)
+        log_q = F.log_softmax(draft_hidden.to(dtype) @ draft_weight.T / temperature, dim=-1)
+        q_full = torch.zeros_like(p).index_copy(-1, draft_vocab, log_q.exp())
+        log_p_draft = log_p[..., draft_vocab]
+        log_p_renormalised = F.log_softmax(target_logits[..., draft_vocab], dim=-1)
+        draft_labels = None
+        if loss_type == "ce":
+            draft_labels, in_draft_vocab = draft_indices(torch.where(mask, labels, 0), draft_vocab, len(weight))
+            counted = mask & in_draft_vocab
+    q = log_q.exp()
+    tv = 0.5 * (p - q_full).abs().sum(dim=-1)
+    outside = 1 - p[..., draft_vocab].sum(dim=-1) if draft_vocab is not None else torch.zeros_like(tv)
 
     valid = mask.to(dtype)
     num_valid = valid.sum()
@@ -51,21 +88,26 @@ def mtp_loss_reference(
         loss = 1 - accepted.sum() / num_valid
     else:
         if loss_type == "ce":
-            per_slot = -log_q.gather(-1, torch.where(mask, labels, 0).unsqueeze(-1)).squeeze(-1)
+            per_slot = -log_q.gather(-1, torch.where(counted, draft_labels, 0).unsqueeze(-1)).squeeze(-1)
         elif loss_type == "kl":
-            per_slot = (p * (log_p - log_q)).sum(dim=-1)
+            per_slot = (log_p_renormalised.exp() * (log_p_renormalised - log_q)).sum(dim=-1)
         elif loss_type == "rkl":
-            per_slot = (q * (log_q - log_p)).sum(dim=-1)
+            per_slot = (q * (log_q - log_p_draft)).sum(dim=-1)
         else:
             per_slot = tv
-        loss = torch.where(mask, per_slot, 0.0).sum() / num_valid
+        loss = torch.where(counted, per_slot, 0.0).sum() / counted.sum().clamp_min(1)
 
     with torch.no_grad():
         step_tv = torch.stack([tv[step][mask[step]].mean() for step in range(tv.shape[0])])
+        step_outside = torch.stack([outside[step][mask[step]].mean() for step in range(tv.shape[0])])
         expected_accepted_length = accepted[mask.any(dim=0)].mean()
 
     return MTPLossOutput(
-        loss=loss, tv=step_tv, acceptance=1 - step_tv, expected_accepted_length=expected_accepted_length
+        loss=loss,
+        tv=step_tv,
+        acceptance=1 - step_tv,
+        expected_accepted_length=expected_accepted_length,
+        target_mass_outside_draft_vocab=step_outside,
     )
 
 

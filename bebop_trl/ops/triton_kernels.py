@@ -10,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import DIVERGENCES, Workspace
+from .chunked import DIVERGENCES, DRAFT_VOCAB_KL, Workspace
 
 
 # Loss codes of the pass-2 kernel: tv and e2e_tv share their per-slot math.
-_LOSS_CODES = {"tv": 0, "e2e_tv": 0, "kl": 1, "rkl": 2, "ce": 3}
+_LOSS_CODES = {"tv": 0, "e2e_tv": 0, "kl": 1, "rkl": 2, "ce": 3, DRAFT_VOCAB_KL: 4}
 _MAX_BLOCK_SIZE = 4096
 
 
@@ -88,6 +88,11 @@ def _divergence_kernel(
             stat += tl.sum(tl.where(in_row, p * (log_p - log_q), 0.0), axis=0)
             if NEED_GRAD:
                 tl.store(zq_ptr + cols, q - p, mask=in_row)
+        elif LOSS == 4:
+            stat += tl.sum(tl.where(in_row, p * (log_p - log_q), 0.0), axis=0)
+            if NEED_GRAD:
+                tl.store(zq_ptr + cols, q, mask=in_row)
+                tl.store(zp_ptr + cols, p, mask=in_row)
         elif LOSS == 2:
             q_log_ratio = tl.where(in_row, q * (log_q - log_p), 0.0)
             stat += tl.sum(q_log_ratio, axis=0)

@@ -429,6 +429,8 @@ class BebopGRPOTrainer(GRPOTrainer):
                 mask=(slots.label_mask if is_ce else slots.mask) & drafted,
                 labels=slots.labels if is_ce else None,
                 temperature=self.temperature,
+                draft_lm_head_weight=head.draft_lm_head_weight,
+                draft_vocab=head.draft_vocab,
             )
             if not torch.isfinite(result.loss):
                 raise FloatingPointError(

@@ -33,6 +33,16 @@ class MTPConfig(TrainingArguments):
         },
     )
     head_num_layers: int = field(default=1, metadata={"help": "Number of decoder layers of a new head."})
+    draft_vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Build the new head with a draft vocabulary of this many tokens: those that carry the most of "
+            "the policy's mass on the training data (its completions where it has prompts), the tokenizer's special "
+            "tokens always among them. The head's lm_head product shrinks to draft_vocab_size / V of the policy's. "
+            "Rejection sampling stays exact; the policy's mass outside the draft vocabulary is never accepted, and "
+            "is logged as target_mass_outside_draft_vocab. None: the whole vocabulary. vLLM cannot run such a head."
+        },
+    )
 
     # Loss
     loss_type: str = field(
@@ -136,6 +146,8 @@ class MTPConfig(TrainingArguments):
                 f"num_mtp_steps ({self.num_mtp_steps}) and num_speculative_tokens ({self.num_speculative_tokens}) "
                 "must be >= 1."
             )
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be None or >= 1, got {self.draft_vocab_size}.")
         if self.kl_warm_start < 0:
             raise ValueError(f"kl_warm_start must be >= 0, got {self.kl_warm_start}.")
         if self.temperature <= 0:

@@ -24,7 +24,7 @@ from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress, hf_api
 
-from ..modeling import MTPHead
+from ..modeling import MTPHead, draft_vocab_mass, select_draft_vocab
 from ..modeling.hub import CONFIG_NAME, MODEL_CARD_NAME, WEIGHTS_NAME, head_model_card, load_tensors
 from ..modeling.teacher_forcing import (
     completion_token_mask,
@@ -108,6 +108,8 @@ class MTPTrainingModule(nn.Module):
             self.head.lm_head_weight,
             mask=mask,
             labels=slots.labels if is_ce else None,
+            draft_lm_head_weight=self.head.draft_lm_head_weight,
+            draft_vocab=self.head.draft_vocab,
             **loss_kwargs,
         )
 
@@ -131,8 +133,8 @@ class MTPTrainer(Trainer):
             from the policy at `args.temperature` (self-distillation), cached on disk.
         eval_dataset: Held-out data in the same formats.
         processing_class: The policy's tokenizer (loaded from `model` when None).
-        head: The head to train; by default built as `args.mtp_head`, `args.head_layout` and
-            `args.head_num_layers` say.
+        head: The head to train; by default built as `args.mtp_head`, `args.head_layout`,
+            `args.head_num_layers` and `args.draft_vocab_size` say.
         data_collator: Pads batches (default: `DataCollatorWithPadding` of the tokenizer).
         callbacks: Extra `TrainerCallback`s.
         optimizers: An `(optimizer, scheduler)` pair to use instead of AdamW and the configured schedule.
@@ -170,8 +172,6 @@ class MTPTrainer(Trainer):
             processing_class = AutoTokenizer.from_pretrained(model.config.name_or_path)
         policy = model.eval().requires_grad_(False)
         self.policy = policy
-        self.head = self._build_head(policy, head, args)
-        self.head.config.recipe = _recipe(args)
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._last_eval_averages: dict[str, float] = {}
 
@@ -180,6 +180,9 @@ class MTPTrainer(Trainer):
             eval_dataset = {k: self._prepare_dataset(v, processing_class, args, k) for k, v in eval_dataset.items()}
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+        # After the data: a draft vocabulary is chosen from the tokenised training set.
+        self.head = self._build_head(policy, head, args, train_dataset, processing_class)
+        self.head.config.recipe = _recipe(args, self.head, train_dataset)
         if data_collator is None:
             data_collator = DataCollatorWithPadding(processing_class)
         super().__init__(
@@ -194,17 +197,34 @@ class MTPTrainer(Trainer):
         )
 
     @staticmethod
-    def _build_head(policy: PreTrainedModel, head: MTPHead | None, args: MTPConfig) -> MTPHead:
+    def _build_head(
+        policy: PreTrainedModel,
+        head: MTPHead | None,
+        args: MTPConfig,
+        train_dataset: Dataset | None,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> MTPHead:
         if head is not None:
-            return head.bind(policy)
-        if args.mtp_head == "native":
-            head = MTPHead.from_native(policy.config.name_or_path, policy=policy)
+            head = head.bind(policy)
+        elif args.mtp_head == "native":
+            head = MTPHead.from_native(policy.config.name_or_path, policy=policy).float()
         elif args.mtp_head:
-            head = MTPHead.from_pretrained(args.mtp_head, policy=policy)
+            head = MTPHead.from_pretrained(args.mtp_head, policy=policy).float()
         else:
-            head = MTPHead.from_model(policy, num_layers=args.head_num_layers, layout=args.head_layout)
-        # The policy may run in bf16; the head's master weights stay in float32 for the optimizer.
-        return head.float()
+            draft_vocab = None
+            if args.draft_vocab_size is not None:
+                draft_vocab = _choose_draft_vocab(policy, train_dataset, tokenizer, args)
+            head = MTPHead.from_model(
+                policy, num_layers=args.head_num_layers, layout=args.head_layout, draft_vocab=draft_vocab
+            )
+            # The policy may run in bf16; the head's master weights stay in float32 for the optimizer.
+            head = head.float()
+        if args.draft_vocab_size is not None and head.config.draft_vocab_size != args.draft_vocab_size:
+            raise ValueError(
+                f"draft_vocab_size={args.draft_vocab_size} builds a new head, but the head given has draft vocabulary "
+                f"size {head.config.draft_vocab_size}. Leave draft_vocab_size unset to train that head as it is."
+            )
+        return head
 
     def _prepare_dataset(self, dataset: Dataset | None, tokenizer, args: MTPConfig, name: str) -> Dataset | None:
         if dataset is None:
@@ -264,6 +284,9 @@ class MTPTrainer(Trainer):
             metrics[f"acceptance/step_{step}"].append(acceptance)
             metrics[f"tv/step_{step}"].append(tv)
         metrics["expected_accepted_length"].append(out.expected_accepted_length.item())
+        if self.head.draft_vocab is not None:
+            # The ceiling of every step's acceptance is one minus this.
+            metrics["target_mass_outside_draft_vocab"].append(out.target_mass_outside_draft_vocab.nanmean().item())
         if model.training:
             metrics["kl_warm_start"].append(float(warm_start))
         return (out.loss, out) if return_outputs else out.loss
@@ -508,9 +531,9 @@ class MTPTrainer(Trainer):
             self.push_in_progress.jobs.extend(push_jobs)
 
 
-def _recipe(args: MTPConfig) -> dict[str, Any]:
+def _recipe(args: MTPConfig, head: MTPHead, train_dataset: Dataset | None) -> dict[str, Any]:
     """The training settings recorded in the head's config and model card."""
-    return {
+    recipe = {
         "trainer": "MTPTrainer",
         "loss_type": args.loss_type,
         "num_mtp_steps": args.num_mtp_steps,
@@ -521,3 +544,42 @@ def _recipe(args: MTPConfig) -> dict[str, Any]:
         "max_steps": args.max_steps,
         "num_train_epochs": args.num_train_epochs,
     }
+    if head.draft_vocab is not None:
+        recipe["draft_vocab_size"] = head.config.draft_vocab_size
+        if train_dataset is not None:
+            sequences = _drafted_tokens(train_dataset, args)
+            recipe["draft_vocab_train_mass"] = round(
+                draft_vocab_mass(head.draft_vocab, head.config.vocab_size, sequences=sequences), 4
+            )
+    return recipe
+
+
+def _drafted_tokens(dataset: Dataset, args: MTPConfig) -> list[list[int]]:
+    """The tokens of each row that the head learns to draft: its completion when it has a prompt and the loss is
+    completion-only, else all of it."""
+    return [
+        ids[length:] if args.completion_only_loss and length > 0 else ids
+        for ids, length in zip(dataset["input_ids"], dataset[PROMPT_LENGTH], strict=True)
+    ]
+
+
+def _choose_draft_vocab(
+    policy: PreTrainedModel, dataset: Dataset | None, tokenizer: PreTrainedTokenizerBase, args: MTPConfig
+) -> torch.LongTensor:
+    """The `args.draft_vocab_size` tokens that carry the most of the policy's mass on the training data.
+
+    The data are the policy's own samples (or text standing in for them), so token frequencies estimate its mass.
+    The tokenizer's special tokens and the policy's EOS ids are always included, so the head can draft a
+    completion's end.
+    """
+    if dataset is None:
+        raise ValueError("draft_vocab_size chooses the head's draft vocabulary from train_dataset: pass one.")
+    vocab_size = policy.get_output_embeddings().weight.shape[0]
+    eos = policy.generation_config.eos_token_id if policy.generation_config is not None else None
+    special = {*tokenizer.all_special_ids, *([eos] if isinstance(eos, int) else eos or [])}
+    return select_draft_vocab(
+        vocab_size,
+        sequences=_drafted_tokens(dataset, args),
+        size=args.draft_vocab_size,
+        always_include=[i for i in special if i is not None and 0 <= i < vocab_size],
+    )

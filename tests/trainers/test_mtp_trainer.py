@@ -471,3 +471,74 @@ def test_evaluate_measures_each_named_eval_set(load_tiny, tokenizer, distilled, 
         assert f"eval_{name}_loss" in metrics
         assert 0.0 <= metrics[f"eval_{name}_measured_acceptance_probabilistic"] <= 1.0
     assert not any(key.startswith("eval_measured") for key in metrics)  # nothing unlabelled
+
+
+def test_draft_vocab_head_is_chosen_from_the_data_trained_and_logged(load_tiny, tokenizer, distilled, tmp_path):
+    policy = load_tiny("llama")
+    args = config(tmp_path, max_steps=4, logging_steps=2, loss_type="tv", kl_warm_start=0, draft_vocab_size=48)
+    distilled_train = distilled.select(range(64))
+    trainer = MTPTrainer(policy, args, distilled_train, distilled.select(range(64, 72)), tokenizer)
+    head = trainer.head
+    assert head.config.draft_vocab_size == 48 and len(head.draft_vocab) == 48
+    special = {i for i in (*tokenizer.all_special_ids, policy.generation_config.eos_token_id) if i is not None}
+    assert special <= set(head.draft_vocab.tolist())
+    # The most frequent completion tokens are in; the head's rows are the policy's for them.
+    counts = torch.bincount(
+        torch.tensor(
+            [
+                t
+                for ids, n in zip(distilled_train["input_ids"], distilled_train["prompt_length"], strict=True)
+                for t in ids[n:]
+            ]
+        ),
+        minlength=128,
+    )
+    assert set(counts.topk(20).indices.tolist()) <= set(head.draft_vocab.tolist())
+    assert torch.equal(head.draft_lm_head_weight, policy.lm_head.weight[head.draft_vocab])
+
+    batch = trainer.data_collator([distilled_train[i] for i in range(4)])
+    module = trainer.model
+    out = module(batch["input_ids"], batch["attention_mask"], batch["prompt_length"])
+    with torch.no_grad():
+        hidden = final_hidden_states(policy, batch["input_ids"], batch["attention_mask"])
+    slots = unroll_teacher_forced(head, batch["input_ids"], hidden, batch["attention_mask"], 3)
+    mask = slots.mask & drafting_slots(completion_token_mask(batch["attention_mask"], batch["prompt_length"]), 3)
+    expected = mtp_loss(
+        slots.draft_hidden,
+        slots.target_hidden,
+        head.lm_head_weight,
+        mask=mask,
+        loss_type="tv",
+        draft_lm_head_weight=head.draft_lm_head_weight,
+        draft_vocab=head.draft_vocab,
+    )
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert (out.acceptance <= 1 - out.target_mass_outside_draft_vocab + 1e-6).all()
+
+    trainer.train()
+    logged = [entry["target_mass_outside_draft_vocab"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(0 < mass < 1 for mass in logged)
+    metrics = trainer.evaluate()
+    assert 0 < metrics["eval_target_mass_outside_draft_vocab"] < 1
+    assert 0 <= metrics["eval_measured_acceptance_probabilistic"] <= 1
+    trainer.save_model()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["draft_vocab_size"] == 48 and saved["recipe"]["draft_vocab_size"] == 48
+    assert 0.5 < saved["recipe"]["draft_vocab_train_mass"] <= 1
+    reloaded = MTPHead.from_pretrained(tmp_path, policy=policy)
+    assert torch.equal(reloaded.draft_vocab, head.draft_vocab)
+    assert torch.equal(reloaded.draft_lm_head_weight, head.draft_lm_head_weight)
+
+
+def test_draft_vocab_size_must_match_a_given_head(load_tiny, tokenizer, distilled, tmp_path):
+    policy = load_tiny("llama")
+    with pytest.raises(ValueError, match="draft_vocab_size=48 builds a new head, but the head given has draft"):
+        MTPTrainer(
+            policy,
+            config(tmp_path, draft_vocab_size=48),
+            distilled,
+            processing_class=tokenizer,
+            head=MTPHead.from_model(policy),
+        )
+    with pytest.raises(ValueError, match="draft_vocab_size must be None or >= 1"):
+        MTPConfig(str(tmp_path), draft_vocab_size=0)
