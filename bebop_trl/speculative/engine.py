@@ -23,6 +23,7 @@ from ..modeling import MTPHead
 from ..modeling.teacher_forcing import positions_from_mask
 from .rejection import rejection_sample
 from .sampling import probs_from_logits, sample, validate_sampling_params
+from .small_batch_linear import small_batch_linear
 from .stats import AcceptanceStats
 
 
@@ -222,6 +223,12 @@ class SpeculativeGenerator:
         num_speculative_tokens: Tokens drafted per cycle (k >= 1).
         draft_sampling: `"probabilistic"` samples drafts from the head's processed distribution q and accepts with
             `min(1, p/q)`; `"greedy"` drafts the head's argmax and accepts with probability `p(draft)`.
+        small_batch_linear: Compute the `nn.Linear` layers of the policy and the head as `(W @ x.T).T` when their
+            input has at most 16 rows, during `generate` and in its thread only (see
+            `bebop_trl.speculative.small_batch_linear`). Results change only by float rounding. Off by default
+            because whether it helps depends on the CPU's BLAS, the thread count and the load: on the 2-core
+            machine of the step-cost table in the benchmarks docs it made policy passes over 2 to 5 tokens slower.
+            Turn it on where `benchmarks/bench_step_cost.py` shows a gain.
 
     Raises:
         ValueError: If `num_speculative_tokens < 1`, `draft_sampling` is unknown, the head does not match the
@@ -242,6 +249,7 @@ class SpeculativeGenerator:
         head: MTPHead | None = None,
         num_speculative_tokens: int = 3,
         draft_sampling: str = "probabilistic",
+        small_batch_linear: bool = False,
     ):
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}.")
@@ -261,6 +269,7 @@ class SpeculativeGenerator:
         self.head = head
         self.num_speculative_tokens = num_speculative_tokens
         self.draft_sampling = draft_sampling
+        self.small_batch_linear = small_batch_linear
 
     @torch.no_grad()
     def generate(
@@ -311,7 +320,10 @@ class SpeculativeGenerator:
         sampling = _SamplingParams(temperature, top_k, top_p, generator)
         k = self.num_speculative_tokens if self.head is not None else 0
         eos_ids = torch.tensor(self._eos_token_ids(eos_token_id), dtype=torch.long, device=input_ids.device)
-        with eval_mode(self.model, self.head):
+        linear_path = (
+            small_batch_linear(self.model, self.head) if self.small_batch_linear else contextlib.nullcontext()
+        )
+        with eval_mode(self.model, self.head), linear_path:
             return self._generate(input_ids, attention_mask, max_new_tokens, k, sampling, eos_ids, progress)
 
     def _generate(
@@ -382,7 +394,27 @@ class SpeculativeGenerator:
             distributions [B, k + 1, V] of the verified slots.
         """
         draft_tokens, draft_probs = self._draft(state, k, sampling)
-        batch_size, device = draft_tokens.shape[0], draft_tokens.device
+        return self._verify(state, draft_tokens, draft_probs, sampling)
+
+    def _verify(
+        self,
+        state: _DecodeState,
+        draft_tokens: torch.LongTensor,
+        draft_probs: torch.Tensor | None,
+        sampling: _SamplingParams,
+    ) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
+        """Scores `next_token` and the k drafts with one policy forward, rejection-samples and advances the state.
+
+        Args:
+            state: The rows' decoding state; its policy cache gains k + 1 slots (fewer after the crop).
+            draft_tokens: [B, k] drafts (k = 0 is a plain sampling step).
+            draft_probs: [B, k, V] the distributions they were sampled from, or `None` for greedy drafts.
+            sampling: Temperature, top-k, top-p and the random generator.
+
+        Returns:
+            As `_decode_cycle`.
+        """
+        batch_size, k, device = draft_tokens.shape[0], draft_tokens.shape[1], draft_tokens.device
         outputs = self.model(
             input_ids=torch.cat([state.next_token.unsqueeze(-1), draft_tokens], dim=-1),
             attention_mask=torch.cat([state.attention_mask, state.attention_mask.new_ones(batch_size, k + 1)], dim=-1),
