@@ -294,7 +294,7 @@ def measure(
             "entropy": stats.mean_entropy_per_row.tolist(),
             # NaN (a completion that ended before drafting) becomes null in JSON.
             "acceptance": [None if math.isnan(a) else a for a in stats.row_acceptance_rate.tolist()],
-            "drafted_tokens": (stats.drafts_per_row * stats.num_speculative_tokens).tolist(),
+            "drafted_tokens": stats.draft_tokens_per_row.tolist(),
         },
     }
 

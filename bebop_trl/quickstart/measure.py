@@ -1,20 +1,18 @@
 """Measurements with the speculative engine: acceptance per draft position, tokens per second, step costs, and the
 speed-up that acceptance and step costs imply."""
 
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import MTPHead
-from ..modeling.teacher_forcing import positions_from_mask
 from ..rollout.torch_engine import left_pad
-from ..speculative import GenerationOutput, SpeculativeGenerator, probs_from_logits, sample
+from ..speculative import GenerationOutput, SpeculativeGenerator
+from ..speculative.step_costs import time_cycle_steps, timed
 
 
 @dataclass
@@ -24,7 +22,9 @@ class Tally:
     tokens: int = 0
     seconds: float = 0.0
     num_drafts: int = 0
+    num_draft_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
     entropy_sum: float = 0.0
 
     def add(self, output: GenerationOutput, seconds: float = 0.0) -> None:
@@ -35,9 +35,9 @@ class Tally:
         self.seconds += seconds
         self.entropy_sum += stats.mean_entropy * tokens
         self.num_drafts += stats.num_drafts
-        counts = stats.accepted_per_position.tolist()
-        previous = self.accepted_per_position or [0] * len(counts)
-        self.accepted_per_position = [a + b for a, b in zip(previous, counts, strict=True)]
+        self.num_draft_tokens += stats.num_draft_tokens
+        self.accepted_per_position = _added(self.accepted_per_position, stats.accepted_per_position.tolist())
+        self.drafted_per_position = _added(self.drafted_per_position, stats.drafted_per_position.tolist())
 
     @property
     def acceptance_per_position(self) -> list[float]:
@@ -53,12 +53,13 @@ class Tally:
             "mean_entropy": self.entropy_sum / max(self.tokens, 1),
         }
         if self.num_drafts:
-            k = len(self.accepted_per_position)
             accepted = sum(self.accepted_per_position)
             result.update(
                 num_drafts=self.num_drafts,
+                num_draft_tokens=self.num_draft_tokens,
+                drafted_per_position=self.drafted_per_position,
                 acceptance_per_position=self.acceptance_per_position,
-                acceptance_rate=accepted / (self.num_drafts * k),
+                acceptance_rate=accepted / self.num_draft_tokens,
                 mean_accepted_length=accepted / self.num_drafts,
             )
         return result
@@ -134,33 +135,62 @@ def measure_engine_speed(
 ) -> dict[str, Any]:
     """Tokens per second of the engine with `head` and with no head, on the same batches, runs alternated.
 
-    Each repeat runs every batch with and without speculation back to back, the order flipping from one pair to
-    the next, so that a burst of load on a shared machine hits both alike; what the noise cannot bias much is the
-    ratio of the two.
-
-    Args:
-        batches: Prompt batches (token id lists), all of one batch size.
-        repeats: Rounds over all batches.
-
     Returns:
         `plain` and `speculative` tallies (summaries), `speedup` (ratio of their tokens/s) and
-        `speedup_per_repeat`.
+        `speedup_per_repeat`; see [`compare_engine_speeds`][bebop_trl.quickstart.measure.compare_engine_speeds].
     """
     engines = {
         "plain": SpeculativeGenerator(policy, None, num_speculative_tokens),
         "speculative": SpeculativeGenerator(policy, head, num_speculative_tokens, draft_sampling),
     }
-    for engine in engines.values():  # untimed warm-up: first calls allocate
+    result = compare_engine_speeds(
+        engines, tokenizer, batches, repeats=repeats, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
+    return {
+        "plain": result["plain"],
+        "speculative": result["speculative"],
+        "speedup": result["speedup"]["speculative"],
+        "speedup_per_repeat": result["speedup_per_repeat"]["speculative"],
+    }
+
+
+def compare_engine_speeds(
+    engines: Mapping[str, SpeculativeGenerator],
+    tokenizer: PreTrainedTokenizerBase,
+    batches: list[list[list[int]]],
+    *,
+    repeats: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Tokens per second of several engines on the same batches, runs interleaved, against the one named `plain`.
+
+    Each repeat runs every batch on every engine back to back, the order rotating from one batch to the next, so
+    that a burst of load on a shared machine hits all alike; what the noise cannot bias much is the ratio of two.
+    Every engine sees the same random seed for a batch.
+
+    Args:
+        engines: Name -> engine; `plain` (no head) is the baseline.
+        batches: Prompt batches (token id lists), all of one batch size.
+        repeats: Rounds over all batches.
+
+    Returns:
+        One tally summary per engine, `speedup` (tokens/s over plain's, per engine) and `speedup_per_repeat`.
+    """
+    policy = engines["plain"].model
+    for engine in engines.values():  # untimed warm-up: first calls allocate (and "auto" engines calibrate)
         _generate(engine, tokenizer, batches[0], min(4, max_new_tokens), temperature, seed)
-    per_repeat = []
-    totals = {name: Tally() for name in engines}
-    with tqdm(total=2 * repeats * len(batches), desc=f"Speed, batch {len(batches[0])}", unit="run") as bar:
+    names = list(engines)
+    per_repeat: dict[str, list[float]] = {name: [] for name in names if name != "plain"}
+    totals = {name: Tally() for name in names}
+    with tqdm(total=len(names) * repeats * len(batches), desc=f"Speed, batch {len(batches[0])}", unit="run") as bar:
         for repeat in range(repeats):
-            tallies = {name: Tally() for name in engines}
+            tallies = {name: Tally() for name in names}
             for index, batch in enumerate(batches):
-                names = list(engines) if (repeat + index) % 2 == 0 else list(reversed(engines))
-                for name in names:
-                    output, seconds = _timed(
+                shift = (repeat + index) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    output, seconds = timed(
                         policy.device,
                         _generate,
                         engines[name],
@@ -173,15 +203,15 @@ def measure_engine_speed(
                     tallies[name].add(output, seconds)
                     totals[name].add(output, seconds)
                     bar.update()
-            per_repeat.append(_ratio(tallies))
+            for name in per_repeat:
+                per_repeat[name].append(_ratio(tallies[name], tallies["plain"]))
     return {
         **{name: tally.summary() for name, tally in totals.items()},
-        "speedup": _ratio(totals),
+        "speedup": {name: _ratio(totals[name], totals["plain"]) for name in per_repeat},
         "speedup_per_repeat": per_repeat,
     }
 
 
-@torch.no_grad()
 def measure_step_costs(
     policy: PreTrainedModel,
     head: MTPHead,
@@ -192,97 +222,15 @@ def measure_step_costs(
     temperature: float,
     repeats: int,
 ) -> dict[str, float]:
-    """Median seconds of the three steps a cycle is made of, after a prefill of `prompts` (one batch).
-
-    - `decode`: a 1-token policy step with sampling (plain decoding's cost per token);
-    - `verify`: a (k + 1)-token policy pass with its hidden states and distributions (the verifier's pass);
-    - `draft`: one head step with the shared lm_head and sampling.
-
-    The steps are interleaved over `repeats` rounds (after a warm-up round) and the caches are cropped back after
-    each, so every timing starts from the same state.
-    """
-    device = policy.device
-    input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
-    batch_size, k = input_ids.shape[0], num_speculative_tokens
-    position_ids = positions_from_mask(attention_mask)
-    policy_cache = DynamicCache(config=policy.config)
-    prefill = policy(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=policy_cache,
-        output_hidden_states=True,
-        logits_to_keep=1,
+    """Median seconds of the three steps a k-draft cycle is made of, after a prefill of `prompts` (one batch):
+    `decode` (a 1-token step), `verify` (the (k + 1)-token verify pass) and `draft` (one head step); see
+    [`time_cycle_steps`][bebop_trl.speculative.step_costs.time_cycle_steps]."""
+    input_ids, attention_mask = left_pad(prompts, pad_token_id, policy.device)
+    verify = num_speculative_tokens + 1
+    seconds = time_cycle_steps(
+        policy, head, input_ids, attention_mask, verify_lengths=[verify], temperature=temperature, repeats=repeats
     )
-    hidden = prefill.hidden_states[-1]
-    next_position = attention_mask.sum(dim=-1, keepdim=True)
-    last_token = input_ids[:, -1:]
-    # The head's cache as the engine leaves it after the prompt: slot t pairs hidden state t with token t + 1.
-    head_cache = head.new_cache()
-    head(
-        hidden,
-        torch.cat([input_ids[:, 1:], last_token], dim=-1),
-        attention_mask=attention_mask,
-        position_ids=position_ids + 1,
-        past_key_values=head_cache,
-        use_cache=True,
-    )
-
-    def policy_step(num_tokens: int) -> None:
-        mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, num_tokens)], dim=-1)
-        out = policy(
-            input_ids=last_token.expand(-1, num_tokens),
-            attention_mask=mask,
-            position_ids=next_position + torch.arange(num_tokens, device=device),
-            past_key_values=policy_cache,
-            use_cache=True,
-            output_hidden_states=num_tokens > 1,
-        )
-        probs = probs_from_logits(out.logits, temperature)
-        if num_tokens == 1:
-            sample(probs[:, -1])
-        policy_cache.crop(-num_tokens)
-
-    def draft_step() -> None:
-        out = head(
-            hidden[:, -1:],
-            last_token,
-            attention_mask=torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1),
-            position_ids=next_position + 1,
-            past_key_values=head_cache,
-            use_cache=True,
-        )
-        sample(probs_from_logits(head.compute_logits(out.last_hidden_state[:, 0]), temperature))
-        head_cache.crop(-1)
-
-    steps: dict[str, Callable[[], None]] = {
-        "decode": lambda: policy_step(1),
-        "verify": lambda: policy_step(k + 1),
-        "draft": draft_step,
-    }
-    return interleaved_medians(steps, device, repeats)
-
-
-def interleaved_medians(
-    steps: Mapping[str, Callable[[], Any]], device: torch.device, repeats: int
-) -> dict[str, float]:
-    """Median wall seconds of each step, the steps run in turn over `repeats` timed rounds after a warm-up round.
-
-    Interleaving makes a burst of load on a shared machine hit every step alike, so that ratios of the medians
-    are far steadier than the times themselves. Each step must leave the state as it found it.
-
-    Args:
-        steps: Name -> function to time.
-        device: Where the steps run (CUDA work is waited for).
-        repeats: Timed rounds.
-    """
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for round_index in range(repeats + 1):
-        for name, step in steps.items():
-            _, seconds = _timed(device, step)
-            if round_index:  # round 0 is the warm-up
-                times[name].append(seconds)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {"decode": seconds["decode"], "verify": seconds[f"verify_{verify}"], "draft": seconds["draft"]}
 
 
 def relative_step_costs(step_costs: Mapping[str, float]) -> dict[str, float]:
@@ -307,20 +255,9 @@ def _generate(
     )
 
 
-def _timed(device: torch.device, function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """Runs `function(*args)` and returns its result and wall time (once the device has finished its work)."""
-    _synchronize(device)
-    started = time.perf_counter()
-    result = function(*args)
-    _synchronize(device)
-    return result, time.perf_counter() - started
+def _added(total: list[int], counts: list[int]) -> list[int]:
+    return [a + b for a, b in zip(total or [0] * len(counts), counts, strict=True)]
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _ratio(tallies: Mapping[str, Tally]) -> float:
-    speculative, plain = tallies["speculative"], tallies["plain"]
-    return (speculative.tokens / speculative.seconds) / (plain.tokens / plain.seconds)
+def _ratio(tally: Tally, baseline: Tally) -> float:
+    return (tally.tokens / tally.seconds) / (baseline.tokens / baseline.seconds)

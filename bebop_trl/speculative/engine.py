@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 
 from ..modeling import MTPHead
 from ..modeling.teacher_forcing import positions_from_mask
+from .draft_length import AUTO_MAX_DRAFT_TOKENS, AdaptiveDraftLength, calibrate_draft_length
 from .rejection import rejection_sample
 from .sampling import probs_from_logits, sample, validate_sampling_params
 from .small_batch_linear import small_batch_linear
@@ -148,8 +149,10 @@ class _Completions:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_new_tokens, self.k, self.eos_ids = max_new_tokens, k, eos_ids
         self.drafts_per_row = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.draft_tokens_per_row = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.accepted_per_row = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.accepted_per_position = torch.zeros(k, dtype=torch.long, device=device)
+        self.drafted_per_position = torch.zeros(k, dtype=torch.long, device=device)
 
     def append(
         self, rows: torch.LongTensor, tokens: torch.LongTensor, count: torch.LongTensor, probs: torch.Tensor
@@ -179,11 +182,14 @@ class _Completions:
         self.lengths[rows] += count
         return hit_eos | (self.lengths[rows] >= self.max_new_tokens)
 
-    def count_drafts(self, rows: torch.LongTensor, num_accepted: torch.LongTensor) -> None:
-        """Adds one cycle's acceptance counts of `rows` (a no-op without a head)."""
+    def count_drafts(self, rows: torch.LongTensor, num_accepted: torch.LongTensor, num_drafted: int) -> None:
+        """Adds one cycle's acceptance counts of `rows`, which drafted `num_drafted` tokens each (a no-op without a
+        head)."""
         if self.k:
             self.drafts_per_row[rows] += 1
+            self.draft_tokens_per_row[rows] += num_drafted
             self.accepted_per_row[rows] += num_accepted
+            self.drafted_per_position[:num_drafted] += len(rows)
             positions = torch.arange(self.k, device=num_accepted.device)
             self.accepted_per_position += (num_accepted.unsqueeze(-1) > positions).sum(dim=0)
 
@@ -195,10 +201,12 @@ class _Completions:
         stats = AcceptanceStats(
             num_speculative_tokens=self.k,
             num_drafts=num_drafts,
-            num_draft_tokens=num_drafts * self.k,
+            num_draft_tokens=int(self.draft_tokens_per_row.sum()),
             num_accepted_tokens=int(self.accepted_per_position.sum()),
             accepted_per_position=self.accepted_per_position.cpu(),
+            drafted_per_position=self.drafted_per_position.cpu(),
             drafts_per_row=self.drafts_per_row.cpu(),
+            draft_tokens_per_row=self.draft_tokens_per_row.cpu(),
             accepted_per_row=self.accepted_per_row.cpu(),
             entropy=entropy,
             mean_entropy=float(entropy[mask.bool()].mean()),
@@ -220,7 +228,11 @@ class SpeculativeGenerator:
         model: The policy, a Hugging Face causal LM (a PEFT wrapper is fine).
         head: The draft head; it is checked against `model` and bound to it (it shares the model's embedding and
             lm_head). `None` disables speculation.
-        num_speculative_tokens: Tokens drafted per cycle (k >= 1).
+        num_speculative_tokens: Tokens drafted per cycle (k >= 1), or the most drafted per cycle with a
+            `draft_length` policy. `"auto"` drafts up to 4 per cycle with an
+            [`AdaptiveDraftLength`][bebop_trl.speculative.draft_length.AdaptiveDraftLength] whose step costs are
+            measured on the first batch generated (a few policy and head steps; the costs depend on the batch size,
+            so build one generator per batch size).
         draft_sampling: `"probabilistic"` samples drafts from the head's processed distribution q and accepts with
             `min(1, p/q)`; `"greedy"` drafts the head's argmax and accepts with probability `p(draft)`.
         small_batch_linear: Compute the `nn.Linear` layers of the policy and the head as `(W @ x.T).T` when their
@@ -229,6 +241,10 @@ class SpeculativeGenerator:
             because whether it helps depends on the CPU's BLAS, the thread count and the load: on the 2-core
             machine of the step-cost table in the benchmarks docs it made policy passes over 2 to 5 tokens slower.
             Turn it on where `benchmarks/bench_step_cost.py` shows a gain.
+        draft_length: Chooses the draft length per cycle (see
+            [`AdaptiveDraftLength`][bebop_trl.speculative.draft_length.AdaptiveDraftLength]): drafting stops when one
+            more draft is predicted to lower the tokens per unit cost. The rule reads the head's distributions only,
+            so the output keeps the policy's law. The policy learns from every cycle verified.
 
     Raises:
         ValueError: If `num_speculative_tokens < 1`, `draft_sampling` is unknown, the head does not match the
@@ -250,9 +266,21 @@ class SpeculativeGenerator:
         num_speculative_tokens: int = 3,
         draft_sampling: str = "probabilistic",
         small_batch_linear: bool = False,
+        draft_length: AdaptiveDraftLength | None = None,
     ):
-        if num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}.")
+        if num_speculative_tokens == "auto":
+            num_speculative_tokens = AUTO_MAX_DRAFT_TOKENS
+            auto_draft_length = True
+        else:
+            auto_draft_length = False
+        if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be an int >= 1 or 'auto', got {num_speculative_tokens!r}.")
+        if draft_length is not None and draft_length.max_draft_tokens < num_speculative_tokens:
+            raise ValueError(
+                f"draft_length knows the costs of up to {draft_length.max_draft_tokens} drafts, fewer than "
+                f"num_speculative_tokens={num_speculative_tokens}: give its StepCosts verify costs for up to "
+                f"{num_speculative_tokens + 1} tokens, or lower num_speculative_tokens."
+            )
         if draft_sampling not in DRAFT_SAMPLING_MODES:
             raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {draft_sampling!r}.")
         if head is not None:
@@ -270,6 +298,9 @@ class SpeculativeGenerator:
         self.num_speculative_tokens = num_speculative_tokens
         self.draft_sampling = draft_sampling
         self.small_batch_linear = small_batch_linear
+        self.draft_length = draft_length
+        # "auto": the step costs are measured on the first batch generated, then kept.
+        self._calibrate_draft_length = auto_draft_length and draft_length is None and head is not None
 
     @torch.no_grad()
     def generate(
@@ -324,6 +355,11 @@ class SpeculativeGenerator:
             small_batch_linear(self.model, self.head) if self.small_batch_linear else contextlib.nullcontext()
         )
         with eval_mode(self.model, self.head), linear_path:
+            if self._calibrate_draft_length:
+                self.draft_length = calibrate_draft_length(
+                    self.model, self.head, input_ids, attention_mask, max_draft_tokens=k, temperature=temperature
+                )
+                self._calibrate_draft_length = False
             return self._generate(input_ids, attention_mask, max_new_tokens, k, sampling, eos_ids, progress)
 
     def _generate(
@@ -344,7 +380,7 @@ class SpeculativeGenerator:
                 if finished.any():
                     state.select((~finished).nonzero().squeeze(-1))
                 tokens, num_accepted, probs = self._decode_cycle(state, k, sampling)
-                completions.count_drafts(state.rows, num_accepted)
+                completions.count_drafts(state.rows, num_accepted, num_drafted=tokens.shape[1] - 1)
                 finished = completions.append(state.rows, tokens, num_accepted + 1, probs)
                 bar.update(int(completions.lengths.max()) - bar.n)
         return completions.output()
@@ -387,14 +423,17 @@ class SpeculativeGenerator:
     def _decode_cycle(
         self, state: _DecodeState, k: int, sampling: _SamplingParams
     ) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
-        """Drafts k tokens, verifies them with one policy forward, rejection-samples and advances the state.
+        """Drafts up to k tokens, verifies them with one policy forward, rejection-samples and advances the state.
 
         Returns:
-            `tokens` [B, k + 1] and `num_accepted` [B] as from `rejection_sample`, and the processed policy
-            distributions [B, k + 1, V] of the verified slots.
+            `tokens` [B, j + 1] and `num_accepted` [B] as from `rejection_sample`, and the processed policy
+            distributions [B, j + 1, V] of the verified slots, for the j <= k tokens drafted.
         """
-        draft_tokens, draft_probs = self._draft(state, k, sampling)
-        return self._verify(state, draft_tokens, draft_probs, sampling)
+        draft_tokens, draft_probs, confidence = self._draft(state, k, sampling)
+        tokens, num_accepted, probs = self._verify(state, draft_tokens, draft_probs, sampling)
+        if self.draft_length is not None and confidence is not None:
+            self.draft_length.update(confidence, num_accepted)
+        return tokens, num_accepted, probs
 
     def _verify(
         self,
@@ -430,20 +469,22 @@ class SpeculativeGenerator:
 
     def _draft(
         self, state: _DecodeState, k: int, sampling: _SamplingParams
-    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        """Runs the head: a catch-up step that yields the first draft, then k - 1 recurrent steps.
+    ) -> tuple[torch.LongTensor, torch.Tensor | None, torch.Tensor | None]:
+        """Runs the head: a catch-up step that yields the first draft, then up to k - 1 recurrent steps.
 
         The catch-up writes the head's cache slots for the tokens emitted since the last cycle from the policy's
         own hidden states; its output at the newest token gives the first draft. The k - 1 later steps feed the
         head's own output back; their cache slots are dropped afterwards, since the next catch-up rewrites the
-        accepted ones from the policy's hidden states.
+        accepted ones from the policy's hidden states. With a draft-length policy, drafting stops after any step
+        where the policy judges one more draft not worth its cost; it reads only the head's distributions.
 
         Returns:
-            `draft_tokens` [B, k] and, in probabilistic mode, `draft_probs` [B, k, V] (else `None`).
+            `draft_tokens` [B, j] for the j <= k tokens drafted; in probabilistic mode `draft_probs` [B, j, V] (else
+            `None`); with a draft-length policy, the top probability of each draft distribution [B, j] (else `None`).
         """
         batch_size, device = state.next_token.shape[0], state.next_token.device
         if self.head is None:
-            return torch.empty(batch_size, 0, dtype=torch.long, device=device), None
+            return torch.empty(batch_size, 0, dtype=torch.long, device=device), None, None
         greedy = self.draft_sampling == "greedy" or sampling.temperature == 0
         catch_up = self.head(
             state.pending_hidden,
@@ -454,7 +495,7 @@ class SpeculativeGenerator:
             use_cache=True,
         )
         hidden = catch_up.last_hidden_state[torch.arange(batch_size, device=device), state.pending_newest]
-        tokens, probs = [], []
+        tokens, probs, confidences = [], [], []
         for step in range(k):
             if step > 0:
                 hidden = self.head(
@@ -473,9 +514,17 @@ class SpeculativeGenerator:
             else:
                 probs.append(sampling.probs(logits))
                 tokens.append(sample(probs[-1], sampling.generator))
-        if k > 1:
-            state.head_cache.crop(1 - k)
-        return torch.stack(tokens, dim=1), torch.stack(probs, dim=1) if probs else None
+            if self.draft_length is not None:
+                confidences.append((probs[-1] if probs else sampling.probs(logits)).max(dim=-1).values)
+                if not self.draft_length.keep_drafting(confidences):
+                    break
+        if len(tokens) > 1:
+            state.head_cache.crop(1 - len(tokens))
+        return (
+            torch.stack(tokens, dim=1),
+            torch.stack(probs, dim=1) if probs else None,
+            torch.stack(confidences, dim=1) if confidences else None,
+        )
 
     # ---------------------------------------------------------------------------------------------------- config
 

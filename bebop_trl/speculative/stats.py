@@ -9,16 +9,20 @@ import torch
 class AcceptanceStats:
     """How many drafted tokens the policy accepted, and how uncertain the policy was.
 
-    A draft is one cycle of one row: the head proposes `num_speculative_tokens` tokens and the policy verifies
-    them in one forward pass. Counts cover the rows still generating at the start of each cycle.
+    A draft is one cycle of one row: the head proposes up to `num_speculative_tokens` tokens (exactly that many
+    unless the draft length is chosen per cycle) and the policy verifies them in one forward pass. Counts cover the
+    rows still generating at the start of each cycle.
 
     Attributes:
-        num_speculative_tokens: Drafted tokens per cycle (k; 0 without a head).
+        num_speculative_tokens: Most tokens drafted per cycle (k; 0 without a head).
         num_drafts: Draft cycles, summed over rows.
-        num_draft_tokens: Drafted tokens (`num_drafts * k`).
+        num_draft_tokens: Drafted tokens (`num_drafts * k` with a fixed draft length).
         num_accepted_tokens: Drafted tokens the policy accepted.
         accepted_per_position: [k] how often the j-th drafted token of a cycle was accepted.
+        drafted_per_position: [k] how often a cycle drafted a j-th token (`num_drafts` at every position with a
+            fixed draft length).
         drafts_per_row: [B] draft cycles of each row.
+        draft_tokens_per_row: [B] drafted tokens of each row.
         accepted_per_row: [B] accepted drafted tokens of each row.
         entropy: [B, L] entropy (nats) of the processed policy distribution at every emitted token, 0 after the end
             of each row.
@@ -31,7 +35,9 @@ class AcceptanceStats:
     num_draft_tokens: int
     num_accepted_tokens: int
     accepted_per_position: torch.Tensor
+    drafted_per_position: torch.Tensor
     drafts_per_row: torch.Tensor
+    draft_tokens_per_row: torch.Tensor
     accepted_per_row: torch.Tensor
     entropy: torch.Tensor
     mean_entropy: float
@@ -52,8 +58,13 @@ class AcceptanceStats:
     def row_acceptance_rate(self) -> torch.Tensor:
         """[B] accepted / drafted tokens of each row (NaN for a row that never drafted, e.g. one that ended at its
         first token)."""
-        drafted = (self.drafts_per_row * self.num_speculative_tokens).double()
+        drafted = self.draft_tokens_per_row.double()
         return self.accepted_per_row.double() / drafted.where(drafted > 0, torch.nan)
+
+    @property
+    def mean_draft_length(self) -> float:
+        """Drafted tokens per cycle (k with a fixed draft length; 0 without drafts)."""
+        return self.num_draft_tokens / self.num_drafts if self.num_drafts else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -68,6 +79,7 @@ class AcceptanceStats:
             "num_accepted_tokens": float(self.num_accepted_tokens),
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
+            "mean_draft_length": self.mean_draft_length,
             "mean_entropy": self.mean_entropy,
         }
         for j, rate in enumerate(self.acceptance_per_position.tolist()):

@@ -498,7 +498,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         self._add_fit_points(
             stats.mean_entropy_per_row.double(),
             stats.row_acceptance_rate,
-            (stats.drafts_per_row * stats.num_speculative_tokens).double(),
+            stats.draft_tokens_per_row.double(),
         )
 
     def _add_fit_points(self, entropy: torch.Tensor, acceptance: torch.Tensor, weight: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ import torch
 from bebop_trl.modeling import MTPHead
 from bebop_trl.rollout import left_pad
 from bebop_trl.speculative import SpeculativeGenerator, engine, probs_from_logits
+from bebop_trl.speculative.draft_length import AUTO_MAX_DRAFT_TOKENS, AdaptiveDraftLength, StepCosts
 from bebop_trl.testing import char_tokenizer, tiny_causal_lm
 
 from .helpers import binomial_z, perturbed_head, uncached_draft_probs
@@ -93,9 +94,9 @@ def test_drafts_match_an_uncached_head(policy, head, prompts, monkeypatch):
     draft = SpeculativeGenerator._draft
 
     def recording_draft(self, state, *args):
-        draft_tokens, draft_probs = draft(self, state, *args)
+        draft_tokens, draft_probs, confidence = draft(self, state, *args)
         cycles.append((state.rows.clone(), draft_tokens, draft_probs))
-        return draft_tokens, draft_probs
+        return draft_tokens, draft_probs, confidence
 
     accepted = []
     rejection_sample = engine.rejection_sample
@@ -255,3 +256,24 @@ def test_ragged_prompts_of_token_ids(policy, head):
     for row, prompt in enumerate(prompts):
         alone = speculative.generate(torch.tensor([prompt]), max_new_tokens=10, temperature=0, eos_token_id=[])
         assert torch.equal(batched.completion_ids[row], alone.completion_ids[0])
+
+
+def test_auto_draft_length_calibrates_on_the_first_batch(policy, head, prompts):
+    engine = SpeculativeGenerator(policy, head, num_speculative_tokens="auto")
+    assert engine.num_speculative_tokens == AUTO_MAX_DRAFT_TOKENS and engine.draft_length is None
+    out = engine.generate(prompts.input_ids, prompts.attention_mask, max_new_tokens=16, eos_token_id=[])
+    costs = engine.draft_length.costs
+    assert costs.max_draft_tokens == AUTO_MAX_DRAFT_TOKENS and costs.verify[0] == 1.0 and costs.draft > 0
+    stats = out.stats
+    assert stats.num_speculative_tokens == AUTO_MAX_DRAFT_TOKENS
+    assert stats.num_draft_tokens == int(stats.drafted_per_position.sum()) == int(stats.draft_tokens_per_row.sum())
+    assert stats.drafted_per_position[0] == stats.num_drafts
+    # The policy learnt from the cycles it saw: its table holds more than the prior's pseudo-counts.
+    assert engine.draft_length.verified.sum() > 10 * 4.0 + stats.num_drafts - 1
+
+
+def test_draft_length_must_know_the_costs_of_every_length(policy, head):
+    with pytest.raises(ValueError, match="knows the costs of up to 2 drafts"):
+        SpeculativeGenerator(policy, head, 3, draft_length=AdaptiveDraftLength(StepCosts(0.1, (1.0, 1.1, 1.2))))
+    with pytest.raises(ValueError, match="an int >= 1 or 'auto'"):
+        SpeculativeGenerator(policy, head, "four")

@@ -10,6 +10,7 @@ import torch
 
 from bebop_trl.rollout import left_pad
 from bebop_trl.speculative import SpeculativeGenerator, rejection
+from bebop_trl.speculative.draft_length import AdaptiveDraftLength, StepCosts
 from bebop_trl.testing import tiny_causal_lm
 
 from .helpers import chisquare_pvalue, encode_sequences, exact_sequence_law, perturbed_head
@@ -95,3 +96,52 @@ def test_wrong_residual_is_detected(policy, head, draft_sampling, monkeypatch):
     monkeypatch.setattr(rejection, "_residual_probs", lambda target, draft, tokens: target)
     engine = SpeculativeGenerator(policy, head, num_speculative_tokens=1, draft_sampling=draft_sampling)
     assert max(pvalues(policy, engine, temperature=1.0)) < 1e-8
+
+
+class CoinFlipDraftLength:
+    """A draft-length policy that stops at random (its own generator, independent of the policy): every cycle
+    length occurs in every batch, which a confidence rule averaged over a large batch would not give."""
+
+    max_draft_tokens = 3
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.lengths: list[int] = []
+
+    def keep_drafting(self, confidences) -> bool:
+        if len(confidences) == 1:  # a new cycle: its length is drawn uniformly from 1..3
+            self.lengths.append(int(torch.randint(1, self.max_draft_tokens + 1, (1,), generator=self.generator)))
+        return len(confidences) < self.lengths[-1]
+
+    def update(self, confidences, num_accepted) -> None:
+        pass
+
+
+@pytest.mark.parametrize("draft_sampling", ["probabilistic", "greedy"])
+def test_completions_with_a_draft_length_chosen_per_cycle_follow_the_policy_law(policy, head, draft_sampling):
+    draft_length = CoinFlipDraftLength()
+    engine = SpeculativeGenerator(policy, head, 3, draft_sampling=draft_sampling, draft_length=draft_length)
+    for prompt, pvalue in zip(PROMPTS, pvalues(policy, engine, temperature=1.0), strict=True):
+        assert pvalue > 1e-4, f"prompt {prompt}: chi-square p-value {pvalue:.2e}"
+    assert set(draft_length.lengths) == {1, 2, 3}, draft_length.lengths
+
+
+def test_a_wrong_residual_is_detected_with_a_draft_length_chosen_per_cycle(policy, head, monkeypatch):
+    monkeypatch.setattr(rejection, "_residual_probs", lambda target, draft, tokens: target)
+    engine = SpeculativeGenerator(policy, head, 3, draft_length=CoinFlipDraftLength())
+    assert max(pvalues(policy, engine, temperature=1.0)) < 1e-8
+
+
+def test_the_confidence_rule_varies_the_draft_length_and_counts_every_draft(policy, head):
+    # With these costs and a prior that never moves (acceptance = the head's top probability), one row drafts 1 to 3
+    # tokens depending on the head's confidence at each cycle.
+    draft_length = AdaptiveDraftLength(StepCosts(draft=0.05, verify=(1.0, 1.1, 1.2, 1.3)), prior_weight=1e9)
+    engine = SpeculativeGenerator(policy, head, 3, draft_length=draft_length)
+    input_ids, attention_mask = left_pad([PROMPTS[0]], pad_token_id=0)
+    stats = engine.generate(
+        input_ids, attention_mask, max_new_tokens=200, eos_token_id=[], generator=torch.Generator().manual_seed(0)
+    ).stats
+    drafted = stats.drafted_per_position.tolist()
+    assert drafted[0] == stats.num_drafts and drafted[0] > drafted[1] > 0, drafted
+    assert stats.num_draft_tokens == sum(drafted) == int(stats.draft_tokens_per_row.sum())
+    assert 1.0 < stats.mean_draft_length < 3.0

@@ -1,0 +1,171 @@
+"""Choosing the draft length per cycle from the head's own confidence and the measured step costs.
+
+A cycle that drafts j tokens costs `j * draft + verify(j + 1)` decode steps and emits `1 + E_j` tokens on average,
+with `E_j = sum_{i <= j} prod_{l <= i} a_l` and `a_l` the probability that draft l is accepted once the earlier ones
+were. Drafting one more token raises tokens per unit cost exactly when its expected gain `prod_{l <= j + 1} a_l`,
+divided by its extra cost `draft + verify(j + 2) - verify(j + 1)`, beats the cycle's current rate
+`(1 + E_j) / cost_j`.
+
+The acceptance of a draft is predicted from the draft side only: the head's top probability for it, mapped to an
+acceptance rate by a calibration table that the policy keeps from the drafts verified so far. Since the decision
+reads nothing of the policy's distribution at the drafted positions, every emitted token is still verified by exact
+rejection sampling, and the output keeps the policy's law whatever the draft length.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..modeling import MTPHead
+from .step_costs import time_cycle_steps
+
+
+# The most drafts per cycle of `num_speculative_tokens="auto"`: past 4, acceptance of the deepest drafts is rarely
+# worth a wider verify pass.
+AUTO_MAX_DRAFT_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Costs of the steps of a cycle, in units of one 1-token decode step of the policy.
+
+    Attributes:
+        draft: One head step (forward, lm_head and sampling).
+        verify: `verify[n - 1]` is a policy pass over n new tokens, for n = 1..k_max + 1 (`verify[0]` is 1 by
+            definition of the unit).
+    """
+
+    draft: float
+    verify: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.draft < 0 or not self.verify or any(c <= 0 for c in self.verify):
+            raise ValueError(
+                f"Step costs must be positive (draft >= 0), got draft={self.draft}, verify={self.verify}."
+            )
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return len(self.verify) - 1
+
+    @classmethod
+    def from_seconds(cls, seconds: dict[str, float]) -> "StepCosts":
+        """From the median seconds of [`time_cycle_steps`][bebop_trl.speculative.step_costs.time_cycle_steps]
+        (`decode`, `draft`, `verify_1`, `verify_2`, ...)."""
+        decode = seconds["decode"]
+        verify = [1.0]
+        while f"verify_{len(verify) + 1}" in seconds:
+            verify.append(seconds[f"verify_{len(verify) + 1}"] / decode)
+        return cls(draft=seconds["draft"] / decode, verify=tuple(verify))
+
+    def cycle(self, num_drafts: int) -> float:
+        """Cost of a cycle that drafts `num_drafts` tokens."""
+        return num_drafts * self.draft + self.verify[num_drafts]
+
+
+class AdaptiveDraftLength:
+    """Decides after each draft step whether one more draft is worth its cost; learns acceptance from outcomes.
+
+    Args:
+        costs: The step costs (from a calibration, or given).
+        num_bins: Bins of the head's top probability in the calibration table.
+        prior_weight: Pseudo-counts of the prior in each bin (the prior predicts the top probability itself, what
+            a calibrated greedy drafter would get).
+
+    Example:
+        ```python
+        policy = AdaptiveDraftLength(StepCosts(draft=0.08, verify=(1.0, 1.1, 1.15, 1.2, 1.3)))
+        engine = SpeculativeGenerator(model, head, num_speculative_tokens=4, draft_length=policy)
+        ```
+    """
+
+    def __init__(self, costs: StepCosts, num_bins: int = 10, prior_weight: float = 4.0):
+        if num_bins < 1 or prior_weight <= 0:
+            raise ValueError(f"num_bins must be >= 1 and prior_weight > 0, got {num_bins} and {prior_weight}.")
+        self.costs = costs
+        self.num_bins = num_bins
+        centres = (torch.arange(num_bins, dtype=torch.float64) + 0.5) / num_bins
+        self.accepted = centres * prior_weight
+        self.verified = torch.full((num_bins,), prior_weight, dtype=torch.float64)
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.costs.max_draft_tokens
+
+    def _bin(self, confidence: torch.Tensor) -> torch.Tensor:
+        return (confidence.double().clamp(0, 1) * self.num_bins).long().clamp(max=self.num_bins - 1).cpu()
+
+    def predicted_acceptance(self, confidence: torch.Tensor) -> torch.Tensor:
+        """[B] predicted probability that drafts of top probability `confidence` [B] are accepted."""
+        bins = self._bin(confidence)
+        return (self.accepted[bins] / self.verified[bins]).to(confidence.device)
+
+    def keep_drafting(self, confidences: Sequence[torch.Tensor]) -> bool:
+        """Whether to draft one more token after the drafts whose top probabilities are `confidences`.
+
+        Args:
+            confidences: One [B] tensor per draft of this cycle so far (the batch drafts together, so the decision
+                is taken on the batch mean of the expected gains).
+        """
+        drafted = len(confidences)
+        if drafted >= self.max_draft_tokens:
+            return False
+        survival = torch.ones_like(confidences[0], dtype=torch.float64)
+        expected_accepted = torch.zeros_like(survival)
+        for confidence in confidences:
+            survival = survival * self.predicted_acceptance(confidence)
+            expected_accepted = expected_accepted + survival
+        # The next draft's acceptance is not known before it is drafted: the last one's stands for it.
+        gain = (survival * self.predicted_acceptance(confidences[-1])).mean().item()
+        extra_cost = self.costs.draft + self.costs.verify[drafted + 1] - self.costs.verify[drafted]
+        rate = (1.0 + expected_accepted.mean().item()) / self.costs.cycle(drafted)
+        return gain > rate * extra_cost
+
+    def update(self, confidences: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """Records a verified cycle: draft j was verified if the ones before it were accepted.
+
+        Args:
+            confidences: [B, j] top probabilities of the cycle's drafts.
+            num_accepted: [B] drafts accepted per row.
+        """
+        positions = torch.arange(confidences.shape[1], device=confidences.device)
+        verified = positions <= num_accepted.unsqueeze(-1)
+        accepted = positions < num_accepted.unsqueeze(-1)
+        bins = self._bin(confidences[verified])
+        self.verified.index_add_(0, bins, torch.ones(len(bins), dtype=torch.float64))
+        self.accepted.index_add_(0, bins, accepted[verified].double().cpu())
+
+
+def calibrate_draft_length(
+    policy: torch.nn.Module,
+    head: MTPHead,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    *,
+    max_draft_tokens: int,
+    temperature: float,
+    repeats: int = 5,
+) -> AdaptiveDraftLength:
+    """An [`AdaptiveDraftLength`][bebop_trl.speculative.draft_length.AdaptiveDraftLength] with step costs measured
+    on this batch: a decode step, a draft step and verify passes over 2..max_draft_tokens + 1 tokens.
+
+    Args:
+        policy: The policy.
+        head: The draft head.
+        input_ids: [B, P] left-padded prompts of the batch to calibrate on.
+        attention_mask: [B, P] their mask.
+        max_draft_tokens: The most drafts per cycle.
+        temperature: Sampling temperature (the steps sample as the engine does).
+        repeats: Timed rounds of each step (after one warm-up round).
+    """
+    seconds = time_cycle_steps(
+        policy,
+        head,
+        input_ids,
+        attention_mask,
+        verify_lengths=range(2, max_draft_tokens + 2),
+        temperature=temperature if temperature > 0 else 1.0,
+        repeats=repeats,
+    )
+    return AdaptiveDraftLength(StepCosts.from_seconds(seconds))

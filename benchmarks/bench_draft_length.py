@@ -1,0 +1,98 @@
+"""Draft length per cycle against fixed k: tokens per second of the engine with the shipped SmolLM2 head.
+
+Engines with k = 1, 2, 3, 4 drafts per cycle and with `num_speculative_tokens="auto"` (up to 4 drafts, the step
+costs calibrated on the first batch, acceptance learnt from the cycles), against plain sampling with the same
+engine, on held-out prompts of the head's task (basic_arithmetic, seed 7), T = 1, probabilistic drafting. All
+engines run the same batches in turn (rotating order, same seeds), so the speed-ups are ratios measured side by
+side. Besides the measured speed-up, the table gives the accepted tokens per unit cost that the acceptance and the
+calibrated step costs imply.
+
+    .venv/bin/python benchmarks/bench_draft_length.py              # batch 1 and 8, about 20 minutes on 2 CPU cores
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from bebop_trl import SpeculativeGenerator
+from bebop_trl.embedded import load_smollm2, load_smollm2_head
+from bebop_trl.quickstart.measure import compare_engine_speeds
+from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG
+from bebop_trl.tasks import reasoning_gym_dataset
+from bebop_trl.trainers.mtp_data import prompt_ids_of
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompts", type=int, default=16, help="Held-out prompts per batch size.")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", default="benchmarks/results/draft_length.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    policy, tokenizer = load_smollm2()
+    head = load_smollm2_head(policy)
+    questions = reasoning_gym_dataset("basic_arithmetic", args.prompts, seed=7, **DEFAULT_TASK_CONFIG)
+    prompts = prompt_ids_of(questions, tokenizer)
+    results = {"threads": torch.get_num_threads(), "args": vars(args), "batch_sizes": {}}
+    for batch_size in args.batch_sizes:
+        batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+        engines = {"plain": SpeculativeGenerator(policy, None)}
+        for k in (1, 2, 3, 4):
+            engines[f"k={k}"] = SpeculativeGenerator(policy, head, k)
+        engines["auto"] = SpeculativeGenerator(policy, head, "auto")
+        measured = compare_engine_speeds(
+            engines,
+            tokenizer,
+            batches,
+            repeats=args.repeats,
+            max_new_tokens=args.max_new_tokens,
+            temperature=1.0,
+            seed=0,
+        )
+        costs = engines["auto"].draft_length.costs
+        rows = {}
+        for name in engines:
+            if name == "plain":
+                continue
+            summary = measured[name]
+            drafted = summary["num_draft_tokens"] / summary["num_drafts"]
+            tokens_per_cycle = 1.0 + summary["mean_accepted_length"]
+            # drafted_per_position[j - 1] counts the cycles that drafted at least j tokens.
+            at_least = [*summary["drafted_per_position"], 0]
+            cycles_of_length = {j: at_least[j - 1] - at_least[j] for j in range(1, len(at_least))}
+            cycle_cost = sum(n * costs.cycle(j) for j, n in cycles_of_length.items()) / summary["num_drafts"]
+            rows[name] = {
+                "speedup": measured["speedup"][name],
+                "mean_draft_length": drafted,
+                "acceptance_per_position": summary["acceptance_per_position"],
+                "tokens_per_cycle": tokens_per_cycle,
+                "tokens_per_unit_cost": tokens_per_cycle / cycle_cost,
+            }
+        results["batch_sizes"][batch_size] = {
+            "calibrated_costs": {"draft": costs.draft, "verify": list(costs.verify)},
+            "rows": rows,
+        }
+        print(
+            f"\nBatch {batch_size}: calibrated draft {costs.draft:.3f}, verify {[round(c, 3) for c in costs.verify]}"
+        )
+        print("| engine | mean draft length | tokens per cycle | tokens per unit cost (implied) | measured speed-up |")
+        print("|---|---|---|---|---|")
+        for name, row in rows.items():
+            print(
+                f"| {name} | {row['mean_draft_length']:.2f} | {row['tokens_per_cycle']:.2f} | "
+                f"{row['tokens_per_unit_cost']:.2f} | {row['speedup']:.2f}x |"
+            )
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
