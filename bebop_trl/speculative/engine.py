@@ -12,6 +12,7 @@ batch.
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -263,16 +264,15 @@ class SpeculativeGenerator:
         self,
         model: nn.Module,
         head: MTPHead | None = None,
-        num_speculative_tokens: int = 3,
+        num_speculative_tokens: int | Literal["auto"] = 3,
         draft_sampling: str = "probabilistic",
         small_batch_linear: bool = False,
         draft_length: AdaptiveDraftLength | None = None,
     ):
+        # "auto": the step costs are measured on the first batch generated, then kept.
+        self._calibrate_draft_length = num_speculative_tokens == "auto" and draft_length is None and head is not None
         if num_speculative_tokens == "auto":
             num_speculative_tokens = AUTO_MAX_DRAFT_TOKENS
-            auto_draft_length = True
-        else:
-            auto_draft_length = False
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an int >= 1 or 'auto', got {num_speculative_tokens!r}.")
         if draft_length is not None and draft_length.max_draft_tokens < num_speculative_tokens:
@@ -299,8 +299,6 @@ class SpeculativeGenerator:
         self.draft_sampling = draft_sampling
         self.small_batch_linear = small_batch_linear
         self.draft_length = draft_length
-        # "auto": the step costs are measured on the first batch generated, then kept.
-        self._calibrate_draft_length = auto_draft_length and draft_length is None and head is not None
 
     @torch.no_grad()
     def generate(

@@ -164,8 +164,7 @@ def apply_shims(shims: Sequence[VLLMShim]) -> None:
     for shim in shims:
         if not shim.is_applied():
             shim.apply()
-    names = [name for name in os.environ.get(SHIMS_ENV, "").split(",") if name]
-    os.environ[SHIMS_ENV] = ",".join(dict.fromkeys([*names, *(shim.name for shim in shims)]))
+    os.environ[SHIMS_ENV] = ",".join(dict.fromkeys([*_names_in_environment(), *(shim.name for shim in shims)]))
 
 
 def apply_shims_from_environment() -> list[str]:
@@ -174,7 +173,7 @@ def apply_shims_from_environment() -> list[str]:
     Returns:
         The names applied.
     """
-    names = [name for name in os.environ.get(SHIMS_ENV, "").split(",") if name]
+    names = _names_in_environment()
     by_name = {shim.name: shim for shim in KNOWN_SHIMS}
     unknown = [name for name in names if name not in by_name]
     if unknown:
@@ -183,3 +182,7 @@ def apply_shims_from_environment() -> list[str]:
         if not by_name[name].is_applied():
             by_name[name].apply()
     return names
+
+
+def _names_in_environment() -> list[str]:
+    return [name for name in os.environ.get(SHIMS_ENV, "").split(",") if name]
