@@ -122,11 +122,12 @@ def tiny_causal_lm(architecture: str = "llama", seed: int = 0, **overrides: Any)
     return model.eval()
 
 
-def perturbed_head(model: PreTrainedModel, scale: float, seed: int = 0) -> MTPHead:
-    """A head initialised from `model`, with Gaussian noise of standard deviation `scale` added to every weight, so
-    that its drafts are accepted often but not always (both the accept and the resample paths of rejection sampling
-    run)."""
-    head = MTPHead.from_model(model)
+def perturbed_head(model: PreTrainedModel, scale: float, seed: int = 0, **from_model_kwargs: Any) -> MTPHead:
+    """A head initialised from `model` (`from_model_kwargs` go to
+    [`MTPHead.from_model`][bebop_trl.MTPHead.from_model], e.g. `draft_vocab`), with Gaussian noise of standard
+    deviation `scale` added to every parameter, so that its drafts are accepted often but not always (both the
+    accept and the resample paths of rejection sampling run)."""
+    head = MTPHead.from_model(model, **from_model_kwargs)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in head.parameters():

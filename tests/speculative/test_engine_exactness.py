@@ -10,6 +10,7 @@ import torch
 
 from bebop_trl.rollout import left_pad
 from bebop_trl.speculative import SpeculativeGenerator, rejection
+from bebop_trl.speculative import engine as engine_module
 from bebop_trl.speculative.draft_length import AdaptiveDraftLength, StepCosts
 from bebop_trl.testing import tiny_causal_lm
 
@@ -145,3 +146,33 @@ def test_the_confidence_rule_varies_the_draft_length_and_counts_every_draft(poli
     assert drafted[0] == stats.num_drafts and drafted[0] > drafted[1] > 0, drafted
     assert stats.num_draft_tokens == sum(drafted) == int(stats.draft_tokens_per_row.sum())
     assert 1.0 < stats.mean_draft_length < 3.0
+
+
+# A draft vocabulary without token 1 and 7: q is 0 there, yet the output must keep the policy's mass on them.
+DRAFT_VOCAB = [0, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("draft_sampling", ["probabilistic", "greedy"])
+def test_completions_with_a_draft_vocabulary_follow_the_policy_law(policy, draft_sampling):
+    head = perturbed_head(policy, scale=0.1, draft_vocab=DRAFT_VOCAB)
+    engine = SpeculativeGenerator(policy, head, num_speculative_tokens=2, draft_sampling=draft_sampling)
+    for prompt, pvalue in zip(PROMPTS, pvalues(policy, engine, temperature=1.0), strict=True):
+        assert pvalue > 1e-4, f"prompt {prompt}: chi-square p-value {pvalue:.2e}"
+
+
+@pytest.mark.parametrize("draft_sampling", ["probabilistic", "greedy"])
+def test_a_target_renormalised_over_the_draft_vocabulary_is_detected(policy, draft_sampling, monkeypatch):
+    # Negative control: a verifier that renormalises p over the draft vocabulary (as the EAGLE losses do) never
+    # emits tokens 1 and 7 from a cycle, so the law of the later tokens is off.
+    inside = torch.zeros(VOCAB, dtype=torch.bool)
+    inside[DRAFT_VOCAB] = True
+    verify = engine_module.rejection_sample
+
+    def renormalised(draft_tokens, draft_probs, target_probs, generator=None):
+        target_probs = target_probs * inside
+        return verify(draft_tokens, draft_probs, target_probs / target_probs.sum(-1, keepdim=True), generator)
+
+    monkeypatch.setattr(engine_module, "rejection_sample", renormalised)
+    head = perturbed_head(policy, scale=0.1, draft_vocab=DRAFT_VOCAB)
+    engine = SpeculativeGenerator(policy, head, num_speculative_tokens=2, draft_sampling=draft_sampling)
+    assert max(pvalues(policy, engine, temperature=1.0)) < 1e-8
