@@ -70,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="Check the vLLM build as installed, without bebop-trl's fixes for builds known to sample the wrong law.",
     )
+    verify.add_argument(
+        "--draft-vocab",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Token ids (0-7) of a reduced draft vocabulary for the head, e.g. 0 1 2 4 5 7 (default: all 8).",
+    )
     verify.add_argument("--alpha", type=float, default=1e-3, help="A case fails when its p-value is at most this.")
     verify.add_argument("--seed", type=int, default=0, help="Seed of the sampling.")
     verify.add_argument("--json", default=None, help="Also write the results to this JSON file.")
@@ -124,6 +131,7 @@ def _verify_engine(args) -> int:
         vllm_shims=not args.no_vllm_shims,
         alpha=args.alpha,
         seed=args.seed,
+        draft_vocab=args.draft_vocab,
     )
     print(format_table(checks))
     if args.json:

@@ -57,6 +57,7 @@ class EngineCheck:
         acceptance_per_position: Fraction of draft cycles whose j-th draft was accepted.
         logprob_error: Largest |returned - recomputed| sampling log-prob, or None if the engine returned none.
         alpha: The p-value below which the law check fails.
+        draft_vocab_size: Size of the head's draft vocabulary, or None when it drafts from the whole vocabulary.
     """
 
     engine: str
@@ -67,6 +68,7 @@ class EngineCheck:
     acceptance_per_position: list[float]
     logprob_error: float | None
     alpha: float = DEFAULT_ALPHA
+    draft_vocab_size: int | None = None
 
     @property
     def law_ok(self) -> bool:
@@ -95,6 +97,7 @@ def verify_engine(
     vllm_shims: bool = True,
     alpha: float = DEFAULT_ALPHA,
     seed: int = 0,
+    draft_vocab: Sequence[int] | None = None,
 ) -> list[EngineCheck]:
     """Checks that speculative engines sample the policy's law and return its log-probs.
 
@@ -107,6 +110,8 @@ def verify_engine(
             [`bebop_trl.vllm_plugin.compat`][bebop_trl.vllm_plugin.compat]); False checks the build as installed.
         alpha: A case fails when its p-value is at most `alpha`.
         seed: Seed of the tiny policy's sampling.
+        draft_vocab: Token ids (of the 8) the head drafts from, to check heads with a reduced draft vocabulary
+            (q is 0 outside it, so rejection sampling must resample the rest of p); None drafts from all 8.
 
     Returns:
         One [`EngineCheck`][bebop_trl.verification.EngineCheck] per engine, drafting mode and temperature.
@@ -117,7 +122,7 @@ def verify_engine(
     if any(t <= 0 for t in temperatures):
         raise ValueError(f"temperatures must be > 0 (greedy decoding has no law to test), got {list(temperatures)}.")
     policy = tiny_causal_lm("llama", seed=1, vocab_size=VOCAB_SIZE)
-    head = perturbed_head(policy, scale=HEAD_NOISE).eval()
+    head = perturbed_head(policy, scale=HEAD_NOISE, draft_vocab=draft_vocab).eval()
     laws = {t: exact_sequence_law(policy, PROMPT, NUM_TOKENS, temperature=t) for t in temperatures}
     checks: list[EngineCheck] = []
     if "torch" in engines:
@@ -132,6 +137,7 @@ def verify_engine(
         checks += _verify_vllm(policy, head, laws, num_samples, draft_sampling_modes, vllm_shims, seed)
     for check in checks:
         check.alpha = alpha
+        check.draft_vocab_size = head.config.draft_vocab_size
     return checks
 
 
@@ -254,8 +260,9 @@ def _sample_vllm(llm: Any, num_samples: int, temperature: float) -> tuple[list[l
 def format_table(checks: Sequence[EngineCheck]) -> str:
     """The checks as a Markdown table: engine, drafting mode, temperature, p-value, log-prob error and verdict."""
     lines = [
-        "| engine | drafting | T | samples | acceptance per position | p-value | max log-prob error | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | drafting | draft vocabulary | T | samples | acceptance per position | p-value "
+        "| max log-prob error | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for check in checks:
         acceptance = " / ".join(f"{a:.2f}" for a in check.acceptance_per_position)
@@ -263,7 +270,8 @@ def format_table(checks: Sequence[EngineCheck]) -> str:
         failures = [name for name, ok in (("law", check.law_ok), ("log-probs", check.logprobs_ok)) if not ok]
         verdict = "pass" if not failures else "FAIL (" + ", ".join(failures) + ")"
         lines.append(
-            f"| {check.engine} | {check.draft_sampling} | {check.temperature:g} | {check.num_samples} | "
+            f"| {check.engine} | {check.draft_sampling} | {check.draft_vocab_size or VOCAB_SIZE} of {VOCAB_SIZE} | "
+            f"{check.temperature:g} | {check.num_samples} | "
             f"{acceptance} | {_format_pvalue(check.pvalue)} | {error} | {verdict} |"
         )
     return "\n".join(lines)

@@ -61,6 +61,15 @@ def test_torch_engine_passes_every_case():
     assert checks[0].acceptance_per_position[2] > 0.05, "the third draft position must be exercised"
 
 
+def test_a_head_with_a_draft_vocabulary_passes_from_the_command(tmp_path, capsys):
+    args = ["verify-engine", "--engine", "torch", "--samples", "4000", "--temperatures", "1.0"]
+    assert main([*args, "--draft-vocab", "0", "1", "2", "4", "5", "7", "--json", str(tmp_path / "d.json")]) == 0
+    assert "| torch | greedy | 6 of 8 | 1 | 4000 |" in capsys.readouterr().out
+    for result in json.loads((tmp_path / "d.json").read_text()):
+        assert result["draft_vocab_size"] == 6 and result["law_ok"] and result["logprobs_ok"]
+        assert result["acceptance_per_position"][0] > 0.05
+
+
 def test_a_biased_residual_fails_the_law(monkeypatch):
     # Negative control: resample from p instead of norm(max(0, p - q)) after a rejection.
     monkeypatch.setattr(rejection, "_residual_probs", lambda target, draft, tokens: target)
@@ -101,7 +110,7 @@ def test_command_prints_the_table_writes_json_and_exits_non_zero_on_failure(tmp_
     args = ["verify-engine", "--engine", "torch", "--samples", "3000", "--temperatures", "1.0"]
     assert main([*args, "--json", str(tmp_path / "ok.json")]) == 0
     printed = capsys.readouterr().out
-    assert "| torch | probabilistic | 1 | 3000 |" in printed and "2 of 2 cases passed." in printed
+    assert "| torch | probabilistic | 8 of 8 | 1 | 3000 |" in printed and "2 of 2 cases passed." in printed
     results = json.loads((tmp_path / "ok.json").read_text())
     assert [r["draft_sampling"] for r in results] == ["probabilistic", "greedy"]
     assert all(r["law_ok"] and r["logprobs_ok"] for r in results)

@@ -9,16 +9,20 @@ The `mtp` layout is the native MTP module of the model types in
 [`NATIVE_MTP_MODEL_TYPES`][bebop_trl.modeling.NATIVE_MTP_MODEL_TYPES] (`method="mtp"`), which vLLM reads as
 `mtp.*` tensors next to the target's config.
 
-Neither runs a head with a draft vocabulary. vLLM stores one only in its EAGLE-3 drafters (`draft_id_to_target_id`:
-target id = j + d2t[j]; their own lm_head over the subset, logits scattered into the target vocabulary), whose
-decoder layer reads the target's auxiliary hidden states and is not this head's. Its EAGLE-1 drafters (the Llama one
-and this package's) share the target's lm_head and have no mapping, and `method="mtp"` always shares the target's
-lm_head. Exporting such a head therefore raises.
+An eagle head with a draft vocabulary D exports in the form vLLM gives draft vocabularies in its EAGLE-3 drafters:
+its own `lm_head.weight` over D and `d2t`, the offset of each draft id to its target id (target id = j + d2t[j]).
+The drafter scores D and scatters the logits into the target vocabulary with -inf elsewhere, so that q is exactly
+0 outside D, as in the torch engine. vLLM's own EAGLE-1 drafter has no draft vocabulary, so such a head is written
+with the architecture `EagleDraftVocab<Architecture>`, the plugin's drafter of the same decoder layers that has one.
+`method="mtp"` always scores drafts with the target's lm_head, so an mtp-layout head with a draft vocabulary does
+not export.
 """
 
 import json
 import os
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .configuration_mtp_head import EAGLE_LAYOUT, MTP_LAYOUT, MTPHeadConfig
 from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, save_tensors
@@ -30,6 +34,9 @@ if TYPE_CHECKING:
 
 
 DRAFT_SAMPLE_METHODS = ("probabilistic", "greedy")
+# The architecture prefix of the plugin's EAGLE-1 drafters with a draft vocabulary (vLLM keeps a name that starts with
+# "Eagle" as is, and prefixes "Eagle" to any other).
+DRAFT_VOCAB_DRAFTER_PREFIX = "EagleDraftVocab"
 # Policy architectures with an EAGLE-1 drafter (`Eagle<Architecture>`) of the same decoder layers in vLLM: its own
 # Llama one, and the Qwen2 / Qwen3 ones of bebop_trl.vllm_plugin.
 VLLM_EAGLE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -39,19 +46,19 @@ def vllm_method(config: MTPHeadConfig) -> str:
     """The vLLM speculative `method` that runs a head of this configuration (`"eagle"` or `"mtp"`).
 
     Raises:
-        ValueError: If the head has a draft vocabulary, which no vLLM drafter of either method runs.
+        ValueError: If an `mtp`-layout head has a draft vocabulary, which vLLM's MTP drafters cannot run.
     """
-    _require_full_vocabulary(config)
+    _require_vllm_draft_vocabulary(config)
     return {EAGLE_LAYOUT: "eagle", MTP_LAYOUT: "mtp"}[config.layout]
 
 
-def _require_full_vocabulary(config: MTPHeadConfig) -> None:
-    if config.draft_vocab_size is not None:
+def _require_vllm_draft_vocabulary(config: MTPHeadConfig) -> None:
+    if config.draft_vocab_size is not None and config.layout == MTP_LAYOUT:
         raise ValueError(
-            f"This head drafts from a {config.draft_vocab_size}-token draft vocabulary, which vLLM's EAGLE-1 and MTP "
-            "drafters cannot run: they score drafts with the target's full lm_head and have no draft-to-target id "
-            "map (only vLLM's EAGLE-3 drafters have one, with another decoder layer). Use rollout_backend='torch' "
-            "for this head, or train a head without draft_vocab_size for vLLM."
+            f"This mtp-layout head drafts from a {config.draft_vocab_size}-token draft vocabulary, which vLLM's MTP "
+            "drafters cannot run: they score drafts with the target's full lm_head. Use rollout_backend='torch' for "
+            "this head, train it without draft_vocab_size, or use the eagle layout (whose vLLM drafters take a draft "
+            "vocabulary)."
         )
 
 
@@ -93,21 +100,27 @@ def vllm_draft_weights(head: "MTPHead") -> dict[str, Any]:
         head: An [`MTPHead`][bebop_trl.MTPHead].
 
     Raises:
-        ValueError: If the head has a draft vocabulary, which no vLLM drafter of either method runs.
+        ValueError: If an `mtp`-layout head has a draft vocabulary, which vLLM's MTP drafters cannot run.
     """
-    _require_full_vocabulary(head.config)
+    _require_vllm_draft_vocabulary(head.config)
     state = head.state_dict()
     if head.config.layout == MTP_LAYOUT:
         return head_state_to_native(state)
     # EAGLE-1 names: `fc.weight` and `layers.N.*`; the identity norms of the eagle layout hold no weights.
-    return {k.removeprefix("model."): v for k, v in state.items()}
+    weights = {k.removeprefix("model."): v for k, v in state.items()}
+    draft_vocab, draft_lm_head_weight = weights.pop("draft_vocab", None), weights.pop("draft_lm_head_weight", None)
+    if draft_vocab is not None:
+        weights["lm_head.weight"] = draft_lm_head_weight
+        weights["d2t"] = draft_vocab - torch.arange(len(draft_vocab), device=draft_vocab.device)
+    return weights
 
 
 def export_vllm(head: "MTPHead", save_directory: str | os.PathLike, *, target_config: Any = None) -> str:
     """Writes `head` as a draft checkpoint that vLLM loads as is.
 
     `eagle` layout: `config.json` (the policy's architecture with `num_hidden_layers` = the head's layers) and
-    `model.safetensors` with `fc.weight` and `layers.N.*`. `mtp` layout: the target's `config.json`,
+    `model.safetensors` with `fc.weight` and `layers.N.*`; with a draft vocabulary also `lm_head.weight` (its rows)
+    and `d2t`, and the architecture `EagleDraftVocab<Architecture>` with `draft_vocab_size`. `mtp` layout: the target's `config.json`,
     `mtp.safetensors` with the native `mtp.*` names, and an index listing them, so that vLLM's `method="mtp"`
     reads the head from this folder instead of the target's own MTP weights.
 
@@ -152,6 +165,12 @@ def _eagle_draft_config(config: MTPHeadConfig) -> dict[str, Any]:
         hidden_size=config.hidden_size,
         vocab_size=config.vocab_size,
     )
+    if config.draft_vocab_size is not None:
+        draft.update(
+            architectures=[DRAFT_VOCAB_DRAFTER_PREFIX + config.base_architecture],
+            draft_vocab_size=config.draft_vocab_size,
+            tie_word_embeddings=False,  # its lm_head rows are its own
+        )
     return draft
 
 

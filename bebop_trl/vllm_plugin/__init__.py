@@ -1,8 +1,9 @@
-"""vLLM plugin: EAGLE-1 drafters for policy architectures that vLLM ships none for.
+"""vLLM plugin: EAGLE-1 drafters for policy architectures that vLLM ships none for, and for draft vocabularies.
 
 vLLM runs an eagle-layout head as `Eagle<Architecture>` (the policy's architecture name with an `Eagle` prefix) and
 ships that class for Llama only. This plugin registers drafters built from vLLM's own Qwen2 and Qwen3 decoder
-layers, so that a head trained on such a policy runs in vLLM exactly as it was trained. vLLM calls
+layers, so that a head trained on such a policy runs in vLLM exactly as it was trained, and
+`EagleDraftVocab<Architecture>` drafters (Llama, Qwen2, Qwen3) for heads with a reduced draft vocabulary. vLLM calls
 [`register`][bebop_trl.vllm_plugin.register] in every process through the `vllm.general_plugins` entry point of
 this package; nothing needs importing by hand. It also applies, in each of those processes, the compatibility
 shims named by the process that started vLLM (see [`compat`][bebop_trl.vllm_plugin.compat]).
@@ -10,8 +11,15 @@ shims named by the process that started vLLM (see [`compat`][bebop_trl.vllm_plug
 
 # Drafter classes by the architecture name vLLM looks up, imported lazily by vLLM (importing them needs vLLM).
 EAGLE_DRAFTERS = {
-    "EagleQwen2ForCausalLM": "bebop_trl.vllm_plugin.eagle:EagleQwen2ForCausalLM",
-    "EagleQwen3ForCausalLM": "bebop_trl.vllm_plugin.eagle:EagleQwen3ForCausalLM",
+    name: f"bebop_trl.vllm_plugin.eagle:{name}"
+    for name in (
+        "EagleQwen2ForCausalLM",
+        "EagleQwen3ForCausalLM",
+        # Heads with a draft vocabulary (`EagleDraftVocab<Architecture>`, see bebop_trl.modeling.vllm_export).
+        "EagleDraftVocabLlamaForCausalLM",
+        "EagleDraftVocabQwen2ForCausalLM",
+        "EagleDraftVocabQwen3ForCausalLM",
+    )
 }
 
 

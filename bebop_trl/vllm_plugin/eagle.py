@@ -1,10 +1,14 @@
-"""EAGLE-1 drafters with Qwen2 / Qwen3 decoder layers, in the form of vLLM's own `EagleLlamaForCausalLM`.
+"""EAGLE-1 drafters with Qwen2 / Qwen3 decoder layers, in the form of vLLM's own `EagleLlamaForCausalLM`, and
+drafters of all three architectures with a draft vocabulary.
 
 The forward is the eagle layout of [`MTPHead`][bebop_trl.MTPHead]: `fc` on cat(embedding, hidden), the decoder
 layers (the first without its input norm), no final norm; vLLM shares the target's embedding and lm_head with it.
+A drafter with a draft vocabulary D keeps its own lm_head rows over D instead, and the target id of each row in
+`draft_id_to_target_id` (target id = j + d2t[j], the form of vLLM's EAGLE-3 drafters).
 """
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +16,8 @@ from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.models.llama_eagle import EagleLlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 from vllm.model_executor.models.utils import (
@@ -149,3 +154,50 @@ class EagleQwen3ForCausalLM(_EagleDrafterMixin, Qwen3ForCausalLM):
     """EAGLE-1 drafter with Qwen3 decoder layers (q/k norms)."""
 
     model_class = _EagleQwen3Model
+
+
+class _DraftVocabularyMixin:
+    """An EAGLE-1 drafter's own lm_head over its draft vocabulary D, and the offsets `draft_id_to_target_id` of D's
+    target ids (the checkpoint's `lm_head.weight` and `d2t`).
+
+    `compute_logits` scatters the draft logits into the target vocabulary with -inf outside D, so that vLLM's
+    proposer samples drafts with q exactly 0 outside D and its rejection sampler compares full-vocabulary p and q,
+    as the torch engine does. vLLM keeps the drafter's lm_head because the checkpoint has one.
+    """
+
+    config: Any
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        size = self.config.draft_vocab_size
+        self.lm_head = ParallelLMHead(size, self.config.hidden_size, prefix=maybe_prefix(prefix, "lm_head"))
+        self.logits_processor = LogitsProcessor(size, scale=getattr(self.config, "logit_scale", 1.0))
+        self.draft_id_to_target_id = nn.Parameter(torch.zeros(size, dtype=torch.long), requires_grad=False)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        draft_logits = self.logits_processor(self.lm_head, hidden_states)
+        offsets = self.draft_id_to_target_id
+        target_ids = offsets + torch.arange(len(offsets), device=offsets.device)
+        logits = draft_logits.new_full((draft_logits.shape[0], self.config.vocab_size), float("-inf"))
+        return logits.index_copy_(-1, target_ids, draft_logits)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        rest = []
+        for name, tensor in weights:
+            if name == "d2t":
+                self.draft_id_to_target_id.copy_(tensor)
+            else:
+                rest.append((name, tensor))
+        super().load_weights(rest)
+
+
+class EagleDraftVocabLlamaForCausalLM(_DraftVocabularyMixin, EagleLlamaForCausalLM):
+    """vLLM's EAGLE-1 Llama drafter with a draft vocabulary."""
+
+
+class EagleDraftVocabQwen2ForCausalLM(_DraftVocabularyMixin, EagleQwen2ForCausalLM):
+    """EAGLE-1 drafter with Qwen2 decoder layers and a draft vocabulary."""
+
+
+class EagleDraftVocabQwen3ForCausalLM(_DraftVocabularyMixin, EagleQwen3ForCausalLM):
+    """EAGLE-1 drafter with Qwen3 decoder layers and a draft vocabulary."""

@@ -181,19 +181,37 @@ def test_rejection_sampling_with_a_draft_vocabulary_is_exact():
     assert expected_acceptance <= p[draft_vocab].sum()
 
 
-def test_vllm_and_native_exports_refuse_a_draft_vocabulary(load_tiny, tmp_path):
-    head = MTPHead.from_model(load_tiny("llama"), draft_vocab=DRAFT_VOCAB)
-    message = "48-token draft vocabulary, which vLLM's EAGLE-1 and MTP drafters cannot run"
+def test_eagle_export_carries_the_draft_vocabulary_in_vllms_form(load_tiny, tmp_path):
+    policy = load_tiny("llama")
+    head = perturbed_head(policy, scale=0.1, draft_vocab=DRAFT_VOCAB)
+    folder = export_vllm(head, tmp_path / "vllm")
+
+    config = json.loads((tmp_path / "vllm" / "config.json").read_text())
+    # A name starting with "Eagle" is kept by vLLM as is: the plugin's drafter with a draft vocabulary.
+    assert config["architectures"] == ["EagleDraftVocabLlamaForCausalLM"]
+    assert config["draft_vocab_size"] == 48 and config["vocab_size"] == 128 and config["tie_word_embeddings"] is False
+    weights = load_file(f"{folder}/model.safetensors")
+    assert not {"draft_vocab", "draft_lm_head_weight"} & weights.keys()
+    # vLLM's convention: target id = j + d2t[j].
+    assert (weights["d2t"] + torch.arange(48)).tolist() == DRAFT_VOCAB
+    torch.testing.assert_close(weights["lm_head.weight"], head.draft_lm_head_weight, rtol=0, atol=0)
+    torch.testing.assert_close(weights["fc.weight"], head.state_dict()["fc.weight"], rtol=0, atol=0)
+    assert vllm_draft_weights(head).keys() == weights.keys()
+    assert vllm_speculative_config(head.config, folder, num_speculative_tokens=3)["method"] == "eagle"
+
+
+def test_mtp_exports_refuse_a_draft_vocabulary(load_tiny, tmp_path):
+    head = MTPHead.from_model(load_tiny("qwen3_5"), layout=MTP_LAYOUT, draft_vocab=DRAFT_VOCAB)
+    message = "48-token draft vocabulary, which vLLM's MTP drafters cannot run"
     with pytest.raises(ValueError, match=message):
-        export_vllm(head, tmp_path / "vllm")
+        export_vllm(head, tmp_path / "vllm", target_config=head.config)
     assert not (tmp_path / "vllm").exists()
     with pytest.raises(ValueError, match=message):
         vllm_draft_weights(head)
     with pytest.raises(ValueError, match=message):
         vllm_speculative_config(head.config, tmp_path, num_speculative_tokens=3)
-    native = MTPHead.from_model(load_tiny("qwen3_5"), draft_vocab=DRAFT_VOCAB)
     with pytest.raises(ValueError, match="has no native form"):
-        native.save_native(tmp_path / "native")
+        head.save_native(tmp_path / "native")
 
 
 # ------------------------------------------------------------------------------------------- choosing the vocabulary

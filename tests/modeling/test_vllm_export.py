@@ -10,7 +10,12 @@ from transformers import AutoModelForCausalLM, MistralConfig
 from bebop_trl import MTPHead
 from bebop_trl.modeling.hub import load_tensors
 from bebop_trl.modeling.native import fuse_experts, split_experts
-from bebop_trl.modeling.vllm_export import VLLM_EAGLE_ARCHITECTURES, vllm_draft_weights, vllm_speculative_config
+from bebop_trl.modeling.vllm_export import (
+    DRAFT_VOCAB_DRAFTER_PREFIX,
+    VLLM_EAGLE_ARCHITECTURES,
+    vllm_draft_weights,
+    vllm_speculative_config,
+)
 from bebop_trl.testing import tiny_causal_lm
 from bebop_trl.vllm_plugin import EAGLE_DRAFTERS, register
 
@@ -100,7 +105,8 @@ def test_eagle_export_of_qwen_heads_keeps_their_decoder_layers(load_tiny, archit
 
 def test_vllm_plugin_registers_a_drafter_for_every_architecture_vllm_lacks():
     drafters = {f"Eagle{arch}" for arch in VLLM_EAGLE_ARCHITECTURES} - {"EagleLlamaForCausalLM"}  # vLLM's own
-    assert set(EAGLE_DRAFTERS) == drafters
+    with_draft_vocab = {DRAFT_VOCAB_DRAFTER_PREFIX + arch for arch in VLLM_EAGLE_ARCHITECTURES}
+    assert set(EAGLE_DRAFTERS) == drafters | with_draft_vocab
     (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.value.startswith("bebop_trl.")]
     assert plugin.load() is register
 
