@@ -1,9 +1,10 @@
 """Offline RL tasks with verifiable rewards, from the `reasoning-gym` package."""
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from datasets import Dataset
 
 
@@ -65,3 +66,30 @@ def reasoning_gym_reward(task: str = "basic_arithmetic") -> Callable[..., list[f
 
     reward.__name__ = f"{task}_reward"
     return reward
+
+
+def split_distinct_prompts(
+    prompts: Sequence[Sequence[int]], held_out: int | float = 0.5, seed: int = 0
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Splits the distinct prompts of a pool into a training set and a held-out set that share none.
+
+    Generated tasks repeat prompts: the 2-term one-digit sums of the quickstart task have about 250 distinct
+    prompts, so pools drawn with different seeds overlap, and held-out seeds are not held-out prompts. The split
+    is over the deduplicated prompts, in a seeded random order.
+
+    Args:
+        prompts: Prompt token id lists (repeats allowed).
+        held_out: Number of distinct prompts held out, or their fraction (a float in (0, 1)).
+        seed: Seed of the order.
+
+    Returns:
+        `(train, held_out)` lists of distinct prompts.
+    """
+    distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts))]
+    count = round(held_out * len(distinct)) if isinstance(held_out, float) else held_out
+    if not 0 < count < len(distinct):
+        raise ValueError(
+            f"held_out must leave both sets non-empty: {held_out!r} of {len(distinct)} distinct prompts gives {count}."
+        )
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [distinct[i] for i in order[count:]], [distinct[i] for i in order[:count]]

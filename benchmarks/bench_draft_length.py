@@ -2,12 +2,14 @@
 
 Engines with k = 1, 2, 3, 4 drafts per cycle and with `num_speculative_tokens="auto"` (up to 4 drafts, the step
 costs calibrated on the first batch, acceptance learnt from the cycles), against plain sampling with the same
-engine, on held-out prompts of the head's task (basic_arithmetic, seed 7), T = 1, probabilistic drafting. All
-engines run the same batches in turn (rotating order, same seeds), so the speed-ups are ratios measured side by
-side. Besides the measured speed-up, the table gives the accepted tokens per unit cost that the acceptance and the
-calibrated step costs imply.
+engine, at T = 1 with probabilistic drafting, on prompts of the head's task held out from the choice of the draft
+vocabulary (see `smollm2_task.py`). The same head restricted to a draft vocabulary (`--draft-vocab-size`, chosen
+from the policy's samples on the other half of the prompts) runs with k = 1, 2, 3 and "auto" too. All engines run
+the same batches in turn (rotating order, same seeds), so the speed-ups are ratios measured side by side. Besides
+the measured speed-up, the table gives the accepted tokens per unit cost that the acceptance and the calibrated
+step costs imply.
 
-    .venv/bin/python benchmarks/bench_draft_length.py              # batch 1 and 8, about 20 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_draft_length.py              # batch 1 and 8, about 30 minutes on 2 CPU cores
 """
 
 import argparse
@@ -15,13 +17,11 @@ import json
 import os
 
 import torch
+from smollm2_task import draft_vocab_from_samples, policy_samples, task_prompt_split
 
 from bebop_trl import SpeculativeGenerator
 from bebop_trl.embedded import load_smollm2, load_smollm2_head
 from bebop_trl.quickstart.measure import compare_engine_speeds
-from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG
-from bebop_trl.tasks import reasoning_gym_dataset
-from bebop_trl.trainers.mtp_data import prompt_ids_of
 
 
 def main() -> None:
@@ -31,6 +31,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--draft-vocab-size", type=int, default=1024, help="Also run the head restricted to this many tokens (0: not)."
+    )
+    parser.add_argument("--train-prompts", type=int, default=96, help="Prompts whose samples choose the subset.")
     parser.add_argument("--output", default="benchmarks/results/draft_length.json")
     args = parser.parse_args()
     if args.threads:
@@ -38,8 +42,14 @@ def main() -> None:
 
     policy, tokenizer = load_smollm2()
     head = load_smollm2_head(policy)
-    questions = reasoning_gym_dataset("basic_arithmetic", args.prompts, seed=7, **DEFAULT_TASK_CONFIG)
-    prompts = prompt_ids_of(questions, tokenizer)
+    train, held_out = task_prompt_split(tokenizer)
+    prompts = held_out[: args.prompts]
+    restricted = None
+    if args.draft_vocab_size:
+        samples = policy_samples(policy, tokenizer, train[: args.train_prompts])
+        restricted = head.with_draft_vocab(
+            draft_vocab_from_samples(tokenizer, policy.config.vocab_size, samples, args.draft_vocab_size)
+        )
     results = {"threads": torch.get_num_threads(), "args": vars(args), "batch_sizes": {}}
     for batch_size in args.batch_sizes:
         batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
@@ -47,6 +57,10 @@ def main() -> None:
         for k in (1, 2, 3, 4):
             engines[f"k={k}"] = SpeculativeGenerator(policy, head, k)
         engines["auto"] = SpeculativeGenerator(policy, head, "auto")
+        if restricted is not None:
+            for k in (1, 2, 3):
+                engines[f"D k={k}"] = SpeculativeGenerator(policy, restricted, k)
+            engines["D auto"] = SpeculativeGenerator(policy, restricted, "auto")
         measured = compare_engine_speeds(
             engines,
             tokenizer,
@@ -56,11 +70,12 @@ def main() -> None:
             temperature=1.0,
             seed=0,
         )
-        costs = engines["auto"].draft_length.costs
         rows = {}
         for name in engines:
             if name == "plain":
                 continue
+            # Each head's own calibrated costs (a restricted head drafts for less).
+            costs = engines["D auto" if name.startswith("D ") else "auto"].draft_length.costs
             summary = measured[name]
             drafted = summary["num_draft_tokens"] / summary["num_drafts"]
             tokens_per_cycle = 1.0 + summary["mean_accepted_length"]
@@ -75,13 +90,13 @@ def main() -> None:
                 "tokens_per_cycle": tokens_per_cycle,
                 "tokens_per_unit_cost": tokens_per_cycle / cycle_cost,
             }
-        results["batch_sizes"][batch_size] = {
-            "calibrated_costs": {"draft": costs.draft, "verify": list(costs.verify)},
-            "rows": rows,
+        calibrated = {
+            name: {"draft": engine.draft_length.costs.draft, "verify": list(engine.draft_length.costs.verify)}
+            for name, engine in engines.items()
+            if name.endswith("auto")
         }
-        print(
-            f"\nBatch {batch_size}: calibrated draft {costs.draft:.3f}, verify {[round(c, 3) for c in costs.verify]}"
-        )
+        results["batch_sizes"][batch_size] = {"calibrated_costs": calibrated, "rows": rows}
+        print(f"\nBatch {batch_size}: calibrated costs in decode steps {calibrated}")
         print("| engine | mean draft length | tokens per cycle | tokens per unit cost (implied) | measured speed-up |")
         print("|---|---|---|---|---|")
         for name, row in rows.items():

@@ -16,25 +16,11 @@ import json
 import os
 
 import torch
+from smollm2_task import draft_vocab_from_samples, policy_samples, task_prompt_split
 
-from bebop_trl import MTPHead
 from bebop_trl.embedded import load_smollm2, load_smollm2_head
-from bebop_trl.modeling import draft_vocab_mass, select_draft_vocab
+from bebop_trl.modeling import draft_vocab_mass
 from bebop_trl.quickstart.measure import measure_acceptance, measure_step_costs, relative_step_costs
-from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG
-from bebop_trl.rollout.torch_engine import sample_completions
-from bebop_trl.tasks import reasoning_gym_dataset
-from bebop_trl.trainers.mtp_data import prompt_ids_of
-
-
-def restricted(head: MTPHead, policy, draft_vocab: torch.Tensor) -> MTPHead:
-    """The same head drafting from `draft_vocab` only (the policy's lm_head rows of those tokens)."""
-    small = MTPHead.from_model(
-        policy, num_layers=head.config.num_layers, layout=head.config.layout, draft_vocab=draft_vocab
-    )
-    missing, unexpected = small.load_state_dict(head.state_dict(), strict=False)
-    assert set(missing) == {"draft_vocab", "draft_lm_head_weight"} and not unexpected, (missing, unexpected)
-    return small.to(dtype=policy.dtype).eval()
 
 
 def main() -> None:
@@ -51,32 +37,17 @@ def main() -> None:
     policy, tokenizer = load_smollm2()
     head = load_smollm2_head(policy)
     vocab_size = policy.config.vocab_size
-    # The task has only about 250 distinct prompts: split the distinct prompts in two, choose D on one half and
-    # measure on the other, so that no evaluation prompt was seen when D was chosen.
-    pool = prompt_ids_of(reasoning_gym_dataset("basic_arithmetic", 1024, seed=0, **DEFAULT_TASK_CONFIG), tokenizer)
-    distinct = [list(p) for p in dict.fromkeys(map(tuple, pool))]
-    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(0)).tolist()
-    half = len(distinct) // 2
-    train = [distinct[i] for i in order[:half]][: args.train_prompts]
-    held_out = [distinct[i] for i in order[half:]][: args.eval_prompts]
-    assert not {tuple(p) for p in train} & {tuple(p) for p in held_out}
-    sampling = dict(max_new_tokens=128, temperature=1.0)
-    train_samples = [
-        ids
-        for start in range(0, len(train), 32)
-        for ids in sample_completions(policy, tokenizer, train[start : start + 32], generator=torch.Generator().manual_seed(start), **sampling)
-    ]  # fmt: skip
-    eval_samples = sample_completions(
-        policy, tokenizer, held_out, generator=torch.Generator().manual_seed(1), **sampling
-    )
-    special = [i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) if i is not None]
+    train, held_out = task_prompt_split(tokenizer)
+    train, held_out = train[: args.train_prompts], held_out[: args.eval_prompts]
+    train_samples = policy_samples(policy, tokenizer, train, seed=0)
+    eval_samples = policy_samples(policy, tokenizer, held_out, seed=1)
 
     measure = dict(num_speculative_tokens=3, max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=8, seed=0)
     heads = {"full (49152)": head}
     masses = {"full (49152)": 1.0}
     for size in args.sizes:
-        draft_vocab = select_draft_vocab(vocab_size, sequences=train_samples, size=size, always_include=special)
-        heads[f"{size}"] = restricted(head, policy, draft_vocab)
+        draft_vocab = draft_vocab_from_samples(tokenizer, vocab_size, train_samples, size)
+        heads[f"{size}"] = head.with_draft_vocab(draft_vocab)
         masses[f"{size}"] = draft_vocab_mass(draft_vocab, vocab_size, sequences=eval_samples)
     rows = {}
     for name, candidate in heads.items():

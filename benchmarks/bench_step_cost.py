@@ -8,6 +8,8 @@ With a cached prefix of `--cache-length` tokens, at each batch size, and for bot
 - `forward n`: a bare Hugging Face forward of the same model over the same cache and n new tokens;
 - `engine draft`: the engine's draft step with the shipped head (head forward, lm_head, sampling);
 - `engine cycle k`: a whole k-token engine cycle (k draft steps, one verify pass over k + 1 tokens);
+- `engine draft D=m`, `engine cycle k D=m`: the same with the head restricted to a draft vocabulary of m tokens
+  (`--draft-vocab-size`; which tokens does not change the cost);
 - `lm_head F.linear m`, `lm_head W @ x.T m`: the lm_head weight [V, H] times m = 1 and 4 rows, alone (the same
   operations under both paths: the spread of their time ratio around 1 shows the run's noise).
 
@@ -52,8 +54,17 @@ MAX_NEW_TOKENS = 5
 class StepBench:
     """The engine's decoding state after a prompt, and the steps to time on it (each leaves the state unchanged)."""
 
-    def __init__(self, engine: SpeculativeGenerator, batch_size: int, cache_length: int, k: int):
-        self.engine, self.k = engine, k
+    def __init__(
+        self,
+        engine: SpeculativeGenerator,
+        batch_size: int,
+        cache_length: int,
+        k: int,
+        restricted: SpeculativeGenerator | None = None,
+    ):
+        # `restricted`: an engine whose head is `engine`'s restricted to a draft vocabulary (same layers, so it runs
+        # on the same head cache).
+        self.engine, self.k, self.restricted = engine, k, restricted
         model = engine.model
         vocab_size = model.get_output_embeddings().weight.shape[0]
         # Costs do not depend on the token values: fixed random ids stand in for a prompt.
@@ -116,13 +127,13 @@ class StepBench:
             drafts = num_tokens - 1
             self.engine._verify(state, self.draft_tokens[:, :drafts], self.draft_probs[:, :drafts], self.sampling)
 
-    def draft(self) -> None:
+    def draft(self, engine: SpeculativeGenerator) -> None:
         with self._restored() as state:
-            self.engine._draft(state, 1, self.sampling)
+            engine._draft(state, 1, self.sampling)
 
-    def cycle(self) -> None:
+    def cycle(self, engine: SpeculativeGenerator) -> None:
         with self._restored() as state:
-            self.engine._decode_cycle(state, self.k, self.sampling)
+            engine._decode_cycle(state, self.k, self.sampling)
 
     def steps(self) -> dict[str, Callable[[], Any]]:
         """Name -> step, for one linear path."""
@@ -130,19 +141,24 @@ class StepBench:
         for n in range(1, MAX_NEW_TOKENS + 1):
             steps[f"engine verify {n}"] = lambda n=n: self.verify(n)
             steps[f"forward {n}"] = lambda n=n: self.forward(n)
-        steps["engine draft"] = self.draft
-        steps[f"engine cycle k={self.k}"] = self.cycle
+        steps["engine draft"] = lambda: self.draft(self.engine)
+        steps[f"engine cycle k={self.k}"] = lambda: self.cycle(self.engine)
+        if self.restricted is not None:
+            size = self.restricted.head.config.draft_vocab_size
+            steps[f"engine draft D={size}"] = lambda: self.draft(self.restricted)
+            steps[f"engine cycle k={self.k} D={size}"] = lambda: self.cycle(self.restricted)
         for m, x in self.rows.items():
             steps[f"lm_head F.linear {m}"] = lambda x=x: F.linear(x, self.lm_head_weight)
             steps[f"lm_head W @ x.T {m}"] = lambda x=x: (self.lm_head_weight @ x.T).T
         return steps
 
 
-def routed(engine: SpeculativeGenerator, step: Callable[[], Any]) -> Callable[[], Any]:
-    """`step` run with the small-batch linear path (entering the context is part of the timed cost)."""
+def routed(engines: list[SpeculativeGenerator], step: Callable[[], Any]) -> Callable[[], Any]:
+    """`step` run with the small-batch linear path on the engines' models and heads (entering the context is part of
+    the timed cost)."""
 
     def run() -> Any:
-        with small_batch_linear(engine.model, engine.head):
+        with small_batch_linear(engines[0].model, *(engine.head for engine in engines)):
             return step()
 
     return run
@@ -201,6 +217,12 @@ def main() -> None:
         "--acceptance", type=float, nargs="+", default=QUICKSTART_ACCEPTANCE,
         help="P(first j drafts accepted) for j = 1..k, for the second speed-up limit.",
     )  # fmt: skip
+    parser.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=1024,
+        help="Also time the head restricted to this many tokens (0: not).",
+    )
     parser.add_argument("--output", default="benchmarks/results/step_cost.json")
     args = parser.parse_args()
     if len(args.acceptance) != args.k:
@@ -211,12 +233,16 @@ def main() -> None:
     model, _ = load_smollm2()
     engine = SpeculativeGenerator(model, load_smollm2_head(model), num_speculative_tokens=args.k)
     engine.head.eval()
+    restricted = None
+    if args.draft_vocab_size:
+        head = engine.head.with_draft_vocab(torch.arange(args.draft_vocab_size))
+        restricted = SpeculativeGenerator(model, head, num_speculative_tokens=args.k)
     results: dict[str, dict[str, Any]] = {}
     for batch_size in args.batch_sizes:
-        bench = StepBench(engine, batch_size, args.cache_length, args.k)
+        bench = StepBench(engine, batch_size, args.cache_length, args.k, restricted)
         steps = bench.steps()
         timed = {
-            f"{path}: {name}": routed(engine, step) if on else step
+            f"{path}: {name}": routed([engine, *([restricted] if restricted else [])], step) if on else step
             for path, on in LINEAR_PATHS.items()
             for name, step in steps.items()
         }

@@ -169,7 +169,10 @@ class _Completions:
         Returns:
             [B] which rows have ended.
         """
-        slot = torch.arange(tokens.shape[1], device=tokens.device)
+        # Slots past every row's count are never written: their log-probs and entropies are not computed.
+        width = int(count.max())
+        tokens, probs = tokens[:, :width], probs[:, :width]
+        slot = torch.arange(width, device=tokens.device)
         is_eos = torch.isin(tokens, self.eos_ids) & (slot < count.unsqueeze(-1))
         hit_eos = is_eos.any(dim=-1)
         count = torch.where(hit_eos, is_eos.int().argmax(dim=-1) + 1, count)
@@ -179,7 +182,7 @@ class _Completions:
         index = (rows.unsqueeze(-1), self.lengths[rows].unsqueeze(-1) + slot)
         self.ids[index] = torch.where(keep, tokens, self.ids[index])
         self.logprobs[index] = torch.where(keep, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log(), 0.0)
-        self.entropy[index] = torch.where(keep, torch.special.entr(probs).sum(dim=-1), 0.0)
+        self.entropy[index] = torch.where(keep, -torch.xlogy(probs, probs).sum(dim=-1), 0.0)
         self.lengths[rows] += count
         return hit_eos | (self.lengths[rows] >= self.max_new_tokens)
 
@@ -506,14 +509,18 @@ class SpeculativeGenerator:
                     past_key_values=state.head_cache,
                     use_cache=True,
                 ).last_hidden_state[:, 0]
-            logits = self.head.compute_logits(hidden)
+            # Over the draft vocabulary only (the whole vocabulary without one): q is 0 outside it, so processing,
+            # sampling and the argmax over D give what they give over the -inf-padded [B, V] logits, for less.
+            logits = self.head.compute_draft_logits(hidden)
             if greedy:
-                tokens.append(logits.argmax(dim=-1))
+                index = logits.argmax(dim=-1)
             else:
-                probs.append(sampling.probs(logits))
-                tokens.append(sample(probs[-1], sampling.generator))
+                draft_probs = sampling.probs(logits)
+                index = sample(draft_probs, sampling.generator)
+                probs.append(self._in_vocabulary(draft_probs))
+            tokens.append(index if self.head.draft_vocab is None else self.head.draft_vocab[index])
             if self.draft_length is not None:
-                confidences.append((probs[-1] if probs else sampling.probs(logits)).max(dim=-1).values)
+                confidences.append((draft_probs if not greedy else sampling.probs(logits)).max(dim=-1).values)
                 if not self.draft_length.keep_drafting(confidences):
                     break
         if len(tokens) > 1:
@@ -523,6 +530,13 @@ class SpeculativeGenerator:
             torch.stack(probs, dim=1) if probs else None,
             torch.stack(confidences, dim=1) if confidences else None,
         )
+
+    def _in_vocabulary(self, draft_probs: torch.Tensor) -> torch.Tensor:
+        """[B, |D|] draft probabilities as [B, V], 0 outside the draft vocabulary (as is for a full-vocabulary head)."""
+        if self.head.draft_vocab is None:
+            return draft_probs
+        full = draft_probs.new_zeros(*draft_probs.shape[:-1], self.head.config.vocab_size)
+        return full.index_copy_(-1, self.head.draft_vocab, draft_probs)
 
     # ---------------------------------------------------------------------------------------------------- config
 

@@ -90,7 +90,8 @@ def time_cycle_steps(
             past_key_values=head_cache,
             use_cache=True,
         )
-        sample(probs_from_logits(head.compute_logits(out.last_hidden_state[:, 0]), temperature))
+        # As the engine drafts: over the draft vocabulary only.
+        sample(probs_from_logits(head.compute_draft_logits(out.last_hidden_state[:, 0]), temperature))
         head_cache.crop(-1)
 
     steps: dict[str, Callable[[], None]] = {"decode": lambda: policy_step(1), "draft": draft_step}

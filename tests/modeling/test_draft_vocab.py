@@ -104,6 +104,24 @@ def test_a_new_head_from_the_config_takes_the_state_dict(load_tiny, tokens):
     assert torch.equal(head_logits(head, policy, tokens), head_logits(copy, policy, tokens))
 
 
+def test_restricting_a_trained_head_renormalises_its_distribution_over_the_subset(load_tiny, tokens):
+    policy = load_tiny("llama")
+    full = perturbed_head(policy, scale=0.1, num_layers=2)
+    restricted = full.with_draft_vocab(DRAFT_VOCAB)
+    assert restricted.config.draft_vocab_size == 48 and full.config.draft_vocab_size is None
+    assert restricted.draft_vocab.tolist() == DRAFT_VOCAB and restricted.training == full.training
+    torch.testing.assert_close(restricted.draft_lm_head_weight, policy.lm_head.weight[DRAFT_VOCAB], rtol=0, atol=0)
+    q_full = head_logits(full, policy, tokens).softmax(-1)
+    q_restricted = head_logits(restricted, policy, tokens).softmax(-1)
+    outside = torch.ones(128, dtype=torch.bool)
+    outside[DRAFT_VOCAB] = False
+    assert (q_restricted[..., outside] == 0).all()
+    expected = q_full[..., DRAFT_VOCAB] / q_full[..., DRAFT_VOCAB].sum(-1, keepdim=True)
+    torch.testing.assert_close(q_restricted[..., DRAFT_VOCAB], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="already drafts from a 48-token draft vocabulary"):
+        restricted.with_draft_vocab(DRAFT_VOCAB[:10])
+
+
 @pytest.mark.parametrize(
     ("draft_vocab", "message"),
     [

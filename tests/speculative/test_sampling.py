@@ -41,6 +41,16 @@ def test_sample_follows_the_distribution():
     assert chisquare_pvalue(draws.flatten(), probs) > 1e-4
 
 
+def test_sample_takes_unnormalised_rows_and_never_draws_a_token_of_probability_zero():
+    # Zero mass at both ends and in the middle, rows of different totals (residuals are not normalised).
+    law = torch.tensor([0.0, 0.05, 0.0, 0.25, 0.7, 0.0])
+    rows = torch.stack([law * 3.0, law * 1e-3, law.flip(0)])
+    draws = sample(rows.unsqueeze(1).expand(3, 20_000, 6), torch.Generator().manual_seed(1))
+    assert chisquare_pvalue(draws[0], law) > 1e-4 and chisquare_pvalue(draws[1], law) > 1e-4
+    assert chisquare_pvalue(draws[2], law.flip(0)) > 1e-4
+    assert set(draws[:2].unique().tolist()) <= {1, 3, 4} and set(draws[2].unique().tolist()) <= {1, 2, 4}
+
+
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p"), [(-0.1, 0, 1.0), (1.0, -1, 1.0), (1.0, 0, 0.0), (1.0, 0, 1.5)]
 )
