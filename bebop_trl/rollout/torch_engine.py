@@ -8,6 +8,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..modeling import MTPHead
 from ..speculative import GenerationOutput, SpeculativeGenerator
+from ..speculative.draft_length import AdaptiveDraftLength
 
 
 def left_pad(
@@ -33,16 +34,30 @@ def generate_from_ids(
     head: MTPHead | None = None,
     num_speculative_tokens: int = 3,
     draft_sampling: str = "probabilistic",
+    draft_length: AdaptiveDraftLength | None = None,
     **generate_kwargs: Any,
 ) -> GenerationOutput:
-    """Runs the engine on prompts given as token id lists (left-padded on the policy's device)."""
-    device = policy.get_input_embeddings().weight.device
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
+    """Runs the engine on prompts given as token id lists (left-padded on the policy's device); `draft_length`
+    chooses the draft length per cycle (see [`SpeculativeGenerator`][bebop_trl.SpeculativeGenerator])."""
+    input_ids, attention_mask = padded_prompts(policy, tokenizer, prompts)
     engine = SpeculativeGenerator(
-        policy, head, num_speculative_tokens=num_speculative_tokens, draft_sampling=draft_sampling
+        policy,
+        head,
+        num_speculative_tokens=num_speculative_tokens,
+        draft_sampling=draft_sampling,
+        draft_length=draft_length,
     )
     return engine.generate(input_ids, attention_mask, **generate_kwargs)
+
+
+def padded_prompts(
+    policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]]
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`(input_ids, attention_mask)` of prompts given as token id lists, left-padded on the policy's device with the
+    tokenizer's pad token (its EOS without one)."""
+    device = policy.get_input_embeddings().weight.device
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return left_pad(prompts, pad_token_id, device)
 
 
 def sample_completions(

@@ -28,7 +28,19 @@ class BebopGRPOConfig(GRPOConfig):
             "for a policy checkpoint that ships MTP weights (Qwen3.5, Qwen3-Next), or None for no speculation."
         },
     )
-    num_speculative_tokens: int = field(default=3, metadata={"help": "Tokens the head drafts per cycle (k)."})
+    num_speculative_tokens: int = field(
+        default=3,
+        metadata={"help": "Tokens the head drafts per cycle (k); with adaptive_draft_length, the most per cycle."},
+    )
+    adaptive_draft_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Torch rollouts: choose the draft length per cycle, up to num_speculative_tokens. Drafting stops "
+            "when one more draft is predicted, from the head's top probability, to lower the tokens per unit of "
+            "cost; the step costs are measured on the first round and the acceptance is learnt from every round. "
+            "The rule reads only the head's side, so rollouts keep the policy's law."
+        },
+    )
     draft_sampling: str = field(
         default="probabilistic",
         metadata={
@@ -137,6 +149,12 @@ class BebopGRPOConfig(GRPOConfig):
                 "trains are at least one optimizer step old. Use async_rollouts=False for on-policy rollouts."
             )
         if self.rollout_backend == "vllm":
+            if self.adaptive_draft_length:
+                raise ValueError(
+                    "adaptive_draft_length chooses the draft length per cycle in the torch engine; vLLM drafts "
+                    "num_speculative_tokens every cycle. Set adaptive_draft_length=False (on CPU builds k = 1 or 2 "
+                    "gains most), or rollout_backend='torch'."
+                )
             if self.async_rollouts:
                 raise ValueError(
                     "async_rollouts runs the torch engine in a background worker; with rollout_backend='vllm' use "

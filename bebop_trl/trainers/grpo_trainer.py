@@ -19,7 +19,7 @@ from ..modeling.teacher_forcing import drafting_slots, final_hidden_states, unro
 from ..modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
 from ..ops import mtp_loss
 from ..rollout.async_worker import AsyncRolloutWorker
-from ..rollout.torch_engine import generate_from_ids
+from ..rollout.torch_engine import generate_from_ids, padded_prompts
 from ..rollout.vllm_backend import (
     SpecDecodeCounters,
     load_colocated_draft_weights,
@@ -30,6 +30,7 @@ from ..rollout.vllm_backend import (
 )
 from ..rollout.vllm_exactness import VLLMExactness, guard_vllm_exactness
 from ..speculative import AcceptanceStats, GenerationOutput
+from ..speculative.draft_length import AdaptiveDraftLength, calibrate_draft_length
 from ..speculative.engine import eval_mode
 from ..speculative.exactness import completion_logprobs
 from .acceptance_fit import AcceptanceEntropyFit
@@ -117,6 +118,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         self._fit = AcceptanceEntropyFit(seed=args.seed)
         self._head_optimizer: torch.optim.Optimizer | None = None
         self._async_worker: AsyncRolloutWorker | None = None
+        self._draft_length: AdaptiveDraftLength | None = None
         self._lookahead = None
         if self._speculative and args.async_rollouts:
             # Remember enough batches to find the current generation batch after gradient accumulation prefetch.
@@ -274,6 +276,15 @@ class BebopGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
+            if self.args.adaptive_draft_length and self.mtp_head is not None and self._draft_length is None:
+                # Step costs depend on the batch: measured once, on the first round's prompts.
+                self._draft_length = calibrate_draft_length(
+                    policy,
+                    self.mtp_head,
+                    *padded_prompts(policy, self._tokenizer, prompt_ids),
+                    max_draft_tokens=self.args.num_speculative_tokens,
+                    temperature=self.temperature,
+                )
             if not (train and self.args.async_rollouts):
                 return self._generate_now(policy, prompt_ids, round_index)
             if self._async_worker is None:
@@ -318,7 +329,12 @@ class BebopGRPOTrainer(GRPOTrainer):
         )
 
     def _engine_kwargs(self) -> dict[str, Any]:
-        return dict(num_speculative_tokens=self.args.num_speculative_tokens, draft_sampling=self.args.draft_sampling)
+        # One draft-length policy for every round (and the background worker): it keeps learning acceptance.
+        return dict(
+            num_speculative_tokens=self.args.num_speculative_tokens,
+            draft_sampling=self.args.draft_sampling,
+            draft_length=self._draft_length,
+        )
 
     def _sampling_kwargs(self) -> dict[str, Any]:
         return dict(

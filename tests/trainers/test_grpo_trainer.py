@@ -309,7 +309,26 @@ def test_rollout_rewards_follow_the_policy_law(case, load_tiny, tokenizer, tmp_p
     metrics = trainer._metrics["train"]
     assert least_acceptance < metrics["rollout/acceptance_position_1"][-1] < 0.9, dict(metrics)
     assert metrics["rollout/acceptance_position_2"][-1] > 0.0, dict(metrics)
+    assert_rollouts_follow_the_policy_law(policy, tokenizer, rewards, batch, trainer, **sampling)
 
+
+def test_adaptive_draft_length_keeps_the_policy_law(load_tiny, tokenizer, tmp_path):
+    policy = load_tiny("llama")
+    sampling = dict(temperature=1.0, draft_sampling="probabilistic")
+    rewards, batch, trainer = speculative_rollouts(
+        policy, perturbed_head(policy, scale=0.05), tokenizer, tmp_path, adaptive_draft_length=True, **sampling
+    )
+    # Calibrated once, on the first round, for up to num_speculative_tokens drafts; kept for the next rounds.
+    draft_length = trainer._draft_length
+    assert draft_length is not None and draft_length.max_draft_tokens == trainer.args.num_speculative_tokens == 2
+    assert trainer._engine_kwargs()["draft_length"] is draft_length
+    assert trainer._metrics["train"]["rollout/acceptance_position_1"][-1] > 0.2
+    assert_rollouts_follow_the_policy_law(policy, tokenizer, rewards, batch, trainer, **sampling)
+
+
+def assert_rollouts_follow_the_policy_law(policy, tokenizer, rewards, batch, trainer, **sampling):
+    """The first two tokens of each prompt's rollouts pass a chi-square test against the policy's processed law, and
+    the sampling log-probs handed to TRL are that law's."""
     law_kwargs = {"temperature": sampling["temperature"], "top_k": sampling.get("top_k", 0)}
     law_kwargs["top_p"] = sampling.get("top_p", 1.0)
     first_tokens = batch["completion_ids"][:, 0]
@@ -520,6 +539,7 @@ def test_unsupported_options_with_a_head_are_rejected(option, load_tiny, tiny_ch
         (dict(max_staleness=0), "max_staleness"),
         (dict(rollout_backend="sglang"), "rollout_backend"),
         (dict(rollout_backend="vllm", async_rollouts=True), "async_rollouts"),
+        (dict(rollout_backend="vllm", adaptive_draft_length=True), "adaptive_draft_length"),
         (dict(mtp_online_update="bogus", mtp_head="my-org/head"), "mtp_online_update"),
         (dict(mtp_online_update="tv"), "set mtp_head"),
         (dict(mtp_online_update="tv", mtp_head="my-org/head", mtp_online_update_interval=0), "interval"),
