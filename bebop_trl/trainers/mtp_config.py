@@ -40,7 +40,8 @@ class MTPConfig(TrainingArguments):
             "the policy's mass on the training data (its completions where it has prompts), the tokenizer's special "
             "tokens always among them. The head's lm_head product shrinks to draft_vocab_size / V of the policy's. "
             "Rejection sampling stays exact; the policy's mass outside the draft vocabulary is never accepted, and "
-            "is logged as target_mass_outside_draft_vocab. None: the whole vocabulary. vLLM cannot run such a head."
+            "is logged as target_mass_outside_draft_vocab. None: the whole vocabulary. vLLM runs such a head in the "
+            "eagle layout (through this package's plugin), not in the mtp layout."
         },
     )
 

@@ -1,0 +1,77 @@
+"""Self-distils the quickstart task on the embedded SmolLM2 into a corpus for head training (a long, resumable job).
+
+The training half of the task's distinct prompts (see `smollm2_task.py`; the held-out half is excluded, so no
+evaluation prompt is ever trained on) is sampled at T = 1 until about `--target-tokens` completion tokens, with the
+shipped head drafting (the completions follow the policy's law either way). Each record keeps the policy's final
+hidden state at every position, so heads train on the corpus without running the policy again. Rerunning the same
+command resumes an interrupted build at its first missing shard; every run appends its wall time to the summary.
+
+    nohup .venv/bin/python benchmarks/build_smollm2_corpus.py > corpus.log 2>&1 &   # about 1M tokens: hours on 2 cores
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from smollm2_task import task_prompt_split
+
+from bebop_trl.embedded import load_smollm2, load_smollm2_head
+from bebop_trl.trainers.distill_corpus import build_distill_corpus
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target-tokens", type=int, default=1_000_000, help="Completion tokens to sample (about).")
+    parser.add_argument(
+        "--tokens-per-completion", type=float, default=40.0, help="Expected completion length, to size the job."
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--output-dir", default="outputs/corpora/smollm2-basic-arithmetic-t1")
+    parser.add_argument("--summary", default="benchmarks/results/smollm2_corpus.json")
+    args = parser.parse_args()
+
+    policy, tokenizer = load_smollm2()
+    head = load_smollm2_head(policy)
+    train, held_out = task_prompt_split(tokenizer)
+    samples_per_prompt = max(1, round(args.target_tokens / args.tokens_per_completion / len(train)))
+    started = time.perf_counter()
+    corpus = build_distill_corpus(
+        policy, tokenizer, train, args.output_dir, exclude_prompts=held_out, samples_per_prompt=samples_per_prompt,
+        max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=args.batch_size, shard_size=args.shard_size,
+        seed=0, head=head, num_speculative_tokens=2,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+
+    summary = {}
+    if os.path.exists(args.summary):
+        with open(args.summary, encoding="utf-8") as f:
+            summary = json.load(f)
+    lengths = corpus.map(
+        lambda r: {"total": len(r["input_ids"]), "completion": len(r["input_ids"]) - r["prompt_length"]},
+        remove_columns=corpus.column_names,
+    )
+    runs = [*summary.get("runs", []), {"seconds": seconds, "threads": torch.get_num_threads()}]
+    summary = {
+        "command": "python benchmarks/build_smollm2_corpus.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "train_prompts": len(train),
+        "held_out_prompts_excluded": len(held_out),
+        "samples_per_prompt": samples_per_prompt,
+        "records": len(corpus),
+        "completion_tokens": int(sum(lengths["completion"])),
+        "tokens_with_prompts": int(sum(lengths["total"])),
+        "runs": runs,
+        "wall_seconds": sum(run["seconds"] for run in runs),
+    }
+    os.makedirs(os.path.dirname(args.summary), exist_ok=True)
+    with open(args.summary, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
