@@ -252,3 +252,63 @@ def _write_shard(corpus_dir: str | os.PathLike, index: int, records: dict[str, l
     staging = f"{_shard_path(corpus_dir, index)}.tmp-{os.getpid()}"
     Dataset.from_dict(records, features=features).save_to_disk(staging)
     os.replace(staging, _shard_path(corpus_dir, index))  # a shard appears whole or not at all
+
+
+def is_distill_corpus(dataset: Dataset) -> bool:
+    """Whether `dataset` holds a corpus's records (with the policy's hidden states)."""
+    return HIDDEN_STATES in dataset.column_names
+
+
+def prepare_corpus(dataset: Dataset, hidden_size: int, max_length: int | None = None) -> Dataset:
+    """A corpus ready for head training: its hidden states checked against the policy's width, records cut at
+    `max_length` tokens, and the hidden states read as numpy arrays (the other columns stay lists).
+
+    Raises:
+        ValueError: If the stored hidden states are not `hidden_size` wide (a corpus of another policy).
+    """
+    stored = len(dataset[0][HIDDEN_STATES][0])
+    if stored != hidden_size:
+        raise ValueError(
+            f"The corpus stores hidden states of width {stored}, but the policy's hidden size is {hidden_size}: it was "
+            "built with another policy. Build a corpus with this policy (build_distill_corpus)."
+        )
+    if max_length is not None:
+        dataset = dataset.map(
+            lambda r: {
+                "input_ids": r["input_ids"][:max_length],
+                PROMPT_LENGTH: min(r[PROMPT_LENGTH], max_length),
+                HIDDEN_STATES: r[HIDDEN_STATES][:max_length],
+            },
+            desc=f"Cutting records at {max_length} tokens",
+        )
+    return dataset.with_format("numpy", columns=[HIDDEN_STATES], output_all_columns=True)
+
+
+class CorpusCollator:
+    """Pads corpus records into a batch: `input_ids` and `attention_mask` (right padding), `prompt_length`, and the
+    policy's hidden states `hidden_states` [B, T, H] in bf16 (zeros at padding).
+
+    Args:
+        pad_token_id: Token id of the padding.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(f["input_ids"]) for f in features]
+        width, hidden_size = max(lengths), features[0][HIDDEN_STATES].shape[-1]
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        hidden = torch.zeros((len(features), width, hidden_size), dtype=torch.bfloat16)
+        for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
+            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
+            attention_mask[row, :length] = 1
+            hidden[row, :length] = hidden_states_of(torch.from_numpy(feature[HIDDEN_STATES]))
+        prompt_length = torch.tensor([int(f.get(PROMPT_LENGTH, 0)) for f in features], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            PROMPT_LENGTH: prompt_length,
+            HIDDEN_STATES: hidden,
+        }

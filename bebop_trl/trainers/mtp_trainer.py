@@ -35,6 +35,7 @@ from ..modeling.teacher_forcing import (
 from ..ops import MTPLossOutput, mtp_loss
 from ..rollout.torch_engine import generate_from_ids
 from ..speculative import DRAFT_SAMPLING_MODES
+from .distill_corpus import HIDDEN_STATES, CorpusCollator, is_distill_corpus, prepare_corpus
 from .mtp_config import MTPConfig
 from .mtp_data import PROMPT_LENGTH, needs_self_distillation, prompt_ids_of, self_distill, tokenize_dataset
 
@@ -47,7 +48,8 @@ HEAD_REPO_FILES = (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, TRAINING_ARGS_NAM
 class MTPTrainingModule(nn.Module):
     """The frozen policy and the trainable head as one module, so that `Trainer` and DDP see a single model.
 
-    Its forward scores one batch: a policy forward for the hidden states (no gradient), the head unrolled over
+    Its forward scores one batch: a policy forward for the hidden states (no gradient; none when the batch brings
+    them from a self-distilled corpus), the head unrolled over
     `num_mtp_steps` steps with teacher forcing, and [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] on every valid slot.
     """
 
@@ -79,6 +81,7 @@ class MTPTrainingModule(nn.Module):
         attention_mask: torch.Tensor | None = None,
         prompt_length: torch.LongTensor | None = None,
         loss_type: str | None = None,
+        hidden_states: torch.Tensor | None = None,
     ) -> MTPLossOutput:
         """Scores one batch: the head's loss against the frozen policy over every valid slot.
 
@@ -88,14 +91,19 @@ class MTPTrainingModule(nn.Module):
             prompt_length: [B] prompt tokens per row; with `completion_only_loss`, only the slots a rollout drafts
                 (starts whose next token is a completion token) count.
             loss_type: Overrides the configured loss for this batch (the KL warm start uses `"kl"`).
+            hidden_states: [B, L, H] the policy's final hidden states, stored with the data (a self-distilled
+                corpus); None runs the policy for them.
 
         Returns:
             The loss and its per-step acceptance statistics.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        with torch.no_grad():
-            policy_hidden = final_hidden_states(self.policy, input_ids, attention_mask)
+        if hidden_states is not None:
+            policy_hidden = hidden_states.to(self.head.fc.weight.dtype)
+        else:
+            with torch.no_grad():
+                policy_hidden = final_hidden_states(self.policy, input_ids, attention_mask)
         slots = unroll_teacher_forced(self.head, input_ids, policy_hidden, attention_mask, self.num_mtp_steps)
         loss_kwargs = {**self.loss_kwargs, "loss_type": loss_type or self.loss_kwargs["loss_type"]}
         is_ce = loss_kwargs["loss_type"] == "ce"
@@ -130,7 +138,9 @@ class MTPTrainer(Trainer):
         args: The training configuration.
         train_dataset: Data in one of the formats of
             [`detect_format`][bebop_trl.trainers.mtp_data.detect_format]; prompt-only data is completed by sampling
-            from the policy at `args.temperature` (self-distillation), cached on disk.
+            from the policy at `args.temperature` (self-distillation), cached on disk. A corpus of
+            [`build_distill_corpus`][bebop_trl.trainers.distill_corpus.build_distill_corpus] brings the policy's
+            hidden states: training then never runs the policy.
         eval_dataset: Held-out data in the same formats.
         processing_class: The policy's tokenizer (loaded from `model` when None).
         head: The head to train; by default built as `args.mtp_head`, `args.head_layout`,
@@ -184,7 +194,11 @@ class MTPTrainer(Trainer):
         self.head = self._build_head(policy, head, args, train_dataset, processing_class)
         self.head.config.recipe = _recipe(args, self.head, train_dataset)
         if data_collator is None:
-            data_collator = DataCollatorWithPadding(processing_class)
+            if train_dataset is not None and is_distill_corpus(train_dataset):
+                pad = processing_class.pad_token_id
+                data_collator = CorpusCollator(pad if pad is not None else processing_class.eos_token_id)
+            else:
+                data_collator = DataCollatorWithPadding(processing_class)
         super().__init__(
             model=MTPTrainingModule(policy, self.head, args),
             args=args,
@@ -229,6 +243,9 @@ class MTPTrainer(Trainer):
     def _prepare_dataset(self, dataset: Dataset | None, tokenizer, args: MTPConfig, name: str) -> Dataset | None:
         if dataset is None:
             return None
+        if is_distill_corpus(dataset):
+            # The policy's hidden states come with the records: training never runs the policy.
+            return prepare_corpus(dataset, self.policy.config.get_text_config().hidden_size, args.max_length)
         if needs_self_distillation(dataset, args.dataset_text_field):
             prompts = prompt_ids_of(dataset, tokenizer, args.dataset_text_field)
             # The main process samples and caches; the others then read its cache.
@@ -269,6 +286,7 @@ class MTPTrainer(Trainer):
             attention_mask=inputs.get("attention_mask"),
             prompt_length=inputs.get(PROMPT_LENGTH),
             loss_type="kl" if warm_start else None,
+            hidden_states=inputs.get(HIDDEN_STATES),
         )
         if not torch.isfinite(out.loss):
             lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None

@@ -6,8 +6,10 @@ import shutil
 import pytest
 import torch
 
+from bebop_trl import MTPConfig, MTPTrainer
 from bebop_trl.modeling.teacher_forcing import final_hidden_states
 from bebop_trl.rollout import torch_engine
+from bebop_trl.testing import tiny_causal_lm
 from bebop_trl.trainers import distill_corpus
 from bebop_trl.trainers.distill_corpus import (
     build_distill_corpus,
@@ -90,3 +92,51 @@ def test_other_settings_in_the_same_folder_are_refused(policy, tiny_tokenizer, t
         load_distill_corpus(tmp_path)
     with pytest.raises(ValueError, match="No prompt left to sample"):
         build_distill_corpus(policy, tiny_tokenizer, [[14]], tmp_path / "empty", exclude_prompts=[[14]])
+
+
+# ------------------------------------------------------------------------------------------ training on a corpus
+
+
+def test_a_head_trains_on_a_corpus_without_running_the_policy(policy, tiny_tokenizer, tmp_path, monkeypatch):
+    prompts = [tiny_tokenizer(f"{a}+{b}=")["input_ids"] for a in range(8) for b in range(8)]
+    corpus = build_distill_corpus(
+        policy, tiny_tokenizer, prompts, tmp_path / "corpus", samples_per_prompt=2, max_new_tokens=12, batch_size=32
+    )
+    args = MTPConfig(
+        output_dir=str(tmp_path / "head"), max_steps=12, per_device_train_batch_size=8, learning_rate=3e-3,
+        num_mtp_steps=3, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+        logging_steps=4, max_length=10,
+    )  # fmt: skip
+    trainer = MTPTrainer(policy, args, corpus, processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["hidden_states"].dtype == torch.bfloat16 and batch["input_ids"].shape[1] <= 10
+
+    # The corpus's loss is the loss of the policy's own hidden states, rounded to bf16 as the corpus stores them.
+    module = trainer.model
+    with torch.no_grad():
+        from_corpus = module(
+            batch["input_ids"], batch["attention_mask"], batch["prompt_length"], None, batch["hidden_states"]
+        )
+        hidden = final_hidden_states(policy, batch["input_ids"], batch["attention_mask"]).to(torch.bfloat16)
+        expected = module(batch["input_ids"], batch["attention_mask"], batch["prompt_length"], None, hidden)
+    torch.testing.assert_close(from_corpus.loss, expected.loss, atol=1e-6, rtol=0)
+
+    def no_policy_forward(*args, **kwargs):
+        raise AssertionError("training on a corpus ran the policy")
+
+    monkeypatch.setattr(policy.model, "forward", no_policy_forward)
+    trainer.train()
+    acceptance = [entry["acceptance/step_1"] for entry in trainer.state.log_history if "acceptance/step_1" in entry]
+    assert len(acceptance) == 3 and acceptance[-1] > acceptance[0], acceptance
+
+
+def test_a_corpus_of_another_policy_is_refused(policy, load_tiny, tiny_tokenizer, tmp_path):
+    corpus = build(policy, tiny_tokenizer, tmp_path / "corpus")
+    other = tiny_causal_lm("llama", seed=0, hidden_size=48)
+    with pytest.raises(ValueError, match="hidden states of width 64, but the policy's hidden size is 48"):
+        MTPTrainer(
+            other,
+            MTPConfig(str(tmp_path / "out"), report_to="none", use_cpu=True),
+            corpus,
+            processing_class=tiny_tokenizer,
+        )
