@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,6 +65,36 @@ def load_tensors(file: str, keys: list[str] | None = None) -> dict[str, torch.Te
             f"Cannot read weights from {file}: the file is corrupt or truncated ({e}). "
             "Download or save the checkpoint again."
         ) from e
+
+
+def read_checkpoint_tensors(
+    path_or_repo: str | os.PathLike, select: Callable[[str], bool], **hub_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """The tensors of a (possibly sharded) safetensors checkpoint whose names `select` accepts.
+
+    With a sharded checkpoint only the shards that hold a selected tensor are downloaded and read.
+
+    Args:
+        path_or_repo: A local folder or a Hub repo id.
+        select: Whether to read the tensor of this name.
+        **hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only`.
+    """
+    index_file = resolve_file(path_or_repo, WEIGHTS_INDEX_NAME, required=False, **hub_kwargs)
+    keys_by_file: dict[str, list[str] | None] = {}
+    if index_file is not None:
+        for key, file in read_json(index_file)["weight_map"].items():
+            if select(key):
+                keys_by_file.setdefault(file, []).append(key)
+    else:
+        keys_by_file[WEIGHTS_NAME] = None  # one file: read its selected keys below
+    tensors = {}
+    for file, keys in keys_by_file.items():
+        local = resolve_file(path_or_repo, file, **hub_kwargs)
+        if keys is None:
+            with safe_open(local, framework="pt", device="cpu") as f:
+                keys = [k for k in f.keys() if select(k)]  # noqa: SIM118 (a safetensors handle: no `in`)
+        tensors.update(load_tensors(local, keys))
+    return tensors
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], file: str) -> None:

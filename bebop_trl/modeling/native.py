@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig
 
 from .configuration_mtp_head import MTP_LAYOUT, NATIVE_MTP_MODEL_TYPES, MTPHeadConfig
-from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, load_tensors, read_json, resolve_file, save_tensors
+from .hub import read_checkpoint_tensors, save_tensors
 
 
 NATIVE_PREFIX = "mtp."
@@ -117,19 +117,7 @@ def load_native_head(
 
 
 def _read_native_tensors(path_or_repo, hub_kwargs) -> dict:
-    index_file = resolve_file(path_or_repo, WEIGHTS_INDEX_NAME, required=False, **hub_kwargs)
-    if index_file is not None:
-        weight_map = read_json(index_file)["weight_map"]
-        keys_by_file: dict[str, list[str]] = {}
-        for key, file in weight_map.items():
-            if key.startswith(NATIVE_PREFIX):
-                keys_by_file.setdefault(file, []).append(key)
-    else:
-        keys_by_file = {WEIGHTS_NAME: None}
-    native = {}
-    for file, keys in keys_by_file.items():
-        tensors = load_tensors(resolve_file(path_or_repo, file, **hub_kwargs), keys)
-        native.update({k: v for k, v in tensors.items() if k.startswith(NATIVE_PREFIX)})
+    native = read_checkpoint_tensors(path_or_repo, lambda key: key.startswith(NATIVE_PREFIX), **hub_kwargs)
     if not native:
         raise ValueError(
             f"{path_or_repo} has no MTP weights (no `{NATIVE_PREFIX}*` tensors). "

@@ -26,6 +26,7 @@ from transformers.utils import PushInProgress, hf_api
 
 from ..modeling import MTPHead, draft_vocab_mass, select_draft_vocab
 from ..modeling.hub import CONFIG_NAME, MODEL_CARD_NAME, WEIGHTS_NAME, head_model_card, load_tensors
+from ..modeling.policy_io import load_policy_io
 from ..modeling.teacher_forcing import (
     completion_token_mask,
     drafting_slots,
@@ -55,7 +56,12 @@ class MTPTrainingModule(nn.Module):
 
     def __init__(self, policy: PreTrainedModel, head: MTPHead, args: MTPConfig):
         super().__init__()
-        self.policy = policy
+        if any(param.is_meta for param in policy.parameters()):
+            # Only what the head needs is loaded (`load_policy_io`, on its device already): kept out of the module
+            # tree, so that placing this module never touches the layers that hold no data.
+            object.__setattr__(self, "policy", policy)
+        else:
+            self.policy = policy
         self.head = head
         self.loss_kwargs = dict(loss_type=args.loss_type, temperature=args.temperature)
         self.loss_kwargs.update({k: v for k in ("token_tile", "vocab_tile") if (v := getattr(args, k)) is not None})
@@ -134,7 +140,9 @@ class MTPTrainer(Trainer):
     checkpoints add the trainer state.
 
     Args:
-        model: The policy: a model or the folder / Hub id of one.
+        model: The policy: a model or the folder / Hub id of one. Given by name with a self-distilled corpus as
+            `train_dataset` and no `eval_dataset`, only its embedding, lm_head, final norm and last layers are
+            loaded ([`load_policy_io`][bebop_trl.modeling.policy_io.load_policy_io]).
         args: The training configuration.
         train_dataset: Data in one of the formats of
             [`detect_format`][bebop_trl.trainers.mtp_data.detect_format]; prompt-only data is completed by sampling
@@ -177,7 +185,12 @@ class MTPTrainer(Trainer):
             name = model if isinstance(model, str) else model.config.name_or_path
             args = MTPConfig(f"{os.path.basename(str(name).rstrip('/')) or 'policy'}-mtp-head")
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            if train_dataset is not None and is_distill_corpus(train_dataset) and eval_dataset is None:
+                # The hidden states come with the data and no evaluation runs the engine: of the policy, only what
+                # the head shares or copies is loaded.
+                model = load_policy_io(model, num_last_layers=args.head_num_layers, device=args.device)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(model)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model.config.name_or_path)
         policy = model.eval().requires_grad_(False)
@@ -377,6 +390,12 @@ class MTPTrainer(Trainer):
 
         A row's prompt is its first `prompt_length` tokens, or its first half where the data has no prompt.
         """
+        if any(param.is_meta for param in self.policy.parameters()):
+            raise ValueError(
+                "This trainer loaded only the policy's embedding, lm_head and last layers (training on a corpus, "
+                "with no eval_dataset), so the engine cannot run it. Pass the policy itself as model, or an "
+                "eval_dataset when building the trainer, to measure acceptance."
+            )
         rows = dataset.select(range(min(self.args.eval_num_prompts, len(dataset))))
         prompts = [
             ids[: length if length > 0 else max(1, len(ids) // 2)]

@@ -140,3 +140,18 @@ def test_a_corpus_of_another_policy_is_refused(policy, load_tiny, tiny_tokenizer
             corpus,
             processing_class=tiny_tokenizer,
         )
+
+
+def test_a_trainer_given_the_policys_name_loads_only_what_the_head_needs(policy, tiny_checkpoints, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])
+    corpus = build(policy, tokenizer, tmp_path / "corpus")
+    args = MTPConfig(
+        str(tmp_path / "head"), max_steps=2, per_device_train_batch_size=4, report_to="none", use_cpu=True
+    )
+    trainer = MTPTrainer(tiny_checkpoints["llama"], args, corpus, processing_class=tokenizer)
+    assert all(p.is_meta for p in trainer.policy.model.layers[0].parameters())
+    trainer.train()
+    with pytest.raises(ValueError, match="loaded only the policy's embedding, lm_head and last layers"):
+        trainer.measure_acceptance(corpus)
