@@ -38,7 +38,8 @@ def main() -> None:
 
     policy, tokenizer = load_smollm2()
     train, _ = task_prompt_split(tokenizer)
-    sequences = [p + c for p, c in zip(train, policy_samples(policy, tokenizer, train), strict=True)]
+    prompts = train[: args.batch_size]
+    sequences = [p + c for p, c in zip(prompts, policy_samples(policy, tokenizer, prompts), strict=True)]
     batch = sequences[: args.batch_size]
     width = max(map(len, batch))
     input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
