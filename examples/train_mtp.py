@@ -23,7 +23,7 @@ from trl import TrlParser
 
 from bebop_trl import MTPConfig, MTPTrainer
 from bebop_trl.embedded import smollm2_path
-from bebop_trl.tasks import reasoning_gym_dataset
+from bebop_trl.tasks import reasoning_gym_split
 
 
 @dataclass
@@ -68,11 +68,14 @@ def main(script_args: TrainMTPArguments, training_args: MTPConfig) -> None:
             task_config.update(min_terms=min(2, script_args.max_terms), max_terms=script_args.max_terms)
         if script_args.max_digits is not None:
             task_config.update(min_digits=1, max_digits=script_args.max_digits)
-        train_dataset = reasoning_gym_dataset(
-            script_args.task, script_args.num_train_prompts, seed=training_args.seed, **task_config
-        )
-        eval_dataset = reasoning_gym_dataset(
-            script_args.task, script_args.num_eval_prompts, seed=training_args.seed + 1, **task_config
+        # One pool split in two: a second seed would repeat the first one's questions (reasoning-gym draws item i
+        # with seed + i).
+        train_dataset, eval_dataset = reasoning_gym_split(
+            script_args.task,
+            script_args.num_train_prompts,
+            script_args.num_eval_prompts,
+            seed=training_args.seed,
+            **task_config,
         )
 
     trainer = MTPTrainer(policy, training_args, train_dataset, eval_dataset, processing_class=tokenizer)

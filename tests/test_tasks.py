@@ -1,7 +1,9 @@
 """Splitting a task's prompts into training and held-out sets."""
 
 import pytest
+from datasets import Dataset
 
+from bebop_trl import tasks
 from bebop_trl.tasks import split_distinct_prompts
 
 
@@ -20,3 +22,28 @@ def test_split_is_over_distinct_prompts_disjoint_and_seeded():
 def test_a_split_that_empties_a_set_is_refused(held_out):
     with pytest.raises(ValueError, match="must leave both sets non-empty"):
         split_distinct_prompts([[i] for i in range(6)], held_out=held_out)
+
+
+def test_reasoning_gym_split_holds_out_questions_the_training_set_does_not_ask(monkeypatch):
+    pytest.importorskip("reasoning_gym")
+    from bebop_trl.tasks import reasoning_gym_dataset, reasoning_gym_split
+
+    config = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
+    # The pitfall it avoids: a second seed repeats the first one's items, shifted by one.
+    first = reasoning_gym_dataset("basic_arithmetic", 16, seed=0, **config)["prompt"]
+    assert reasoning_gym_dataset("basic_arithmetic", 8, seed=1, **config)["prompt"] == first[1:9]
+
+    train, held_out = reasoning_gym_split("basic_arithmetic", 64, 16, seed=0, **config)
+    questions = lambda data: [p[-1]["content"] for p in data["prompt"]]  # noqa: E731
+    assert len(train) == 64 and len(held_out) == 16
+    assert not set(questions(train)) & set(questions(held_out))
+    assert len(set(questions(held_out))) == 16
+    assert train["prompt"] == reasoning_gym_dataset("basic_arithmetic", 64, seed=0, **config)["prompt"]
+
+    # A task with too few distinct questions: every pool repeats the same three.
+    repeated = lambda task, size, seed, system_prompt, **config: Dataset.from_dict(  # noqa: E731
+        {"prompt": [[{"role": "user", "content": f"q{i % 3}"}] for i in range(size)]}
+    )
+    monkeypatch.setattr(tasks, "reasoning_gym_dataset", repeated)
+    with pytest.raises(ValueError, match="gave only 1 questions outside the 2 training ones"):
+        tasks.reasoning_gym_split("basic_arithmetic", 2, 4)

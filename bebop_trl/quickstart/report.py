@@ -110,7 +110,7 @@ def _settings_section(results: dict[str, Any]) -> str:
         f"({distil['mean_completion_length']:.1f} per sequence)",
         f"- head training (ce and e2e_tv alike): {s['train_steps']} steps of {s['train_batch_size']} sequences, "
         f"AdamW lr {s['learning_rate']:g}, {s['num_mtp_steps']} draft steps unrolled",
-        f"- acceptance: {s['num_eval_prompts']} held-out prompts (seed {s['seed'] + 1}), up to "
+        f"- acceptance: {s['num_eval_prompts']} held-out prompts (questions no training prompt asks), up to "
         f"{s['eval_max_new_tokens']} tokens each, batches of {s['eval_batch_size']}",
         f"- speed: {s['speed_draft_sampling']} drafting, up to {s['speed_max_new_tokens']} tokens per prompt, "
         f"{s['speed_prompts_batch_1']} prompt(s) at batch 1 and {s['speed_batches_batch_8']} batch(es) of 8, "

@@ -86,7 +86,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> str:
     results["policy"] = describe_policy(policy, shipped_head)
 
     with clock.stage("self-distillation", f"Self-distilling {settings.num_train_prompts} {settings.task} prompts"):
-        _, train_prompts = task_prompts(settings, tokenizer, settings.num_train_prompts, settings.seed)
+        train_prompts, held_out = task_prompts(settings, tokenizer)
         data, results["self_distillation"] = self_distil(policy, tokenizer, train_prompts, settings)
 
     live_heads, results["training"] = {}, {}
@@ -100,7 +100,6 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> str:
     drafter = shipped_head if shipped_head is not None else live_heads["e2e_tv"]
 
     with clock.stage("acceptance", f"Measuring the acceptance of {len(heads)} heads on held-out prompts"):
-        _, held_out = task_prompts(settings, tokenizer, settings.num_eval_prompts, settings.seed + 1)
         results["acceptance"] = acceptance_stage(policy, tokenizer, heads, held_out, settings)
 
     with clock.stage("engine speed", "Measuring tokens/s with and without speculation, and the step costs"):

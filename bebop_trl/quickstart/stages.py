@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from ..embedded import SMOLLM2_HEAD_DIR, load_smollm2, load_smollm2_head
 from ..modeling import MTPHead
 from ..speculative import DRAFT_SAMPLING_MODES
-from ..tasks import reasoning_gym_dataset, reasoning_gym_reward
+from ..tasks import reasoning_gym_dataset, reasoning_gym_reward, reasoning_gym_split
 from ..trainers import BebopGRPOConfig, BebopGRPOTrainer, MTPConfig, MTPTrainer
 from ..trainers.grpo_trainer import FIT_NAME
 from ..trainers.mtp_data import prompt_ids_of, self_distill
@@ -72,11 +72,14 @@ def describe_policy(policy: PreTrainedModel, shipped_head: MTPHead | None) -> di
 
 
 def task_prompts(
-    settings: QuickstartSettings, tokenizer: PreTrainedTokenizerBase, size: int, seed: int
-) -> tuple[Dataset, list[list[int]]]:
-    """`size` questions of the task as a conversational dataset and as chat-templated prompt token ids."""
-    dataset = reasoning_gym_dataset(settings.task, size, seed=seed, **settings.task_config())
-    return dataset, prompt_ids_of(dataset, tokenizer)
+    settings: QuickstartSettings, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Chat-templated prompt token ids of the task's training questions and of held-out questions that no training
+    question repeats (see [`reasoning_gym_split`][bebop_trl.tasks.reasoning_gym_split])."""
+    train, held_out = reasoning_gym_split(
+        settings.task, settings.num_train_prompts, settings.num_eval_prompts, settings.seed, **settings.task_config()
+    )
+    return prompt_ids_of(train, tokenizer), prompt_ids_of(held_out, tokenizer)
 
 
 def self_distil(

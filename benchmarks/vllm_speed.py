@@ -9,7 +9,7 @@ alike. Speed-ups divide each configuration's tokens per second by plain vLLM's, 
 
 Runs in the vLLM lane's environment:
 
-    VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/bench_vllm_speed.py
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/vllm_speed.py
 """
 
 import argparse
