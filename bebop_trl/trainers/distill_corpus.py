@@ -259,9 +259,10 @@ def is_distill_corpus(dataset: Dataset) -> bool:
     return HIDDEN_STATES in dataset.column_names
 
 
-def prepare_corpus(dataset: Dataset, hidden_size: int, max_length: int | None = None) -> Dataset:
-    """A corpus ready for head training: its hidden states checked against the policy's width, records cut at
-    `max_length` tokens, and the hidden states read as numpy arrays (the other columns stay lists).
+def prepare_corpus(dataset: Dataset, hidden_size: int) -> Dataset:
+    """A corpus ready for head training: its hidden states checked against the policy's width and read as numpy
+    arrays (the other columns stay lists). Records are cut at a maximum length by
+    [`CorpusCollator`][bebop_trl.trainers.distill_corpus.CorpusCollator], so the corpus is never rewritten.
 
     Raises:
         ValueError: If the stored hidden states are not `hidden_size` wide (a corpus of another policy).
@@ -272,15 +273,6 @@ def prepare_corpus(dataset: Dataset, hidden_size: int, max_length: int | None = 
             f"The corpus stores hidden states of width {stored}, but the policy's hidden size is {hidden_size}: it was "
             "built with another policy. Build a corpus with this policy (build_distill_corpus)."
         )
-    if max_length is not None:
-        dataset = dataset.map(
-            lambda r: {
-                "input_ids": r["input_ids"][:max_length],
-                PROMPT_LENGTH: min(r[PROMPT_LENGTH], max_length),
-                HIDDEN_STATES: r[HIDDEN_STATES][:max_length],
-            },
-            desc=f"Cutting records at {max_length} tokens",
-        )
     return dataset.with_format("numpy", columns=[HIDDEN_STATES], output_all_columns=True)
 
 
@@ -290,22 +282,28 @@ class CorpusCollator:
 
     Args:
         pad_token_id: Token id of the padding.
+        max_length: Records are cut to this many tokens (None: not cut).
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, max_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.max_length = max_length
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(f["input_ids"]) for f in features]
+        limit = self.max_length
+        lengths = [len(f["input_ids"]) if limit is None else min(len(f["input_ids"]), limit) for f in features]
         width, hidden_size = max(lengths), features[0][HIDDEN_STATES].shape[-1]
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
         hidden = torch.zeros((len(features), width, hidden_size), dtype=torch.bfloat16)
         for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
-            input_ids[row, :length] = torch.as_tensor(feature["input_ids"])
+            input_ids[row, :length] = torch.as_tensor(feature["input_ids"][:length])
             attention_mask[row, :length] = 1
-            hidden[row, :length] = hidden_states_of(torch.from_numpy(feature[HIDDEN_STATES]))
-        prompt_length = torch.tensor([int(f.get(PROMPT_LENGTH, 0)) for f in features], dtype=torch.long)
+            hidden[row, :length] = hidden_states_of(torch.from_numpy(feature[HIDDEN_STATES][:length]))
+        prompt_length = torch.tensor(
+            [min(int(f.get(PROMPT_LENGTH, 0)), length) for f, length in zip(features, lengths, strict=True)],
+            dtype=torch.long,
+        )
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -209,7 +209,9 @@ class MTPTrainer(Trainer):
         if data_collator is None:
             if train_dataset is not None and is_distill_corpus(train_dataset):
                 pad = processing_class.pad_token_id
-                data_collator = CorpusCollator(pad if pad is not None else processing_class.eos_token_id)
+                data_collator = CorpusCollator(
+                    pad if pad is not None else processing_class.eos_token_id, max_length=args.max_length
+                )
             else:
                 data_collator = DataCollatorWithPadding(processing_class)
         super().__init__(
@@ -258,7 +260,7 @@ class MTPTrainer(Trainer):
             return None
         if is_distill_corpus(dataset):
             # The policy's hidden states come with the records: training never runs the policy.
-            return prepare_corpus(dataset, self.policy.config.get_text_config().hidden_size, args.max_length)
+            return prepare_corpus(dataset, self.policy.config.get_text_config().hidden_size)
         if needs_self_distillation(dataset, args.dataset_text_field):
             prompts = prompt_ids_of(dataset, tokenizer, args.dataset_text_field)
             # The main process samples and caches; the others then read its cache.
