@@ -50,10 +50,11 @@ def main() -> None:
     if os.path.exists(args.summary):
         with open(args.summary, encoding="utf-8") as f:
             summary = json.load(f)
-    lengths = corpus.map(
-        lambda r: {"total": len(r["input_ids"]), "completion": len(r["input_ids"]) - r["prompt_length"]},
-        remove_columns=corpus.column_names,
-    )
+    ids = corpus.select_columns(["input_ids", "prompt_length"])  # the hidden states are not read
+    lengths = {
+        "total": [len(row) for row in ids["input_ids"]],
+        "completion": [len(row) - n for row, n in zip(ids["input_ids"], ids["prompt_length"], strict=True)],
+    }
     runs = [*summary.get("runs", []), {"seconds": seconds, "threads": torch.get_num_threads()}]
     summary = {
         "command": "python benchmarks/build_smollm2_corpus.py "
