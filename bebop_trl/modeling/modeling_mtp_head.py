@@ -203,11 +203,15 @@ class MTPHead(nn.Module):
         With a draft vocabulary, the logits outside it are -inf, so softmax, sampling and argmax give those tokens
         probability exactly 0.
         """
-        draft_logits = self.compute_draft_logits(hidden_states)
+        return self.to_vocabulary(self.compute_draft_logits(hidden_states), fill=float("-inf"))
+
+    def to_vocabulary(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """Per-token values over the draft vocabulary [..., |D|] placed in the whole vocabulary [..., V], `fill`
+        elsewhere (-inf for logits, 0 for probabilities); as is without a draft vocabulary."""
         if self.draft_vocab is None:
-            return draft_logits
-        logits = draft_logits.new_full((*draft_logits.shape[:-1], self.config.vocab_size), float("-inf"))
-        return logits.index_copy_(-1, self.draft_vocab, draft_logits)
+            return values
+        full = values.new_full((*values.shape[:-1], self.config.vocab_size), fill)
+        return full.index_copy_(-1, self.draft_vocab, values)
 
     def compute_draft_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Draft logits over the head's draft vocabulary: [..., |D|], column j for token `draft_vocab[j]`.

@@ -517,7 +517,7 @@ class SpeculativeGenerator:
             else:
                 draft_probs = sampling.probs(logits)
                 index = sample(draft_probs, sampling.generator)
-                probs.append(self._in_vocabulary(draft_probs))
+                probs.append(self.head.to_vocabulary(draft_probs, fill=0.0))
             tokens.append(index if self.head.draft_vocab is None else self.head.draft_vocab[index])
             if self.draft_length is not None:
                 confidences.append((draft_probs if not greedy else sampling.probs(logits)).max(dim=-1).values)
@@ -530,13 +530,6 @@ class SpeculativeGenerator:
             torch.stack(probs, dim=1) if probs else None,
             torch.stack(confidences, dim=1) if confidences else None,
         )
-
-    def _in_vocabulary(self, draft_probs: torch.Tensor) -> torch.Tensor:
-        """[B, |D|] draft probabilities as [B, V], 0 outside the draft vocabulary (as is for a full-vocabulary head)."""
-        if self.head.draft_vocab is None:
-            return draft_probs
-        full = draft_probs.new_zeros(*draft_probs.shape[:-1], self.head.config.vocab_size)
-        return full.index_copy_(-1, self.head.draft_vocab, draft_probs)
 
     # ---------------------------------------------------------------------------------------------------- config
 
