@@ -4,7 +4,9 @@ Prompts drawn with another seed are not held out: reasoning-gym draws item i wit
 items are items 7, 8, ... of seed 0. The benchmarks split the distinct prompts of a 1024-question pool of the
 quickstart task (basic_arithmetic, 2 one-digit terms: 791 distinct prompts) in two: draft
 vocabularies are chosen from the policy's samples on the first half, and speeds and acceptance are measured on the
-second. (The shipped head was trained on prompts of the whole task, so its acceptance there is held out for D only.)
+second. The shipped head was trained on items 0-511 of seed 0, which include 4 of the first 8 held-out prompts, 9 of
+the first 16 and 22 of the first 32: its acceptance there is held out for D, not for the head. Heads trained on the
+corpus of `build_smollm2_corpus.py` (which excludes the held-out half) are held out here.
 """
 
 import hashlib
