@@ -2,16 +2,17 @@
 
 A corpus is a folder of `datasets` shards (Arrow, memory-mapped), each written once it is complete, and a
 `corpus.json` with the settings that made it. Each record holds the prompt and completion ids and the policy's final
-hidden state at every position (bf16, stored as its 16-bit pattern), so that a head trains on it without running the
-policy again. A build that stops (interrupted, killed) resumes at the first missing shard; the same settings give
+hidden state at every position (bf16, stored as its 16-bit pattern), and optionally the hidden states entering a few
+of its layers (what an EAGLE-3 head fuses), so that a head trains on it without running the policy again. A build that stops (interrupted, killed) resumes at the first missing shard; the same settings give
 the same records, shard by shard.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import MTPHead
+from ..modeling.modeling_mtp_head import policy_decoder
 from ..modeling.teacher_forcing import final_hidden_states
 from ..rollout.torch_engine import generate_from_ids, padded_prompts
 from .mtp_data import PROMPT_LENGTH, _weights_fingerprint
@@ -29,6 +31,7 @@ from .mtp_data import PROMPT_LENGTH, _weights_fingerprint
 CORPUS_FILE = "corpus.json"
 SHARDS_DIR = "shards"
 HIDDEN_STATES = "hidden_states"
+AUX_HIDDEN_STATES = "aux_hidden_states"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,9 @@ class CorpusSettings:
         top_k: Top-k cut-off.
         seed: Seed of the sampling (shard i samples with seed + i).
         shard_size: Records per shard.
-        hidden_size: Width of the stored hidden states.
+        hidden_size: Width of the stored final hidden states.
+        aux_layers: Layers whose input hidden states are stored too, concatenated in this order (layer 0: the
+            embeddings; layer L: the output of decoder layer L - 1, before the final norm), or empty.
     """
 
     policy: str
@@ -62,6 +67,7 @@ class CorpusSettings:
     seed: int
     shard_size: int
     hidden_size: int
+    aux_layers: tuple[int, ...] = ()
 
     @property
     def num_records(self) -> int:
@@ -89,6 +95,7 @@ def build_distill_corpus(
     seed: int = 0,
     head: MTPHead | None = None,
     num_speculative_tokens: int = 3,
+    aux_layers: Sequence[int] = (),
 ) -> Dataset:
     """Samples completions of `prompts` from the frozen policy and stores them with the policy's hidden states.
 
@@ -96,7 +103,7 @@ def build_distill_corpus(
     evaluation prompt is ever trained on. Completions are sampled with the speculative engine (`head` only makes it
     faster: the completions follow the policy's law either way), then one forward pass of the policy over each
     batch of prompt + completion records the final hidden state of every position, the input teacher-forced head
-    training reads.
+    training reads (and, with `aux_layers`, the hidden states entering those layers, which an EAGLE-3 head fuses).
 
     Args:
         policy: The frozen policy.
@@ -114,13 +121,20 @@ def build_distill_corpus(
         seed: Seed of the sampling.
         head: A draft head to sample faster with, or None.
         num_speculative_tokens: Drafts per cycle with `head`.
+        aux_layers: Layers whose input hidden states to store as well (`eagle3_aux_layers` gives the layers vLLM's
+            EAGLE-3 heads read); empty stores the final hidden states only.
 
     Returns:
         The corpus, as [`load_distill_corpus`][bebop_trl.trainers.distill_corpus.load_distill_corpus] gives it.
 
     Raises:
-        ValueError: If no prompt is left after exclusion, or `output_dir` holds a corpus built with other settings.
+        ValueError: If no prompt is left after exclusion, an aux layer is out of range, or `output_dir` holds a
+            corpus built with other settings.
     """
+    num_layers = policy.config.get_text_config().num_hidden_layers
+    aux_layers = tuple(int(layer) for layer in aux_layers)
+    if any(not 0 <= layer < num_layers for layer in aux_layers):
+        raise ValueError(f"aux_layers must lie in [0, {num_layers}) for this policy, got {list(aux_layers)}.")
     excluded = {tuple(p) for p in exclude_prompts}
     distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts)) if p not in excluded]
     if not distinct:
@@ -138,6 +152,7 @@ def build_distill_corpus(
         seed=seed,
         shard_size=shard_size,
         hidden_size=policy.config.get_text_config().hidden_size,
+        aux_layers=aux_layers,
     )
     _claim_folder(output_dir, settings)
     repeated = [prompt for prompt in distinct for _ in range(samples_per_prompt)]
@@ -149,6 +164,8 @@ def build_distill_corpus(
         shard_prompts = repeated[index * shard_size : (index + 1) * shard_size]
         generator = torch.Generator(device=policy.device).manual_seed(seed + index)
         records: dict[str, list] = {"input_ids": [], PROMPT_LENGTH: [], HIDDEN_STATES: []}
+        if aux_layers:
+            records[AUX_HIDDEN_STATES] = []
         for start in range(0, len(shard_prompts), batch_size):
             batch = shard_prompts[start : start + batch_size]
             out = generate_from_ids(
@@ -156,13 +173,15 @@ def build_distill_corpus(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
             )  # fmt: skip
             sequences = [p + c for p, c in zip(batch, out.unpadded(out.completion_ids), strict=True)]
-            hidden_states = _hidden_states(policy, tokenizer, sequences)
-            for prompt, sequence, hidden in zip(batch, sequences, hidden_states, strict=True):
+            hidden_states, aux_hidden_states = _hidden_states(policy, tokenizer, sequences, aux_layers)
+            for row, (prompt, sequence) in enumerate(zip(batch, sequences, strict=True)):
                 records["input_ids"].append(sequence)
                 records[PROMPT_LENGTH].append(len(prompt))
-                records[HIDDEN_STATES].append(hidden)
+                records[HIDDEN_STATES].append(hidden_states[row])
+                if aux_layers:
+                    records[AUX_HIDDEN_STATES].append(aux_hidden_states[row])
             progress.update(len(batch))
-        _write_shard(output_dir, index, records, settings.hidden_size)
+        _write_shard(output_dir, index, records, settings)
     progress.close()
     return load_distill_corpus(output_dir)
 
@@ -193,7 +212,8 @@ def corpus_settings(corpus_dir: str | os.PathLike) -> CorpusSettings:
     if not os.path.isfile(path):
         raise ValueError(f"{corpus_dir} holds no self-distilled corpus (no {CORPUS_FILE}).")
     with open(path, encoding="utf-8") as f:
-        return CorpusSettings(**json.load(f))
+        stored = json.load(f)
+    return CorpusSettings(**{**stored, "aux_layers": tuple(stored.get("aux_layers", ()))})
 
 
 def hidden_states_of(stored: torch.Tensor) -> torch.Tensor:
@@ -201,13 +221,49 @@ def hidden_states_of(stored: torch.Tensor) -> torch.Tensor:
     return stored.to(torch.int16).view(torch.bfloat16)
 
 
+def eagle3_aux_layers(num_layers: int) -> tuple[int, int, int]:
+    """The low, middle and high layers whose input hidden states an EAGLE-3 head fuses: vLLM's default for a policy
+    of `num_layers` decoder layers (the inputs of layers 2, num_layers // 2 and num_layers - 3)."""
+    return 2, num_layers // 2, num_layers - 3
+
+
 @torch.no_grad()
-def _hidden_states(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: list[list[int]]) -> list:
-    """Each sequence's final hidden states [T, H] as int16 numpy arrays of bf16 bit patterns."""
+def _hidden_states(
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sequences: list[list[int]],
+    aux_layers: tuple[int, ...] = (),
+) -> tuple[list, list]:
+    """Each sequence's final hidden states [T, H], and its aux-layer hidden states [T, len(aux_layers) * H] (empty
+    list without aux layers), as int16 numpy arrays of bf16 bit patterns."""
     input_ids, attention_mask = padded_prompts(policy, tokenizer, sequences)
-    hidden = final_hidden_states(policy, input_ids, attention_mask).to(torch.bfloat16).view(torch.int16).cpu()
+    with layer_inputs(policy, aux_layers) as captured:
+        hidden = final_hidden_states(policy, input_ids, attention_mask)
     width = hidden.shape[1]
-    return [hidden[row, width - len(sequence) :].numpy() for row, sequence in enumerate(sequences)]
+
+    def rows(states: torch.Tensor) -> list:
+        bits = states.to(torch.bfloat16).view(torch.int16).cpu()
+        return [bits[row, width - len(sequence) :].numpy() for row, sequence in enumerate(sequences)]
+
+    return rows(hidden), rows(torch.cat(captured, dim=-1)) if aux_layers else []
+
+
+@contextlib.contextmanager
+def layer_inputs(policy: PreTrainedModel, layers: Sequence[int]) -> Iterator[list[torch.Tensor]]:
+    """Collects the hidden states entering each of the policy's decoder `layers`, in that order, during the forward
+    passes run inside the block (layer 0's input is the embeddings)."""
+    decoder_layers = policy_decoder(policy).layers
+    captured: list[torch.Tensor] = []
+
+    def record(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+
+    handles = [decoder_layers[layer].register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _claim_folder(output_dir: str | os.PathLike, settings: CorpusSettings) -> None:
@@ -241,14 +297,16 @@ def _finished_shards(corpus_dir: str | os.PathLike) -> set[int]:
     return {int(name) for name in os.listdir(folder) if name.isdigit()}
 
 
-def _write_shard(corpus_dir: str | os.PathLike, index: int, records: dict[str, list[Any]], hidden_size: int) -> None:
-    features = Features(
-        {
-            "input_ids": ListOf(Value("int32")),
-            PROMPT_LENGTH: Value("int32"),
-            HIDDEN_STATES: Array2D(shape=(None, hidden_size), dtype="int16"),
-        }
-    )
+def _write_shard(corpus_dir: str | os.PathLike, index: int, records: dict[str, list[Any]], settings: CorpusSettings) -> None:
+    columns = {
+        "input_ids": ListOf(Value("int32")),
+        PROMPT_LENGTH: Value("int32"),
+        HIDDEN_STATES: Array2D(shape=(None, settings.hidden_size), dtype="int16"),
+    }
+    if settings.aux_layers:
+        width = len(settings.aux_layers) * settings.hidden_size
+        columns[AUX_HIDDEN_STATES] = Array2D(shape=(None, width), dtype="int16")
+    features = Features(columns)
     staging = f"{_shard_path(corpus_dir, index)}.tmp-{os.getpid()}"
     Dataset.from_dict(records, features=features).save_to_disk(staging)
     os.replace(staging, _shard_path(corpus_dir, index))  # a shard appears whole or not at all
@@ -273,12 +331,14 @@ def prepare_corpus(dataset: Dataset, hidden_size: int) -> Dataset:
             f"The corpus stores hidden states of width {stored}, but the policy's hidden size is {hidden_size}: it was "
             "built with another policy. Build a corpus with this policy (build_distill_corpus)."
         )
-    return dataset.with_format("numpy", columns=[HIDDEN_STATES], output_all_columns=True)
+    arrays = [name for name in (HIDDEN_STATES, AUX_HIDDEN_STATES) if name in dataset.column_names]
+    return dataset.with_format("numpy", columns=arrays, output_all_columns=True)
 
 
 class CorpusCollator:
     """Pads corpus records into a batch: `input_ids` and `attention_mask` (right padding), `prompt_length`, and the
-    policy's hidden states `hidden_states` [B, T, H] in bf16 (zeros at padding).
+    policy's hidden states `hidden_states` [B, T, H] in bf16 (zeros at padding), with `aux_hidden_states`
+    [B, T, A * H] where the corpus stores them.
 
     Args:
         pad_token_id: Token id of the padding.
@@ -292,14 +352,19 @@ class CorpusCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         limit = self.max_length
         lengths = [len(f["input_ids"]) if limit is None else min(len(f["input_ids"]), limit) for f in features]
-        width, hidden_size = max(lengths), features[0][HIDDEN_STATES].shape[-1]
+        width = max(lengths)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        hidden = torch.zeros((len(features), width, hidden_size), dtype=torch.bfloat16)
+        arrays = [name for name in (HIDDEN_STATES, AUX_HIDDEN_STATES) if name in features[0]]
+        states = {
+            name: torch.zeros((len(features), width, features[0][name].shape[-1]), dtype=torch.bfloat16)
+            for name in arrays
+        }
         for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"][:length])
             attention_mask[row, :length] = 1
-            hidden[row, :length] = hidden_states_of(torch.from_numpy(feature[HIDDEN_STATES][:length]))
+            for name in arrays:
+                states[name][row, :length] = hidden_states_of(torch.from_numpy(feature[name][:length]))
         prompt_length = torch.tensor(
             [min(int(f.get(PROMPT_LENGTH, 0)), length) for f, length in zip(features, lengths, strict=True)],
             dtype=torch.long,
@@ -308,5 +373,5 @@ class CorpusCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             PROMPT_LENGTH: prompt_length,
-            HIDDEN_STATES: hidden,
+            **states,
         }

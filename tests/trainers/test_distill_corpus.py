@@ -56,6 +56,34 @@ def test_records_hold_the_completions_and_the_policys_hidden_states(policy, tiny
         torch.testing.assert_close(stored, expected.to(torch.bfloat16), atol=1e-2, rtol=0)
 
 
+def test_aux_layers_store_the_hidden_states_entering_those_layers(policy, tiny_tokenizer, tmp_path):
+    layers = (0, 1)  # the embeddings, then the output of the first decoder layer
+    corpus = build(policy, tiny_tokenizer, tmp_path / "corpus", aux_layers=layers)
+    assert corpus_settings(tmp_path / "corpus").aux_layers == layers
+    record = corpus.with_format("torch")[3]
+    ids = record["input_ids"].tolist()
+    with torch.no_grad():
+        out = policy(torch.tensor([ids]), output_hidden_states=True)
+    # transformers' hidden_states[L] is the input of decoder layer L, which vLLM's aux hidden states also are.
+    expected = torch.cat([out.hidden_states[layer][0] for layer in layers], dim=-1)
+    stored = hidden_states_of(record["aux_hidden_states"])
+    assert stored.shape == (len(ids), len(layers) * policy.config.hidden_size)
+    torch.testing.assert_close(stored.float(), expected, atol=0.02, rtol=0.01)
+    batch = distill_corpus.CorpusCollator(pad_token_id=0)(
+        [distill_corpus.prepare_corpus(corpus, policy.config.hidden_size)[i] for i in range(3)]
+    )
+    assert batch["aux_hidden_states"].shape[-1] == len(layers) * policy.config.hidden_size
+
+
+def test_aux_layers_out_of_range_are_refused(policy, tiny_tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="aux_layers must lie in"):
+        build(policy, tiny_tokenizer, tmp_path / "corpus", aux_layers=(policy.config.num_hidden_layers,))
+
+
+def test_eagle3_aux_layers_are_vllms_defaults():
+    assert distill_corpus.eagle3_aux_layers(30) == (2, 15, 27)
+
+
 def test_an_interrupted_build_resumes_at_its_first_missing_shard(policy, tiny_tokenizer, tmp_path, monkeypatch):
     complete = build(policy, tiny_tokenizer, tmp_path / "complete")
 
