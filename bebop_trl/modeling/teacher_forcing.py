@@ -160,6 +160,22 @@ def unroll_teacher_forced(
     return UnrolledDraft(flat(draft), flat(target), flat(masks), flat(labels))
 
 
+def slot_targets(values: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """[S, B(T-1)] the per-position `values` [B, T] of the policy position each slot of
+    [`unroll_teacher_forced`][bebop_trl.modeling.teacher_forcing.unroll_teacher_forced] targets: `values[b, t + j]`
+    at draft step j (1-based) from start t, 0 past the end of the sequence (such slots are masked).
+
+    Per-position quantities of the policy (its log-normaliser, for one) are thereby computed once per position, while
+    a position is the target of up to S slots.
+    """
+    starts = values.shape[1] - 1
+    steps = [
+        F.pad(values[:, j : j + starts], (0, starts - values[:, j : j + starts].shape[1]))
+        for j in range(1, num_steps + 1)
+    ]
+    return torch.stack(steps).flatten(1, 2)
+
+
 def _draft_attention_mask(valid_start: torch.Tensor, step: int, dtype: torch.dtype) -> torch.Tensor:
     """Additive [B, 1, T', step * T'] mask of draft step `step` over the head's cache of steps 1 .. `step`.
 

@@ -251,6 +251,43 @@ def fold_lse(z: Tensor, state: Tensor, workspace: Workspace) -> None:
     running_max.copy_(new_max)
 
 
+@torch.no_grad()
+def policy_log_normalizer(
+    hidden: Tensor, weight: Tensor, temperature: float = 1.0, token_tile: int = 512, vocab_tile: int = 65536
+) -> Tensor:
+    """The log-sum-exp of the policy's logits `hidden @ weight^T / temperature` over the whole vocabulary, tile by
+    tile, without materialising the logits.
+
+    A policy position is the target of up to S draft slots (one per draft step), so computing its normaliser once
+    here and passing it to [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] as `target_lse` spares the loss one sweep
+    of the whole vocabulary per slot.
+
+    Args:
+        hidden: [..., H] the policy's final hidden states.
+        weight: [V, H] its lm_head weight.
+        temperature: Softmax temperature.
+        token_tile: Positions per tile.
+        vocab_tile: Maximum vocabulary entries per tile.
+
+    Returns:
+        [...] float32 (float64 for float64 inputs) log-normalisers.
+    """
+    dtype = compute_dtype(hidden, weight)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    starts, width = _vocab_tiles(weight.shape[0], vocab_tile)
+    out = flat.new_empty(flat.shape[0], dtype=dtype)
+    workspace = Workspace()
+    for start in range(0, flat.shape[0], token_tile):
+        h = flat[start : start + token_tile].to(dtype) / temperature
+        state = h.new_zeros(2, h.shape[0])
+        state[0] = float("-inf")
+        for vocab_start in starts:
+            w = weight[vocab_start : vocab_start + width].to(dtype)
+            fold_lse(torch.mm(h, w.T, out=workspace.tile("z", (h.shape[0], w.shape[0]), h)), state, workspace)
+        out[start : start + token_tile] = state[0] + state[1].log()
+    return out.view(hidden.shape[:-1])
+
+
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """The dtype of the tile math: float32, or float64 if any input is float64."""
     return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
@@ -270,6 +307,7 @@ def tiled_divergence(
     tile_math: TileMath,
     draft_weight: Tensor | None = None,
     draft_vocab: Tensor | None = None,
+    target_lse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Per-slot divergence, TV distance and gradient, sweeping the draft's vocabulary twice per tile of slots.
 
@@ -282,6 +320,11 @@ def tiled_divergence(
     from the rows `weight[draft_vocab]`, gathered tile by tile. The policy's normaliser still runs over the whole
     vocabulary, in one more sweep of the policy alone before the first, so that `p` is the policy's distribution
     itself and the mass it puts outside D counts as rejected.
+
+    With `target_lse`, the policy's whole-vocabulary log-normaliser of every slot is known beforehand (computed once
+    per position by [`policy_log_normalizer`][bebop_trl.ops.chunked.policy_log_normalizer], while a position is the
+    target of up to S slots), so the first sweep folds the draft's logits alone, and with a draft vocabulary the
+    sweep of the policy over the whole vocabulary is skipped.
 
     Args:
         draft: [M, H] the head's hidden states of the valid slots.
@@ -296,6 +339,8 @@ def tiled_divergence(
         tile_math: Element-wise tile implementation.
         draft_weight: [|D|, H] the draft's lm_head weight over its vocabulary D, or None for the full vocabulary.
         draft_vocab: [|D|] the target token ids of D's rows, sorted; given with `draft_weight`.
+        target_lse: [M] the log-sum-exp of each slot's policy logits `target @ weight^T / temperature` over the whole
+            vocabulary, or None to compute it here.
 
     Returns:
         The [M] divergence, the [M] TV distance, the [M] policy mass outside the draft vocabulary (0 without one)
@@ -315,6 +360,9 @@ def tiled_divergence(
     outside = torch.zeros_like(value)
     grad = draft.new_empty(num_slots, hidden_size, dtype=dtype) if need_grad else None
     workspace = Workspace()
+    # With a known normaliser and no draft vocabulary, the first sweep needs the draft's logits only. A draft
+    # vocabulary still needs the policy's logits over D, for the mass P(D) it puts there (a cheap sweep over D).
+    policy_in_first_sweep = restricted or target_lse is None
 
     def in_dtype(rows: Tensor, name: str) -> Tensor:
         return rows if rows.dtype == dtype else workspace.tile(name, rows.shape, value).copy_(rows)
@@ -336,28 +384,34 @@ def tiled_divergence(
         # 1/T is folded into the small [t, H] operands rather than into every [t, v] logits tile.
         hq = draft[rows].to(dtype) / temperature
         hp = target[rows].to(dtype) / temperature
-        if restricted:
+        known_lse = None if target_lse is None else target_lse[rows].to(dtype)
+        if restricted and known_lse is None:
             # Before the draft sweep, whose last logits tiles the second sweep reuses.
             full_state = hp.new_zeros(2, hp.shape[0])
             full_state[0] = float("-inf")
             for vocab_start in target_starts:
                 w = in_dtype(weight[vocab_start : vocab_start + target_tile], "weight")
                 fold_lse(logits(hp, w, "zp"), full_state, workspace)
+            known_lse = full_state[0] + full_state[1].log()
         state = hq.new_zeros(4, hq.shape[0])
         state[0::2] = float("-inf")
         for vocab_start in draft_starts:
             wq, wp = weight_tiles(vocab_start)
-            zq, zp = logits(hq, wq, "zq"), logits(hp, wp, "zp")
-            tile_math.online_lse(zq, zp, state, workspace)
+            zq = logits(hq, wq, "zq")
+            if policy_in_first_sweep:
+                zp = logits(hp, wp, "zp")
+                tile_math.online_lse(zq, zp, state, workspace)
+            else:
+                fold_lse(zq, state[0:2], workspace)
         lse_q = state[0] + state[1].log()
         lse_p = state[2] + state[3].log()
         log_mass = torch.zeros_like(lse_p)
         if restricted:
-            full_lse = full_state[0] + full_state[1].log()
             # The first sweep's lse_p covers D only. Rounding may put it a hair above the whole vocabulary's when D
             # is all of it.
-            log_mass = (lse_p - full_lse).clamp_max(0)
-            lse_p = full_lse
+            log_mass = (lse_p - known_lse).clamp_max(0)
+        if known_lse is not None:
+            lse_p = known_lse
 
         acc = hq.new_zeros(2, hq.shape[0])
         terms = hq.new_zeros(divergence.grad_terms, *hq.shape) if need_grad else None
@@ -365,6 +419,8 @@ def tiled_divergence(
             if vocab_start != draft_starts[-1]:
                 wq, wp = weight_tiles(vocab_start)
                 zq, zp = logits(hq, wq, "zq"), logits(hp, wp, "zp")
+            elif not policy_in_first_sweep:
+                zp = logits(hp, wp, "zp")
             coefficients = tile_math.divergence(divergence_name, zq, zp, lse_q, lse_p, acc, need_grad, workspace)
             for term, coefficient in zip(terms if need_grad else (), coefficients, strict=True):
                 term.addmm_(coefficient, wq)
@@ -420,6 +476,7 @@ class MTPDivergenceFunction(torch.autograd.Function):
         tile_math: TileMath,
         draft_weight: Tensor | None,
         draft_vocab: Tensor | None,
+        target_lse: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         value, tv, outside, grad = tiled_divergence(
             draft,
@@ -434,6 +491,7 @@ class MTPDivergenceFunction(torch.autograd.Function):
             tile_math=tile_math,
             draft_weight=draft_weight,
             draft_vocab=draft_vocab,
+            target_lse=target_lse,
         )
         ctx.save_for_backward(grad)
         ctx.draft_dtype = draft.dtype
@@ -447,4 +505,4 @@ class MTPDivergenceFunction(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
         grad_draft = (grad * grad_value[:, None]).to(ctx.draft_dtype)
-        return grad_draft, *(None,) * 10
+        return grad_draft, *(None,) * 11

@@ -71,6 +71,7 @@ def mtp_loss(
     backend: Backend = "auto",
     draft_lm_head_weight: Tensor | None = None,
     draft_vocab: Tensor | None = None,
+    target_lse: Tensor | None = None,
 ) -> MTPLossOutput:
     """Distillation loss of an MTP draft head against its frozen policy, computed tile by tile.
 
@@ -135,6 +136,12 @@ def mtp_loss(
             head drafts from the whole vocabulary with `lm_head_weight`. Frozen: it gets no gradient.
         draft_vocab: [|D|] the target token id of each row of `draft_lm_head_weight`, strictly increasing; given
             together with it.
+        target_lse: [S, N] the log-sum-exp over the whole vocabulary of each slot's policy logits
+            `target_hidden @ lm_head_weight^T / temperature`, or None to compute it inside. Slot (j, n) usually
+            targets the same policy position as slot (j - 1, n + 1), so computing it once per position with
+            [`policy_log_normalizer`][bebop_trl.ops.chunked.policy_log_normalizer] and gathering it per slot spares
+            a sweep of the policy's logits per slot: the first sweep then computes the draft's logits alone, and a
+            draft vocabulary no longer costs a whole-vocabulary sweep per slot. The values are trusted as given.
 
     Returns:
         The loss and the acceptance statistics.
@@ -160,6 +167,7 @@ def mtp_loss(
         temperature,
         draft_lm_head_weight=draft_lm_head_weight,
         draft_vocab=draft_vocab,
+        target_lse=target_lse,
     )
     if token_tile < 1 or vocab_tile < 1:
         raise ValueError(f"token_tile and vocab_tile must be positive, got {token_tile} and {vocab_tile}.")
@@ -185,6 +193,7 @@ def mtp_loss(
         tile_math,
         None if draft_lm_head_weight is None else draft_lm_head_weight.detach(),
         draft_vocab,
+        None if target_lse is None else target_lse.detach()[mask],
     )
 
     # The reductions run on [S, N] per-slot values with ordinary torch ops, so autograd propagates the e2e_tv
@@ -277,6 +286,7 @@ class MTPLoss(nn.Module):
         labels: Tensor | None = None,
         draft_lm_head_weight: Tensor | None = None,
         draft_vocab: Tensor | None = None,
+        target_lse: Tensor | None = None,
     ) -> MTPLossOutput:
         """Computes the loss, see [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] for the arguments."""
         return mtp_loss(
@@ -292,6 +302,7 @@ class MTPLoss(nn.Module):
             backend=self.backend,
             draft_lm_head_weight=draft_lm_head_weight,
             draft_vocab=draft_vocab,
+            target_lse=target_lse,
         )
 
     def extra_repr(self) -> str:
@@ -310,6 +321,7 @@ def validate_inputs(
     *,
     draft_lm_head_weight: Tensor | None = None,
     draft_vocab: Tensor | None = None,
+    target_lse: Tensor | None = None,
 ) -> Tensor:
     """Checks the arguments shared by [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] and its reference implementation.
 
@@ -381,6 +393,16 @@ def validate_inputs(
                 )
     if draft_lm_head_weight is not None or draft_vocab is not None:
         _validate_draft_vocab(lm_head_weight, draft_lm_head_weight, draft_vocab)
+    if target_lse is not None and (
+        target_lse.shape != (num_steps, num_positions)
+        or not target_lse.is_floating_point()
+        or target_lse.device != lm_head_weight.device
+    ):
+        raise ValueError(
+            f"target_lse must be a floating-point [S, N] = {[num_steps, num_positions]} tensor on the device of "
+            f"lm_head_weight, got {target_lse.dtype} of shape {tuple(target_lse.shape)} on {target_lse.device}; "
+            "compute it with policy_log_normalizer over the policy's hidden states and gather it per slot."
+        )
     return mask
 
 

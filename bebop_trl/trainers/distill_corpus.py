@@ -297,7 +297,9 @@ def _finished_shards(corpus_dir: str | os.PathLike) -> set[int]:
     return {int(name) for name in os.listdir(folder) if name.isdigit()}
 
 
-def _write_shard(corpus_dir: str | os.PathLike, index: int, records: dict[str, list[Any]], settings: CorpusSettings) -> None:
+def _write_shard(
+    corpus_dir: str | os.PathLike, index: int, records: dict[str, list[Any]], settings: CorpusSettings
+) -> None:
     columns = {
         "input_ids": ListOf(Value("int32")),
         PROMPT_LENGTH: Value("int32"),

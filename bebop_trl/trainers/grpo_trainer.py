@@ -15,9 +15,8 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
 from ..modeling import EAGLE_LAYOUT, MTP_LAYOUT, MTPHead, MTPHeadConfig
-from ..modeling.teacher_forcing import drafting_slots, final_hidden_states, unroll_teacher_forced
+from ..modeling.teacher_forcing import drafting_slots, final_hidden_states
 from ..modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
-from ..ops import mtp_loss
 from ..rollout.async_worker import AsyncRolloutWorker
 from ..rollout.torch_engine import generate_from_ids, padded_prompts
 from ..rollout.vllm_backend import (
@@ -35,6 +34,7 @@ from ..speculative.engine import eval_mode
 from ..speculative.exactness import completion_logprobs
 from .acceptance_fit import AcceptanceEntropyFit
 from .grpo_config import BebopGRPOConfig
+from .head_loss import teacher_forced_head_loss
 
 
 FIT_NAME = "acceptance_entropy_fit"
@@ -432,21 +432,15 @@ class BebopGRPOTrainer(GRPOTrainer):
             policy_hidden = final_hidden_states(policy, input_ids, attention_mask)
         head.train().requires_grad_(True)
         try:
-            slots = unroll_teacher_forced(
-                head, input_ids, policy_hidden, attention_mask, num_steps=args.num_speculative_tokens
-            )
-            drafted = drafting_slots(is_completion, args.num_speculative_tokens)
-            is_ce = args.mtp_online_update == "ce"
-            result = mtp_loss(
-                slots.draft_hidden,
-                slots.target_hidden,
-                head.lm_head_weight,
+            result = teacher_forced_head_loss(
+                head,
+                input_ids,
+                policy_hidden,
+                attention_mask,
+                num_steps=args.num_speculative_tokens,
                 loss_type=args.mtp_online_update,
-                mask=(slots.label_mask if is_ce else slots.mask) & drafted,
-                labels=slots.labels if is_ce else None,
                 temperature=self.temperature,
-                draft_lm_head_weight=head.draft_lm_head_weight,
-                draft_vocab=head.draft_vocab,
+                slot_mask=drafting_slots(is_completion, args.num_speculative_tokens),
             )
             if not torch.isfinite(result.loss):
                 raise FloatingPointError(

@@ -27,16 +27,12 @@ from transformers.utils import PushInProgress, hf_api
 from ..modeling import MTPHead, draft_vocab_mass, select_draft_vocab
 from ..modeling.hub import CONFIG_NAME, MODEL_CARD_NAME, WEIGHTS_NAME, head_model_card, load_tensors
 from ..modeling.policy_io import load_policy_io
-from ..modeling.teacher_forcing import (
-    completion_token_mask,
-    drafting_slots,
-    final_hidden_states,
-    unroll_teacher_forced,
-)
-from ..ops import MTPLossOutput, mtp_loss
+from ..modeling.teacher_forcing import completion_token_mask, drafting_slots, final_hidden_states
+from ..ops import MTPLossOutput
 from ..rollout.torch_engine import generate_from_ids
 from ..speculative import DRAFT_SAMPLING_MODES
 from .distill_corpus import HIDDEN_STATES, CorpusCollator, is_distill_corpus, prepare_corpus
+from .head_loss import teacher_forced_head_loss
 from .mtp_config import MTPConfig
 from .mtp_data import PROMPT_LENGTH, needs_self_distillation, prompt_ids_of, self_distill, tokenize_dataset
 
@@ -110,21 +106,17 @@ class MTPTrainingModule(nn.Module):
         else:
             with torch.no_grad():
                 policy_hidden = final_hidden_states(self.policy, input_ids, attention_mask)
-        slots = unroll_teacher_forced(self.head, input_ids, policy_hidden, attention_mask, self.num_mtp_steps)
-        loss_kwargs = {**self.loss_kwargs, "loss_type": loss_type or self.loss_kwargs["loss_type"]}
-        is_ce = loss_kwargs["loss_type"] == "ce"
-        mask = slots.label_mask if is_ce else slots.mask
+        slot_mask = None
         if self.completion_only_loss and prompt_length is not None:
-            mask = mask & drafting_slots(completion_token_mask(attention_mask, prompt_length), self.num_mtp_steps)
-        return mtp_loss(
-            slots.draft_hidden,
-            slots.target_hidden,
-            self.head.lm_head_weight,
-            mask=mask,
-            labels=slots.labels if is_ce else None,
-            draft_lm_head_weight=self.head.draft_lm_head_weight,
-            draft_vocab=self.head.draft_vocab,
-            **loss_kwargs,
+            slot_mask = drafting_slots(completion_token_mask(attention_mask, prompt_length), self.num_mtp_steps)
+        return teacher_forced_head_loss(
+            self.head,
+            input_ids,
+            policy_hidden,
+            attention_mask,
+            num_steps=self.num_mtp_steps,
+            slot_mask=slot_mask,
+            **{**self.loss_kwargs, "loss_type": loss_type or self.loss_kwargs["loss_type"]},
         )
 
 

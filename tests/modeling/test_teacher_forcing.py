@@ -8,6 +8,7 @@ from bebop_trl.modeling.teacher_forcing import (
     drafting_slots,
     final_hidden_states,
     positions_from_mask,
+    slot_targets,
     unroll_teacher_forced,
 )
 
@@ -100,6 +101,22 @@ def test_masks_are_prefix_closed_and_padding_does_not_leak(policy_and_head):
             )
             torch.testing.assert_close(out.target_hidden[out.mask], alone.target_hidden[alone.mask])
             assert torch.equal(out.labels[out.label_mask], alone.labels[alone.label_mask])
+
+
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_slot_targets_pick_each_slots_target_position(policy_and_head, num_steps):
+    policy, head = policy_and_head
+    ids = torch.randint(4, 100, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    hidden = final_hidden_states(policy, ids, mask)
+    with torch.no_grad():
+        slots = unroll_teacher_forced(head, ids, hidden, mask, num_steps=num_steps)
+    # A per-position value gathered per slot is the value of the slot's target hidden state.
+    per_position = hidden.sum(-1)
+    gathered = slot_targets(per_position, num_steps)
+    assert gathered.shape == slots.mask.shape
+    torch.testing.assert_close(gathered[slots.mask], slots.target_hidden.sum(-1)[slots.mask])
 
 
 def test_gradients_reach_only_the_head(policy_and_head):

@@ -19,6 +19,7 @@ from bebop_trl.modeling.teacher_forcing import (
 )
 from bebop_trl.ops import mtp_loss
 from bebop_trl.trainers import mtp_data
+from bebop_trl.trainers.head_loss import teacher_forced_head_loss
 from bebop_trl.trainers.mtp_config import LOSS_TYPES
 from bebop_trl.trainers.mtp_data import self_distill, tokenize_dataset
 
@@ -543,3 +544,29 @@ def test_draft_vocab_size_must_match_a_given_head(load_tiny, tokenizer, distille
         )
     with pytest.raises(ValueError, match="draft_vocab_size must be None or >= 1"):
         MTPConfig(str(tmp_path), draft_vocab_size=0)
+
+
+@pytest.mark.parametrize("loss_type", ["ce", "kl", "e2e_tv"])
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_head_loss_with_per_position_normalisers_matches_the_slotwise_loss(load_tiny, loss_type, draft_vocab):
+    policy = load_tiny("llama")
+    head = MTPHead.from_model(policy)
+    if draft_vocab:
+        head = head.with_draft_vocab(torch.arange(0, policy.config.vocab_size, 3))
+    ids = torch.randint(4, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    hidden = final_hidden_states(policy, ids, mask)
+    out = teacher_forced_head_loss(head, ids, hidden, mask, num_steps=3, loss_type=loss_type, temperature=0.8)
+    slots = unroll_teacher_forced(head, ids, hidden, mask, 3)
+    is_ce = loss_type == "ce"
+    expected = mtp_loss(
+        slots.draft_hidden, slots.target_hidden, head.lm_head_weight, loss_type=loss_type, temperature=0.8,
+        mask=slots.label_mask if is_ce else slots.mask, labels=slots.labels if is_ce else None,
+        draft_lm_head_weight=head.draft_lm_head_weight, draft_vocab=head.draft_vocab,
+    )  # fmt: skip
+    torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.acceptance, expected.acceptance, atol=1e-5, rtol=0)
+    (grad,) = torch.autograd.grad(out.loss, head.fc.weight)
+    (expected_grad,) = torch.autograd.grad(expected.loss, head.fc.weight)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
