@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Token ids (0-7) of a reduced draft vocabulary for the head, e.g. 0 1 2 4 5 7 (default: all 8).",
     )
+    verify.add_argument(
+        "--layout",
+        choices=("eagle", "eagle3"),
+        default="eagle",
+        help="Layout of the head: EAGLE-1 ('eagle') or EAGLE-3 ('eagle3', fusing the tiny policy's layers).",
+    )
     verify.add_argument("--alpha", type=float, default=1e-3, help="A case fails when its p-value is at most this.")
     verify.add_argument("--seed", type=int, default=0, help="Seed of the sampling.")
     verify.add_argument("--json", default=None, help="Also write the results to this JSON file.")
@@ -132,6 +138,7 @@ def _verify_engine(args) -> int:
         alpha=args.alpha,
         seed=args.seed,
         draft_vocab=args.draft_vocab,
+        layout=args.layout,
     )
     print(format_table(checks))
     if args.json:

@@ -98,6 +98,7 @@ def verify_engine(
     alpha: float = DEFAULT_ALPHA,
     seed: int = 0,
     draft_vocab: Sequence[int] | None = None,
+    layout: str = "eagle",
 ) -> list[EngineCheck]:
     """Checks that speculative engines sample the policy's law and return its log-probs.
 
@@ -112,6 +113,7 @@ def verify_engine(
         seed: Seed of the tiny policy's sampling.
         draft_vocab: Token ids (of the 8) the head drafts from, to check heads with a reduced draft vocabulary
             (q is 0 outside it, so rejection sampling must resample the rest of p); None drafts from all 8.
+        layout: The head's layout, `"eagle"` or `"eagle3"` (fusing both layers of the tiny policy).
 
     Returns:
         One [`EngineCheck`][bebop_trl.verification.EngineCheck] per engine, drafting mode and temperature.
@@ -122,7 +124,10 @@ def verify_engine(
     if any(t <= 0 for t in temperatures):
         raise ValueError(f"temperatures must be > 0 (greedy decoding has no law to test), got {list(temperatures)}.")
     policy = tiny_causal_lm("llama", seed=1, vocab_size=VOCAB_SIZE)
-    head = perturbed_head(policy, scale=HEAD_NOISE, draft_vocab=draft_vocab).eval()
+    if layout not in ("eagle", "eagle3"):
+        raise ValueError(f"layout must be 'eagle' or 'eagle3', got {layout!r}.")
+    aux = {"aux_layers": list(range(policy.config.num_hidden_layers))} if layout == "eagle3" else {}
+    head = perturbed_head(policy, scale=HEAD_NOISE, draft_vocab=draft_vocab, layout=layout, **aux).eval()
     laws = {t: exact_sequence_law(policy, PROMPT, NUM_TOKENS, temperature=t) for t in temperatures}
     checks: list[EngineCheck] = []
     if "torch" in engines:

@@ -19,7 +19,8 @@ import torch
 from smollm2_task import task_prompt_split
 
 from bebop_trl.embedded import load_smollm2
-from bebop_trl.trainers.distill_corpus import build_distill_corpus, eagle3_aux_layers
+from bebop_trl.modeling import eagle3_aux_layers
+from bebop_trl.trainers.distill_corpus import build_distill_corpus
 
 
 def main() -> None:
@@ -51,6 +52,7 @@ def main() -> None:
         with open(args.summary, encoding="utf-8") as f:
             summary = json.load(f)
     ids = corpus.select_columns(["input_ids", "prompt_length"])  # the hidden states are not read
+    corpus_prompts = {tuple(row[:n]) for row, n in zip(ids["input_ids"], ids["prompt_length"], strict=True)}
     lengths = {
         "total": [len(row) for row in ids["input_ids"]],
         "completion": [len(row) - n for row, n in zip(ids["input_ids"], ids["prompt_length"], strict=True)],
@@ -61,6 +63,9 @@ def main() -> None:
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "train_prompts": len(train),
         "held_out_prompts_excluded": len(held_out),
+        "distinct_prompts_in_corpus": len(corpus_prompts),
+        # Counted on the corpus itself: every evaluation prompt of smollm2_task must be absent from it.
+        "held_out_prompts_in_corpus": len(corpus_prompts & {tuple(p) for p in held_out}),
         "samples_per_prompt": samples_per_prompt,
         "records": len(corpus),
         "completion_tokens": int(sum(lengths["completion"])),

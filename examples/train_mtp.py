@@ -6,6 +6,9 @@ completions self-distilled from the policy at the RL temperature, and the end-to
     python examples/train_mtp.py --output_dir outputs/smollm2-head --max_steps 300
     accelerate launch --config_file examples/accelerate_configs/single_process.yaml examples/train_mtp.py \
         --output_dir outputs/smollm2-head --loss_type tv
+    # from a self-distilled corpus (build_distill_corpus): the policy never runs for training
+    python examples/train_mtp.py --corpus_dir outputs/corpora/smollm2-basic-arithmetic-t1 --draft_vocab_size 1024 \
+        --train_sampling_strategy group_by_length --output_dir outputs/smollm2-head
     # two processes on CPU (gloo)
     accelerate launch --config_file examples/accelerate_configs/cpu_2proc.yaml examples/train_mtp.py \
         --output_dir outputs/smollm2-head --use_cpu
@@ -24,6 +27,8 @@ from trl import TrlParser
 from bebop_trl import MTPConfig, MTPTrainer
 from bebop_trl.embedded import smollm2_path
 from bebop_trl.tasks import reasoning_gym_split
+from bebop_trl.trainers.distill_corpus import load_distill_corpus
+from bebop_trl.trainers.mtp_data import prompt_ids_of
 
 
 @dataclass
@@ -41,6 +46,14 @@ class TrainMTPArguments:
         metadata={"help": "Hub id or local path of a dataset (default: prompts of the reasoning-gym `task`)."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Config name of `dataset_name`."})
+    corpus_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a self-distilled corpus (build_distill_corpus) to train on instead of a dataset: it "
+            "brings the policy's hidden states, so training never runs the policy. Evaluation prompts found in it "
+            "are dropped."
+        },
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on (None: none)."})
     task: str = field(default="basic_arithmetic", metadata={"help": "reasoning-gym task of the default prompts."})
@@ -78,6 +91,11 @@ def main(script_args: TrainMTPArguments, training_args: MTPConfig) -> None:
             **task_config,
         )
 
+    if script_args.corpus_dir:
+        train_dataset = load_distill_corpus(script_args.corpus_dir)
+        if eval_dataset is not None:
+            eval_dataset = without_corpus_prompts(eval_dataset, train_dataset, tokenizer)
+
     trainer = MTPTrainer(policy, training_args, train_dataset, eval_dataset, processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if eval_dataset is not None:
@@ -88,6 +106,16 @@ def main(script_args: TrainMTPArguments, training_args: MTPConfig) -> None:
         trainer.push_to_hub()
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+
+
+def without_corpus_prompts(eval_dataset, corpus, tokenizer):
+    """The evaluation rows whose prompt the corpus never sampled (compared as token ids)."""
+    ids = corpus.select_columns(["input_ids", "prompt_length"])
+    seen = {tuple(row[:n]) for row, n in zip(ids["input_ids"], ids["prompt_length"], strict=True)}
+    keep = [i for i, prompt in enumerate(prompt_ids_of(eval_dataset, tokenizer)) if tuple(prompt) not in seen]
+    if len(keep) < len(eval_dataset):
+        print(f"Dropped {len(eval_dataset) - len(keep)} evaluation prompts that the corpus was sampled on.")
+    return eval_dataset.select(keep)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
-from .configuration_mtp_head import MTP_LAYOUT, MTPHeadConfig
+from .configuration_mtp_head import EAGLE3_LAYOUT, MTP_LAYOUT, MTPHeadConfig
 from .hub import (
     CONFIG_NAME,
     MODEL_CARD_NAME,
@@ -34,8 +34,9 @@ class MTPHeadOutput:
     """Output of one head step.
 
     Attributes:
-        last_hidden_state: [B, T, H] the head's final hidden state: the policy's lm_head turns it into draft
-            logits, and it is the hidden-state input of the next draft step.
+        last_hidden_state: [B, T, H] the head's final hidden state: [`compute_logits`][bebop_trl.MTPHead.compute_logits]
+            turns it into draft logits (the `eagle3` layout applies its final norm there), and it is the
+            hidden-state input of the next draft step.
         past_key_values: The head's own KV cache (when `use_cache`).
     """
 
@@ -50,8 +51,10 @@ class MTPHead(nn.Module):
     `x_{t+1}`, concatenates them (embedding first), projects 2H -> H, runs one or a few decoder layers of the
     policy's own architecture and predicts `x_{t+2}` with the policy's lm_head. Step j feeds the head's own output
     hidden state and the embedding of `x_{t+j}` back in, with the same weights. The `mtp` layout adds RMSNorms
-    before the projection and after the block; the `eagle` layout has neither (see
-    [`MTPHeadConfig`][bebop_trl.MTPHeadConfig]).
+    before the projection and after the block; the `eagle` layout has neither. The `eagle3` layout reads the
+    hidden states entering a low, a middle and a high layer of the policy instead of its final one, fuses them
+    through `fc` once ([`policy_input`][bebop_trl.MTPHead.policy_input]), and its first layer's attention reads
+    the normed embedding and the normed hidden state side by side (see [`MTPHeadConfig`][bebop_trl.MTPHeadConfig]).
 
     The embedding and lm_head are the policy's: shared, frozen, never stored in the head. [`bind`][bebop_trl.MTPHead.bind]
     attaches a head to its policy after checking that they match.
@@ -98,11 +101,18 @@ class MTPHead(nn.Module):
             )
         decoder.embed_tokens = None
         hidden_size = config.hidden_size
-        self.fc = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        if config.layout == EAGLE3_LAYOUT:
+            self.fc = nn.Linear(len(config.aux_layers) * hidden_size, hidden_size, bias=False)
+            decoder.layers[0] = Eagle3InputLayer(decoder.layers[0], hidden_size)
+            # Applied before the lm_head only: the next draft step reads the state before it.
+            self.norm = decoder.norm
+            decoder.norm = nn.Identity()
+        else:
+            self.fc = nn.Linear(2 * hidden_size, hidden_size, bias=False)
         if config.layout == MTP_LAYOUT:
             self.pre_fc_norm_embedding = copy.deepcopy(decoder.norm)
             self.pre_fc_norm_hidden = copy.deepcopy(decoder.norm)
-        else:
+        elif config.layout != EAGLE3_LAYOUT:
             # EAGLE-1: the projection feeds the first layer's attention directly and its output goes to the lm_head.
             decoder.layers[0].input_layernorm = nn.Identity()
             decoder.norm = nn.Identity()
@@ -153,6 +163,12 @@ class MTPHead(nn.Module):
             raise ValueError(
                 f"MTP head hidden size {head.hidden_size} does not match the policy's hidden size "
                 f"{text_config.hidden_size} (the head was built for {built_for}). {fix}"
+            )
+        num_layers = text_config.num_hidden_layers
+        if head.aux_layers and max(head.aux_layers) >= num_layers:
+            raise ValueError(
+                f"This eagle3 head reads the policy's layers {head.aux_layers}, but the policy has {num_layers} "
+                f"layers (the head was built for {built_for}). {fix}"
             )
         lm_head = policy.get_output_embeddings()
         policy_vocab = lm_head.weight.shape[0] if lm_head is not None else text_config.vocab_size
@@ -219,10 +235,52 @@ class MTPHead(nn.Module):
         The cheap form of [`compute_logits`][bebop_trl.MTPHead.compute_logits] for callers that map draft indices to
         token ids themselves; without a draft vocabulary it is the same [..., V] logits.
         """
+        hidden_states = self.output_norm(hidden_states)
         if self.draft_lm_head_weight is None:
             lm_head = self._bound_io()[1]
             return lm_head(hidden_states.to(lm_head.weight.dtype))
         return nn.functional.linear(hidden_states.to(self.draft_lm_head_weight.dtype), self.draft_lm_head_weight)
+
+    def output_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The head's hidden states as its lm_head reads them: after the final norm for the `eagle3` layout (whose
+        next draft step reads the state before it), as they are for the other layouts."""
+        return self.norm(hidden_states) if self.config.layout == EAGLE3_LAYOUT else hidden_states
+
+    @property
+    def aux_layers(self) -> tuple[int, ...] | None:
+        """The policy layers whose input hidden states the head reads (`eagle3` layout), or None: the head reads
+        the policy's final hidden state."""
+        return tuple(self.config.aux_layers) if self.config.aux_layers else None
+
+    def policy_input(self, final_hidden: torch.Tensor, aux_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden-state input [..., H] of a first draft step from what the policy computed at that position.
+
+        Args:
+            final_hidden: [..., H] the policy's final hidden states (what the `eagle` and `mtp` layouts read).
+            aux_hidden: [..., A * H] the hidden states entering the policy's `aux_layers`, concatenated in their
+                order (see [`policy_hidden_states`][bebop_trl.modeling.teacher_forcing.policy_hidden_states]);
+                the `eagle3` layout fuses them through `fc`.
+
+        Raises:
+            ValueError: If an `eagle3` head gets no `aux_hidden`, or one of the wrong width.
+        """
+        if self.config.layout != EAGLE3_LAYOUT:
+            return final_hidden
+        if aux_hidden is None or aux_hidden.shape[-1] != self.fc.in_features:
+            got = None if aux_hidden is None else aux_hidden.shape[-1]
+            raise ValueError(
+                f"An eagle3 head reads the hidden states entering the policy's layers {list(self.aux_layers)}, "
+                f"concatenated ({self.fc.in_features} wide), got width {got}. Compute them with "
+                "policy_hidden_states(policy, ids, mask, head.aux_layers), or build the corpus with "
+                "aux_layers=head.aux_layers."
+            )
+        return self.fc(aux_hidden.to(self.fc.weight.dtype))
+
+    def policy_features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """[`policy_input`][bebop_trl.MTPHead.policy_input] from the `hidden_states` of a transformers forward with
+        `output_hidden_states=True` (entry L is the input of layer L; the last, the final hidden state)."""
+        aux = None if self.aux_layers is None else torch.cat([hidden_states[i] for i in self.aux_layers], dim=-1)
+        return self.policy_input(hidden_states[-1], aux)
 
     # ---------------------------------------------------------------------------------------------------- forward
 
@@ -239,8 +297,10 @@ class MTPHead(nn.Module):
     ) -> MTPHeadOutput:
         """Runs one draft step over a sequence of slots.
 
-        For step 1, `hidden_states[:, t]` is the policy's final hidden state at position t and `input_ids[:, t]`
-        is token t+1; for step j > 1, `hidden_states` is the previous step's `last_hidden_state`. The slots run
+        For step 1, `hidden_states[:, t]` is the policy's input at position t (see
+        [`policy_input`][bebop_trl.MTPHead.policy_input]: its final hidden state, or the `eagle3` layout's fused
+        layers) and `input_ids[:, t]` is token t+1; for step j > 1, `hidden_states` is the previous step's
+        `last_hidden_state`. The slots run
         causally in parallel (teacher forcing), or one by one with `past_key_values` when drafting.
 
         Args:
@@ -263,10 +323,14 @@ class MTPHead(nn.Module):
             inputs_embeds = self.embed(input_ids)
         dtype = self.fc.weight.dtype
         inputs_embeds, hidden_states = inputs_embeds.to(dtype), hidden_states.to(dtype)
-        if self.config.layout == MTP_LAYOUT:
-            inputs_embeds = self.pre_fc_norm_embedding(inputs_embeds)
-            hidden_states = self.pre_fc_norm_hidden(hidden_states)
-        projected = self.fc(torch.cat([inputs_embeds, hidden_states], dim=-1))
+        if self.config.layout == EAGLE3_LAYOUT:
+            # The first layer splits the pair again: it norms each half and keeps the hidden state as residual.
+            projected = torch.cat([inputs_embeds, hidden_states], dim=-1)
+        else:
+            if self.config.layout == MTP_LAYOUT:
+                inputs_embeds = self.pre_fc_norm_embedding(inputs_embeds)
+                hidden_states = self.pre_fc_norm_hidden(hidden_states)
+            projected = self.fc(torch.cat([inputs_embeds, hidden_states], dim=-1))
         out = self.model(
             inputs_embeds=projected,
             attention_mask=attention_mask,
@@ -382,7 +446,8 @@ class MTPHead(nn.Module):
     def _init_from_policy(self, policy: PreTrainedModel) -> None:
         hidden_size = self.config.hidden_size
         self.fc.weight.zero_()
-        self.fc.weight[:, hidden_size:].copy_(torch.eye(hidden_size))
+        # The hidden-state half (eagle, mtp), or the highest fused layer (eagle3), passes through.
+        self.fc.weight[:, -hidden_size:].copy_(torch.eye(hidden_size))
         decoder = policy_decoder(policy)
         if decoder is None:
             logger.warning("The policy exposes no decoder layers; the MTP head keeps its random initialisation.")
@@ -391,7 +456,11 @@ class MTPHead(nn.Module):
         for head_layer in reversed(self.model.layers):
             # Copy from the deepest policy layer whose parameters have the same names and shapes (hybrid models
             # interleave layer kinds, e.g. linear and full attention).
-            while sources and not _copy_matching(sources[-1], head_layer):
+            while sources and not (
+                head_layer.init_from(sources[-1])
+                if isinstance(head_layer, Eagle3InputLayer)
+                else _copy_matching(sources[-1], head_layer)
+            ):
                 sources.pop()
             if not sources:
                 logger.warning("No policy decoder layer matches the head's layers; they keep their random init.")
@@ -399,6 +468,8 @@ class MTPHead(nn.Module):
             sources.pop()
         if self.config.layout == MTP_LAYOUT:
             _copy_matching(decoder.norm, self.model.norm)
+        elif self.config.layout == EAGLE3_LAYOUT:
+            _copy_matching(decoder.norm, self.norm)
         zeroed = [m for n, m in self.model.layers.named_modules() if n.endswith(_RESIDUAL_OUTPUT_PROJECTIONS)]
         if not zeroed:
             logger.warning("Found no o_proj/down_proj in the head's layers: their residual branches start as copied.")
@@ -623,6 +694,72 @@ def policy_decoder(policy: nn.Module) -> nn.Module | None:
         policy = policy.get_base_model()
     decoder = policy.get_decoder() if hasattr(policy, "get_decoder") else None
     return decoder if decoder is not None and hasattr(decoder, "layers") and hasattr(decoder, "norm") else None
+
+
+class Eagle3InputLayer(nn.Module):
+    """EAGLE-3's first draft layer around a decoder layer of the policy's architecture.
+
+    It takes the token embedding and the hidden state side by side ([..., 2H], embedding first), norms each with its
+    own RMSNorm (`layer.input_layernorm` and `hidden_norm`), and its attention projects the 2H-wide pair; the
+    residual stream is the hidden state. The rest is the wrapped layer's: residual adds, post-attention norm, MLP.
+
+    Args:
+        layer: A decoder layer with `input_layernorm`, `self_attn.{q,k,v}_proj`, `post_attention_layernorm` and
+            `mlp` (Llama, Qwen and similar); its q/k/v projections are replaced by 2H-wide ones.
+        hidden_size: The hidden size H.
+
+    Raises:
+        ValueError: If the layer does not have these parts.
+    """
+
+    def __init__(self, layer: nn.Module, hidden_size: int):
+        super().__init__()
+        attention = getattr(layer, "self_attn", None)
+        parts = ("input_layernorm", "post_attention_layernorm", "mlp")
+        if (
+            attention is None
+            or not all(hasattr(attention, f"{x}_proj") for x in "qkv")
+            or not all(hasattr(layer, part) for part in parts)
+        ):
+            raise ValueError(
+                f"An eagle3 head needs decoder layers with self_attn.q_proj/k_proj/v_proj, {', '.join(parts)} "
+                f"(Llama, Qwen); {type(layer).__name__} has not. Use the eagle layout for this policy."
+            )
+        for name in ("q_proj", "k_proj", "v_proj"):
+            projection = getattr(attention, name)
+            wide = nn.Linear(2 * hidden_size, projection.out_features, bias=projection.bias is not None)
+            setattr(attention, name, wide)
+        self.layer = layer
+        self.hidden_norm = copy.deepcopy(layer.input_layernorm)
+        self.hidden_size = hidden_size
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """One layer step on [..., 2H] (embedding, hidden state) pairs; `kwargs` go to the attention as the
+        wrapped layer passes them (mask, positions, cache, rotary embeddings)."""
+        embeds, hidden = hidden_states.split(self.hidden_size, dim=-1)
+        layer = self.layer
+        pair = torch.cat([layer.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        attended, _ = layer.self_attn(hidden_states=pair, **kwargs)
+        hidden = hidden + attended
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    @torch.no_grad()
+    def init_from(self, source: nn.Module) -> bool:
+        """Copies a policy decoder layer of the same architecture: every same-shaped parameter as is, its q/k/v
+        projections into the hidden-state half of the wide ones (the embedding half starts at zero), and its input
+        norm into `hidden_norm` too. Returns False, copying nothing, if the layers do not match."""
+        src, dst = source.state_dict(), self.layer.state_dict()
+        wide = {k for k in dst if k.startswith("self_attn.") and k.endswith("_proj.weight") and "o_proj" not in k}
+        if not all(k in src and (src[k].shape == v.shape or k in wide) for k, v in dst.items()):
+            return False
+        if not all(dst[k].shape == (src[k].shape[0], 2 * src[k].shape[1]) for k in wide):
+            return False
+        state = {k: src[k] for k in dst if k not in wide}
+        for k in wide:
+            state[k] = torch.cat([torch.zeros_like(src[k]), src[k]], dim=1)
+        self.layer.load_state_dict(state)
+        self.hidden_norm.load_state_dict(source.input_layernorm.state_dict())
+        return True
 
 
 def _copy_matching(source: nn.Module, target: nn.Module) -> bool:

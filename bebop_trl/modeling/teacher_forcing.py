@@ -1,5 +1,7 @@
 """Teacher-forced unrolling of a head along whole sequences: the slots that training and evaluation score."""
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +64,50 @@ def final_hidden_states(
     return out.last_hidden_state
 
 
+@contextlib.contextmanager
+def layer_inputs(policy: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """Collects the hidden states entering each of the policy's decoder `layers` (layer 0's input is the
+    embeddings; layer L's the output of layer L - 1, before any final norm) during a forward pass run inside the
+    block, keyed by layer."""
+    decoder_layers = policy_decoder(policy).layers
+    captured: dict[int, torch.Tensor] = {}
+
+    def recorder(layer: int):
+        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[layer] = args[0] if args else kwargs["hidden_states"]
+
+        return record
+
+    handles = [decoder_layers[layer].register_forward_pre_hook(recorder(layer), with_kwargs=True) for layer in layers]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def policy_hidden_states(
+    policy: nn.Module,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None = None,
+    aux_layers: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The policy's final hidden states [B, T, H] and, with `aux_layers`, the hidden states entering those layers
+    concatenated in their order [B, T, A * H] (what an EAGLE-3 head reads), from one forward pass.
+
+    Args:
+        policy: A causal LM.
+        input_ids: [B, T] token ids.
+        attention_mask: [B, T] padding mask.
+        aux_layers: Layers to capture, or None.
+    """
+    if not aux_layers:
+        return final_hidden_states(policy, input_ids, attention_mask), None
+    with layer_inputs(policy, aux_layers) as captured:
+        final = final_hidden_states(policy, input_ids, attention_mask)
+    return final, torch.cat([captured[layer] for layer in aux_layers], dim=-1)
+
+
 def completion_token_mask(attention_mask: torch.Tensor, prompt_length: torch.Tensor) -> torch.BoolTensor:
     """[B, T] True at the tokens after each row's first `prompt_length` tokens (left or right padding).
 
@@ -94,6 +140,7 @@ def unroll_teacher_forced(
     policy_hidden: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     num_steps: int = 1,
+    aux_hidden: torch.Tensor | None = None,
 ) -> UnrolledDraft:
     """Runs the head `num_steps` draft steps from every position of a batch, with the data's tokens as inputs.
 
@@ -109,9 +156,13 @@ def unroll_teacher_forced(
             [`final_hidden_states`][bebop_trl.modeling.teacher_forcing.final_hidden_states]).
         attention_mask: [B, T] padding mask, left or right padding.
         num_steps: Number of draft steps S.
+        aux_hidden: [B, T, A * H] the hidden states entering the policy's `head.aux_layers`, which an `eagle3`
+            head reads instead of `policy_hidden` (see
+            [`policy_hidden_states`][bebop_trl.modeling.teacher_forcing.policy_hidden_states]); the targets stay
+            the policy's final hidden states.
 
     Returns:
-        The hidden states, validity mask and labels of the S x B(T-1) slots.
+        The hidden states (the draft's as its lm_head reads them), validity mask and labels of the S x B(T-1) slots.
     """
     length = input_ids.shape[1]
     if length < 2:
@@ -135,7 +186,7 @@ def unroll_teacher_forced(
         return F.pad(shifted, pad_shape, value=fill)
 
     draft, target, masks, labels = [], [], [], []
-    hidden = policy_hidden[:, :starts]
+    hidden = head.policy_input(policy_hidden[:, :starts], None if aux_hidden is None else aux_hidden[:, :starts])
     inside = valid_token[:, :starts]
     cache = head.new_cache()
     for j in range(1, num_steps + 1):
@@ -148,7 +199,7 @@ def unroll_teacher_forced(
             use_cache=True,
         ).last_hidden_state
         inside = inside & ahead(valid_token, j, False)
-        draft.append(hidden)
+        draft.append(head.output_norm(hidden))
         target.append(ahead(policy_hidden, j, 0.0))
         masks.append(inside)
         next_token_valid = ahead(valid_token, j + 1, False)

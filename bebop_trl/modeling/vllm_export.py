@@ -16,6 +16,11 @@ The drafter scores D and scatters the logits into the target vocabulary with -in
 with the architecture `EagleDraftVocab<Architecture>`, the plugin's drafter of the same decoder layers that has one.
 `method="mtp"` always scores drafts with the target's lm_head, so an mtp-layout head with a draft vocabulary does
 not export.
+
+The `eagle3` layout is vLLM's EAGLE-3 drafter (`method="eagle3"`, `Eagle3LlamaForCausalLM`): `fc` fusing the target's
+hidden states at `eagle_aux_hidden_state_layer_ids`, a first layer with `hidden_norm` and 2H-wide q/k/v projections,
+a final `norm`, and its own `lm_head` (over D with `d2t`, or the policy's rows over the whole vocabulary). vLLM
+collects the aux hidden states of the target itself, from the layer ids of the draft's config.
 """
 
 import json
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .configuration_mtp_head import EAGLE_LAYOUT, MTP_LAYOUT, MTPHeadConfig
+from .configuration_mtp_head import EAGLE3_LAYOUT, EAGLE_LAYOUT, MTP_LAYOUT, MTPHeadConfig
 from .hub import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, save_tensors
 from .native import NATIVE_WEIGHTS_NAME, head_state_to_native
 
@@ -40,16 +45,19 @@ DRAFT_VOCAB_DRAFTER_PREFIX = "EagleDraftVocab"
 # Policy architectures with an EAGLE-1 drafter (`Eagle<Architecture>`) of the same decoder layers in vLLM: its own
 # Llama one, and the Qwen2 / Qwen3 ones of bebop_trl.vllm_plugin.
 VLLM_EAGLE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# vLLM's EAGLE-3 drafter of Llama decoder layers, and the decoder model types whose layers it computes exactly.
+VLLM_EAGLE3_ARCHITECTURE = "Eagle3LlamaForCausalLM"
+VLLM_EAGLE3_MODEL_TYPES = ("llama",)
 
 
 def vllm_method(config: MTPHeadConfig) -> str:
-    """The vLLM speculative `method` that runs a head of this configuration (`"eagle"` or `"mtp"`).
+    """The vLLM speculative `method` that runs a head of this configuration (`"eagle"`, `"eagle3"` or `"mtp"`).
 
     Raises:
         ValueError: If an `mtp`-layout head has a draft vocabulary, which vLLM's MTP drafters cannot run.
     """
     _require_vllm_draft_vocabulary(config)
-    return {EAGLE_LAYOUT: "eagle", MTP_LAYOUT: "mtp"}[config.layout]
+    return {EAGLE_LAYOUT: "eagle", EAGLE3_LAYOUT: "eagle3", MTP_LAYOUT: "mtp"}[config.layout]
 
 
 def _require_vllm_draft_vocabulary(config: MTPHeadConfig) -> None:
@@ -106,12 +114,30 @@ def vllm_draft_weights(head: "MTPHead") -> dict[str, Any]:
     state = head.state_dict()
     if head.config.layout == MTP_LAYOUT:
         return head_state_to_native(state)
+    if head.config.layout == EAGLE3_LAYOUT:
+        return _eagle3_weights(head, state)
     # EAGLE-1 names: `fc.weight` and `layers.N.*`; the identity norms of the eagle layout hold no weights.
     weights = {k.removeprefix("model."): v for k, v in state.items()}
     draft_vocab, draft_lm_head_weight = weights.pop("draft_vocab", None), weights.pop("draft_lm_head_weight", None)
     if draft_vocab is not None:
         weights["lm_head.weight"] = draft_lm_head_weight
         weights["d2t"] = draft_vocab - torch.arange(len(draft_vocab), device=draft_vocab.device)
+    return weights
+
+
+def _eagle3_weights(head: "MTPHead", state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EAGLE-3 names: `fc.weight`, `layers.N.*` (the first layer's wrapped parts unwrapped, with its `hidden_norm`),
+    `norm.weight`, and the drafter's own `lm_head.weight` (with `d2t` for a draft vocabulary)."""
+    weights = {}
+    for name, tensor in state.items():
+        if name in ("draft_vocab", "draft_lm_head_weight"):
+            continue
+        weights[name.removeprefix("model.").replace("layers.0.layer.", "layers.0.")] = tensor
+    if head.draft_vocab is None:
+        weights["lm_head.weight"] = head.lm_head_weight.detach().to(head.fc.weight.dtype)
+    else:
+        weights["lm_head.weight"] = head.draft_lm_head_weight
+        weights["d2t"] = head.draft_vocab - torch.arange(len(head.draft_vocab), device=head.draft_vocab.device)
     return weights
 
 
@@ -122,7 +148,10 @@ def export_vllm(head: "MTPHead", save_directory: str | os.PathLike, *, target_co
     `model.safetensors` with `fc.weight` and `layers.N.*`; with a draft vocabulary also `lm_head.weight` (its rows)
     and `d2t`, and the architecture `EagleDraftVocab<Architecture>` with `draft_vocab_size`. `mtp` layout: the target's `config.json`,
     `mtp.safetensors` with the native `mtp.*` names, and an index listing them, so that vLLM's `method="mtp"`
-    reads the head from this folder instead of the target's own MTP weights.
+    reads the head from this folder instead of the target's own MTP weights. `eagle3` layout: `config.json` of
+    vLLM's `Eagle3LlamaForCausalLM` (with `eagle_aux_hidden_state_layer_ids`, `draft_vocab_size`) and
+    `model.safetensors` with `fc.weight`, `layers.N.*`, `norm.weight`, `lm_head.weight` and, with a draft
+    vocabulary, `d2t`.
 
     Args:
         head: The [`MTPHead`][bebop_trl.MTPHead] to export (its dtype is kept).
@@ -133,13 +162,17 @@ def export_vllm(head: "MTPHead", save_directory: str | os.PathLike, *, target_co
     Returns:
         The folder, for the `model` entry of [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config].
     """
-    weights = vllm_draft_weights(head)
-    if head.config.layout == EAGLE_LAYOUT:
-        draft_config = _eagle_draft_config(head.config)  # validated before anything is written
+    if head.config.layout in (EAGLE_LAYOUT, EAGLE3_LAYOUT):
+        # Validated before anything is written.
+        draft_config = (_eagle_draft_config if head.config.layout == EAGLE_LAYOUT else _eagle3_draft_config)(
+            head.config
+        )
+        weights = vllm_draft_weights(head)
         os.makedirs(save_directory, exist_ok=True)
         _write_json(draft_config, os.path.join(save_directory, "config.json"))
         save_tensors(weights, os.path.join(save_directory, WEIGHTS_NAME))
         return os.fspath(save_directory)
+    weights = vllm_draft_weights(head)
     if target_config is None:
         raise ValueError("Exporting an `mtp`-layout head needs target_config=policy.config (vLLM reads it).")
     os.makedirs(save_directory, exist_ok=True)
@@ -171,6 +204,31 @@ def _eagle_draft_config(config: MTPHeadConfig) -> dict[str, Any]:
             draft_vocab_size=config.draft_vocab_size,
             tie_word_embeddings=False,  # its lm_head rows are its own
         )
+    return draft
+
+
+def _eagle3_draft_config(config: MTPHeadConfig) -> dict[str, Any]:
+    if config.base_model_type not in VLLM_EAGLE3_MODEL_TYPES:
+        raise ValueError(
+            f"vLLM's EAGLE-3 drafter computes Llama decoder layers, but this eagle3 head's layers are "
+            f"{config.base_model_type!r} ones, so it cannot run in vLLM as trained. Use rollout_backend='torch', or "
+            "an eagle-layout head, for this policy."
+        )
+    draft = dict(config.decoder_config or {})
+    draft.update(
+        architectures=[VLLM_EAGLE3_ARCHITECTURE],
+        model_type="llama",
+        num_hidden_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        target_hidden_size=config.hidden_size,
+        vocab_size=config.vocab_size,
+        draft_vocab_size=config.draft_vocab_size or config.vocab_size,
+        tie_word_embeddings=False,  # its lm_head rows are its own
+        # The target collects these layers' inputs; the drafter sizes `fc` by their number.
+        eagle_aux_hidden_state_layer_ids=list(config.aux_layers),
+        num_aux_hidden_states=len(config.aux_layers),
+        eagle_config={"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": list(config.aux_layers)},
+    )
     return draft
 
 

@@ -86,7 +86,8 @@ class _DecodeState:
             included).
         next_token: [B] the last emitted token, not yet in the policy cache.
         position: [B] position of `next_token`.
-        pending_hidden: [B, m, H] policy final hidden states of the last m policy slots, still to be fed to the head.
+        pending_hidden: [B, m, H] the head's input from the policy (`MTPHead.policy_input`) at the last m policy slots,
+            still to be fed to the head.
         pending_ids: [B, m] the token after each of those slots.
         pending_positions: [B, m] positions of `pending_ids`.
         pending_newest: [B] index of the pending slot whose next token is `next_token`.
@@ -120,7 +121,7 @@ class _DecodeState:
         Args:
             tokens: [B, k + 1] output of `rejection_sample`.
             num_accepted: [B] accepted drafts per row.
-            hidden_states: [B, k + 1, H] the policy's final hidden states of the verified slots (with a head).
+            hidden_states: [B, k + 1, H] the head's input from the policy at the verified slots (with a head).
         """
         k = tokens.shape[1] - 1
         kept = int(num_accepted.max()) + 1
@@ -415,7 +416,7 @@ class SpeculativeGenerator:
         )
         if self.head is not None:
             state.head_cache = self.head.new_cache()
-            state.pending_hidden = outputs.hidden_states[-1]
+            state.pending_hidden = self.head.policy_features(outputs.hidden_states)
             state.pending_ids = torch.cat([input_ids[:, 1:], first_token.unsqueeze(-1)], dim=-1)
             state.pending_positions = position_ids + 1
             state.pending_newest = torch.full_like(first_token, input_ids.shape[1] - 1)
@@ -465,7 +466,8 @@ class SpeculativeGenerator:
         )
         target_probs = sampling.probs(outputs.logits)
         tokens, num_accepted = rejection_sample(draft_tokens, draft_probs, target_probs, sampling.generator)
-        state.advance(tokens, num_accepted, outputs.hidden_states[-1] if self.head is not None else None)
+        pending = self.head.policy_features(outputs.hidden_states) if self.head is not None else None
+        state.advance(tokens, num_accepted, pending)
         return tokens, num_accepted, target_probs
 
     def _draft(

@@ -52,7 +52,7 @@ def time_cycle_steps(
         output_hidden_states=True,
         logits_to_keep=1,
     )
-    hidden = prefill.hidden_states[-1]
+    hidden = head.policy_features(prefill.hidden_states)
     next_position = attention_mask.sum(dim=-1, keepdim=True)
     last_token = input_ids[:, -1:]
     # The head's cache as the engine leaves it after the prompt: slot t pairs hidden state t with token t + 1.

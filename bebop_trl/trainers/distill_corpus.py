@@ -7,12 +7,11 @@ of its layers (what an EAGLE-3 head fuses), so that a head trains on it without 
 the same records, shard by shard.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -22,8 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import MTPHead
-from ..modeling.modeling_mtp_head import policy_decoder
-from ..modeling.teacher_forcing import final_hidden_states
+from ..modeling.teacher_forcing import policy_hidden_states
 from ..rollout.torch_engine import generate_from_ids, padded_prompts
 from .mtp_data import PROMPT_LENGTH, _weights_fingerprint
 
@@ -121,7 +119,7 @@ def build_distill_corpus(
         seed: Seed of the sampling.
         head: A draft head to sample faster with, or None.
         num_speculative_tokens: Drafts per cycle with `head`.
-        aux_layers: Layers whose input hidden states to store as well (`eagle3_aux_layers` gives the layers vLLM's
+        aux_layers: Layers whose input hidden states to store as well ([`eagle3_aux_layers`][bebop_trl.modeling.eagle3_aux_layers] gives the layers vLLM's
             EAGLE-3 heads read); empty stores the final hidden states only.
 
     Returns:
@@ -133,8 +131,10 @@ def build_distill_corpus(
     """
     num_layers = policy.config.get_text_config().num_hidden_layers
     aux_layers = tuple(int(layer) for layer in aux_layers)
-    if any(not 0 <= layer < num_layers for layer in aux_layers):
-        raise ValueError(f"aux_layers must lie in [0, {num_layers}) for this policy, got {list(aux_layers)}.")
+    if any(not 0 <= layer < num_layers for layer in aux_layers) or sorted(set(aux_layers)) != list(aux_layers):
+        raise ValueError(
+            f"aux_layers must be increasing layers in [0, {num_layers}) for this policy, got {list(aux_layers)}."
+        )
     excluded = {tuple(p) for p in exclude_prompts}
     distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts)) if p not in excluded]
     if not distinct:
@@ -221,12 +221,6 @@ def hidden_states_of(stored: torch.Tensor) -> torch.Tensor:
     return stored.to(torch.int16).view(torch.bfloat16)
 
 
-def eagle3_aux_layers(num_layers: int) -> tuple[int, int, int]:
-    """The low, middle and high layers whose input hidden states an EAGLE-3 head fuses: vLLM's default for a policy
-    of `num_layers` decoder layers (the inputs of layers 2, num_layers // 2 and num_layers - 3)."""
-    return 2, num_layers // 2, num_layers - 3
-
-
 @torch.no_grad()
 def _hidden_states(
     policy: PreTrainedModel,
@@ -237,33 +231,14 @@ def _hidden_states(
     """Each sequence's final hidden states [T, H], and its aux-layer hidden states [T, len(aux_layers) * H] (empty
     list without aux layers), as int16 numpy arrays of bf16 bit patterns."""
     input_ids, attention_mask = padded_prompts(policy, tokenizer, sequences)
-    with layer_inputs(policy, aux_layers) as captured:
-        hidden = final_hidden_states(policy, input_ids, attention_mask)
+    hidden, aux = policy_hidden_states(policy, input_ids, attention_mask, aux_layers)
     width = hidden.shape[1]
 
     def rows(states: torch.Tensor) -> list:
         bits = states.to(torch.bfloat16).view(torch.int16).cpu()
         return [bits[row, width - len(sequence) :].numpy() for row, sequence in enumerate(sequences)]
 
-    return rows(hidden), rows(torch.cat(captured, dim=-1)) if aux_layers else []
-
-
-@contextlib.contextmanager
-def layer_inputs(policy: PreTrainedModel, layers: Sequence[int]) -> Iterator[list[torch.Tensor]]:
-    """Collects the hidden states entering each of the policy's decoder `layers`, in that order, during the forward
-    passes run inside the block (layer 0's input is the embeddings)."""
-    decoder_layers = policy_decoder(policy).layers
-    captured: list[torch.Tensor] = []
-
-    def record(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append(args[0] if args else kwargs["hidden_states"])
-
-    handles = [decoder_layers[layer].register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
+    return rows(hidden), [] if aux is None else rows(aux)
 
 
 def _claim_folder(output_dir: str | os.PathLike, settings: CorpusSettings) -> None:

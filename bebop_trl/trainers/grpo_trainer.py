@@ -14,8 +14,8 @@ from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import unwrap_model_for_generation
 
-from ..modeling import EAGLE_LAYOUT, MTP_LAYOUT, MTPHead, MTPHeadConfig
-from ..modeling.teacher_forcing import drafting_slots, final_hidden_states
+from ..modeling import MTP_LAYOUT, MTPHead, MTPHeadConfig
+from ..modeling.teacher_forcing import drafting_slots, policy_hidden_states
 from ..modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
 from ..rollout.async_worker import AsyncRolloutWorker
 from ..rollout.torch_engine import generate_from_ids, padded_prompts
@@ -429,7 +429,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         is_completion = torch.cat([torch.zeros_like(output["prompt_mask"]), output["completion_mask"]], dim=1).bool()
         policy = self.accelerator.unwrap_model(self.model)
         with torch.no_grad(), eval_mode(policy):
-            policy_hidden = final_hidden_states(policy, input_ids, attention_mask)
+            policy_hidden, aux_hidden = policy_hidden_states(policy, input_ids, attention_mask, head.aux_layers)
         head.train().requires_grad_(True)
         try:
             result = teacher_forced_head_loss(
@@ -441,6 +441,7 @@ class BebopGRPOTrainer(GRPOTrainer):
                 loss_type=args.mtp_online_update,
                 temperature=self.temperature,
                 slot_mask=drafting_slots(is_completion, args.num_speculative_tokens),
+                aux_hidden=aux_hidden,
             )
             if not torch.isfinite(result.loss):
                 raise FloatingPointError(
@@ -710,7 +711,7 @@ def _export_vllm_draft(model: Any, args: BebopGRPOConfig, head: MTPHead | None) 
     with state.local_main_process_first():
         if state.is_local_main_process:
             target_config = None if isinstance(model, str) else model.config
-            if target_config is None and head.config.layout != EAGLE_LAYOUT:
+            if target_config is None and head.config.layout == MTP_LAYOUT:
                 from transformers import AutoConfig
 
                 target_config = AutoConfig.from_pretrained(policy_path)

@@ -20,12 +20,14 @@ def teacher_forced_head_loss(
     slot_mask: torch.Tensor | None = None,
     token_tile: int | None = None,
     vocab_tile: int | None = None,
+    aux_hidden: torch.Tensor | None = None,
 ) -> MTPLossOutput:
     """Unrolls the head `num_steps` steps along a batch and scores every valid slot against the frozen policy.
 
-    The policy's log-normaliser over its whole vocabulary is computed once per position and gathered per slot (a
-    position is the target of up to `num_steps` slots), so the loss sweeps the policy's vocabulary once per position
-    rather than once per slot.
+    For a head with a draft vocabulary D, the policy's log-normaliser over its whole vocabulary is computed once per
+    real position and gathered per slot (a position is the target of up to `num_steps` slots), so the loss sweeps
+    the policy's whole vocabulary once per position and only D per slot. A full-vocabulary head compares q with p
+    over the whole vocabulary at every slot anyway, so there the normaliser comes with that sweep.
 
     Args:
         head: The MTP head (bound to the policy).
@@ -38,14 +40,19 @@ def teacher_forced_head_loss(
         slot_mask: [S, B(T-1)] slots allowed to count (e.g. only those a rollout drafts), or None for all.
         token_tile: Slots per tile of the loss (None: its default).
         vocab_tile: Vocabulary entries per tile of the loss (None: its default).
+        aux_hidden: [B, T, A * H] the hidden states entering the policy's `head.aux_layers` (`eagle3` heads).
 
     Returns:
         The loss and its per-step acceptance statistics.
     """
     tiling = {k: v for k, v in (("token_tile", token_tile), ("vocab_tile", vocab_tile)) if v is not None}
-    slots = unroll_teacher_forced(head, input_ids, policy_hidden, attention_mask, num_steps)
+    slots = unroll_teacher_forced(head, input_ids, policy_hidden, attention_mask, num_steps, aux_hidden)
     weight = head.lm_head_weight
-    policy_lse = policy_log_normalizer(policy_hidden.detach(), weight, temperature, **tiling)
+    target_lse = None
+    if head.draft_vocab is not None:
+        real = attention_mask.bool()
+        values = policy_log_normalizer(policy_hidden.detach()[real], weight, temperature, **tiling)
+        target_lse = slot_targets(values.new_zeros(real.shape).masked_scatter(real, values), num_steps)
     is_ce = loss_type == "ce"
     mask = slots.label_mask if is_ce else slots.mask
     if slot_mask is not None:
@@ -60,6 +67,6 @@ def teacher_forced_head_loss(
         temperature=temperature,
         draft_lm_head_weight=head.draft_lm_head_weight,
         draft_vocab=head.draft_vocab,
-        target_lse=slot_targets(policy_lse, num_steps),
+        target_lse=target_lse,
         **tiling,
     )

@@ -28,8 +28,18 @@ class MTPConfig(TrainingArguments):
     head_layout: str | None = field(
         default=None,
         metadata={
-            "help": "Layout of a new head: 'mtp' or 'eagle'. None picks the layout vLLM loads as is for the policy "
-            "('mtp' for native-MTP model types, 'eagle' otherwise)."
+            "help": "Layout of a new head: 'mtp', 'eagle' (EAGLE-1: reads the policy's final hidden state) or "
+            "'eagle3' (EAGLE-3: fuses the hidden states entering a low, a middle and a high layer of the policy; "
+            "vLLM method 'eagle3'). None picks the layout vLLM loads as is for the policy ('mtp' for native-MTP "
+            "model types, 'eagle' otherwise)."
+        },
+    )
+    head_aux_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "For head_layout='eagle3': the policy layers whose input hidden states the head fuses (layer 0's "
+            "input is the embeddings). None: vLLM's default, layers 2, L // 2 and L - 3 of an L-layer policy. A "
+            "corpus the head trains on must store the same layers (build_distill_corpus(aux_layers=...))."
         },
     )
     head_num_layers: int = field(default=1, metadata={"help": "Number of decoder layers of a new head."})

@@ -24,14 +24,14 @@ from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress, hf_api
 
-from ..modeling import MTPHead, draft_vocab_mass, select_draft_vocab
+from ..modeling import EAGLE3_LAYOUT, MTPHead, draft_vocab_mass, select_draft_vocab
 from ..modeling.hub import CONFIG_NAME, MODEL_CARD_NAME, WEIGHTS_NAME, head_model_card, load_tensors
 from ..modeling.policy_io import load_policy_io
-from ..modeling.teacher_forcing import completion_token_mask, drafting_slots, final_hidden_states
+from ..modeling.teacher_forcing import completion_token_mask, drafting_slots, policy_hidden_states
 from ..ops import MTPLossOutput
 from ..rollout.torch_engine import generate_from_ids
 from ..speculative import DRAFT_SAMPLING_MODES
-from .distill_corpus import HIDDEN_STATES, CorpusCollator, is_distill_corpus, prepare_corpus
+from .distill_corpus import AUX_HIDDEN_STATES, HIDDEN_STATES, CorpusCollator, is_distill_corpus, prepare_corpus
 from .head_loss import teacher_forced_head_loss
 from .mtp_config import MTPConfig
 from .mtp_data import PROMPT_LENGTH, needs_self_distillation, prompt_ids_of, self_distill, tokenize_dataset
@@ -84,6 +84,7 @@ class MTPTrainingModule(nn.Module):
         prompt_length: torch.LongTensor | None = None,
         loss_type: str | None = None,
         hidden_states: torch.Tensor | None = None,
+        aux_hidden_states: torch.Tensor | None = None,
     ) -> MTPLossOutput:
         """Scores one batch: the head's loss against the frozen policy over every valid slot.
 
@@ -95,17 +96,27 @@ class MTPTrainingModule(nn.Module):
             loss_type: Overrides the configured loss for this batch (the KL warm start uses `"kl"`).
             hidden_states: [B, L, H] the policy's final hidden states, stored with the data (a self-distilled
                 corpus); None runs the policy for them.
+            aux_hidden_states: [B, L, A * H] the hidden states entering the policy's layers that an `eagle3` head
+                reads, stored with the data (a corpus built with the head's `aux_layers`).
 
         Returns:
             The loss and its per-step acceptance statistics.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        aux_layers = self.head.aux_layers
         if hidden_states is not None:
-            policy_hidden = hidden_states.to(self.head.fc.weight.dtype)
+            if aux_layers and aux_hidden_states is None:
+                raise ValueError(
+                    f"This eagle3 head reads the policy's layers {list(aux_layers)}, but the corpus stores only the "
+                    "final hidden states: build it with build_distill_corpus(..., aux_layers=head.aux_layers)."
+                )
+            dtype = self.head.fc.weight.dtype
+            policy_hidden = hidden_states.to(dtype)
+            aux_hidden = None if aux_hidden_states is None or not aux_layers else aux_hidden_states.to(dtype)
         else:
             with torch.no_grad():
-                policy_hidden = final_hidden_states(self.policy, input_ids, attention_mask)
+                policy_hidden, aux_hidden = policy_hidden_states(self.policy, input_ids, attention_mask, aux_layers)
         slot_mask = None
         if self.completion_only_loss and prompt_length is not None:
             slot_mask = drafting_slots(completion_token_mask(attention_mask, prompt_length), self.num_mtp_steps)
@@ -116,6 +127,7 @@ class MTPTrainingModule(nn.Module):
             attention_mask,
             num_steps=self.num_mtp_steps,
             slot_mask=slot_mask,
+            aux_hidden=aux_hidden,
             **{**self.loss_kwargs, "loss_type": loss_type or self.loss_kwargs["loss_type"]},
         )
 
@@ -144,7 +156,7 @@ class MTPTrainer(Trainer):
         eval_dataset: Held-out data in the same formats.
         processing_class: The policy's tokenizer (loaded from `model` when None).
         head: The head to train; by default built as `args.mtp_head`, `args.head_layout`,
-            `args.head_num_layers` and `args.draft_vocab_size` say.
+            `args.head_aux_layers`, `args.head_num_layers` and `args.draft_vocab_size` say.
         data_collator: Pads batches (default: `DataCollatorWithPadding` of the tokenizer).
         callbacks: Extra `TrainerCallback`s.
         optimizers: An `(optimizer, scheduler)` pair to use instead of AdamW and the configured schedule.
@@ -235,8 +247,11 @@ class MTPTrainer(Trainer):
             draft_vocab = None
             if args.draft_vocab_size is not None:
                 draft_vocab = _choose_draft_vocab(policy, train_dataset, tokenizer, args)
+            if args.head_aux_layers is not None and args.head_layout != EAGLE3_LAYOUT:
+                raise ValueError(f"head_aux_layers is for head_layout='eagle3', got head_layout={args.head_layout!r}.")
+            aux = {} if args.head_aux_layers is None else {"aux_layers": list(args.head_aux_layers)}
             head = MTPHead.from_model(
-                policy, num_layers=args.head_num_layers, layout=args.head_layout, draft_vocab=draft_vocab
+                policy, num_layers=args.head_num_layers, layout=args.head_layout, draft_vocab=draft_vocab, **aux
             )
             # The policy may run in bf16; the head's master weights stay in float32 for the optimizer.
             head = head.float()
@@ -294,6 +309,7 @@ class MTPTrainer(Trainer):
             prompt_length=inputs.get(PROMPT_LENGTH),
             loss_type="kl" if warm_start else None,
             hidden_states=inputs.get(HIDDEN_STATES),
+            aux_hidden_states=inputs.get(AUX_HIDDEN_STATES),
         )
         if not torch.isfinite(out.loss):
             lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None

@@ -26,14 +26,15 @@ def uncached_draft_probs(
 ) -> torch.Tensor:
     """The head's draft distributions after `sequence`, recomputed without any KV cache.
 
-    Step 1 reads the policy's hidden states of the whole sequence (teacher forcing); step j appends the head's own
+    Step 1 reads the policy's hidden states of the whole sequence (teacher forcing; its final ones, or the layers an
+    eagle3 head fuses); step j appends the head's own
     output of step j - 1 and draft j - 1 as one more slot. `drafts` are the tokens drafted at steps 1..k-1.
 
     Returns:
         [k, V] processed draft distributions, k = len(drafts) + 1.
     """
     ids = torch.tensor([sequence])
-    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, :-1]
+    hidden = head.policy_features(model(input_ids=ids, output_hidden_states=True).hidden_states)[:, :-1]
     tokens = ids[:, 1:]
     probs = []
     for step in range(len(drafts) + 1):

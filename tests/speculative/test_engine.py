@@ -88,8 +88,15 @@ def test_logprobs_match_a_single_forward(policy, head, prompts):
     assert out.stats.mean_entropy == pytest.approx(float(entropy[valid].mean()), abs=1e-4)
 
 
-def test_drafts_match_an_uncached_head(policy, head, prompts, monkeypatch):
+@pytest.fixture(scope="module")
+def eagle3_head(policy):
+    return perturbed_head(policy, scale=0.02, layout="eagle3", aux_layers=[0, 1])
+
+
+@pytest.mark.parametrize("layout", ["eagle", "eagle3"])
+def test_drafts_match_an_uncached_head(policy, head, eagle3_head, prompts, monkeypatch, layout):
     """The head's cached drafts equal a from-scratch recomputation at every cycle of every row."""
+    head = eagle3_head if layout == "eagle3" else head
     k, cycles = 3, []
     draft = SpeculativeGenerator._draft
 

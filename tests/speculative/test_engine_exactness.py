@@ -69,10 +69,23 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def eagle3_head(policy):
+    return perturbed_head(policy, scale=0.1, layout="eagle3", aux_layers=[0, 1])
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_completions_follow_the_policy_law(policy, head, case):
     draft_sampling, k, sampling = CASES[case]
     engine = SpeculativeGenerator(policy, head, num_speculative_tokens=k, draft_sampling=draft_sampling)
+    for prompt, pvalue in zip(PROMPTS, pvalues(policy, engine, **sampling), strict=True):
+        assert pvalue > 1e-4, f"prompt {prompt}: chi-square p-value {pvalue:.2e}"
+
+
+@pytest.mark.parametrize("case", ["probabilistic-T1-k1", "probabilistic-topk-topp-k3"])
+def test_an_eagle3_heads_completions_follow_the_policy_law(policy, eagle3_head, case):
+    draft_sampling, k, sampling = CASES[case]
+    engine = SpeculativeGenerator(policy, eagle3_head, num_speculative_tokens=k, draft_sampling=draft_sampling)
     for prompt, pvalue in zip(PROMPTS, pvalues(policy, engine, **sampling), strict=True):
         assert pvalue > 1e-4, f"prompt {prompt}: chi-square p-value {pvalue:.2e}"
 

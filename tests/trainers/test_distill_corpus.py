@@ -76,12 +76,9 @@ def test_aux_layers_store_the_hidden_states_entering_those_layers(policy, tiny_t
 
 
 def test_aux_layers_out_of_range_are_refused(policy, tiny_tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="aux_layers must lie in"):
-        build(policy, tiny_tokenizer, tmp_path / "corpus", aux_layers=(policy.config.num_hidden_layers,))
-
-
-def test_eagle3_aux_layers_are_vllms_defaults():
-    assert distill_corpus.eagle3_aux_layers(30) == (2, 15, 27)
+    for bad in ((policy.config.num_hidden_layers,), (1, 0)):
+        with pytest.raises(ValueError, match="aux_layers must be increasing layers in"):
+            build(policy, tiny_tokenizer, tmp_path / "corpus", aux_layers=bad)
 
 
 def test_an_interrupted_build_resumes_at_its_first_missing_shard(policy, tiny_tokenizer, tmp_path, monkeypatch):
