@@ -31,25 +31,29 @@ from bebop_trl.trainers.distill_corpus import load_distill_corpus
 
 
 class LearningCurve(TrainerCallback):
-    """Writes every evaluation, with the real tokens trained on so far, to a JSON file."""
+    """Writes every evaluation (its teacher-forced and its measured figures, logged separately) with the real tokens
+    trained on so far to a JSON file; points of a resumed run replace those past its checkpoint."""
 
     def __init__(self, path: str, settings: dict):
         self.path, self.settings = path, settings
         self.started = time.perf_counter()
+        self.points: list[dict] | None = None
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        points = []
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                points = [p for p in json.load(f)["points"] if p["step"] < state.global_step]
-        point = {"step": state.global_step, "tokens": int(state.num_input_tokens_seen)}
-        point.update(
-            {k.removeprefix("eval_"): v for k, v in (metrics or {}).items() if "acceptance" in k or "loss" in k}
-        )
-        point["seconds_this_run"] = time.perf_counter() - self.started
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        evaluated = {k.removeprefix("eval_"): v for k, v in (logs or {}).items() if k.startswith("eval_")}
+        if not evaluated or not state.is_world_process_zero:
+            return
+        if self.points is None:
+            self.points = []
+            if os.path.exists(self.path):
+                with open(self.path, encoding="utf-8") as f:
+                    self.points = [p for p in json.load(f)["points"] if p["step"] < state.global_step]
+        if not self.points or self.points[-1]["step"] != state.global_step:
+            self.points.append({"step": state.global_step, "tokens": int(state.num_input_tokens_seen)})
+        self.points[-1].update(evaluated, seconds_this_run=time.perf_counter() - self.started)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "w", encoding="utf-8") as f:
-            json.dump({"settings": self.settings, "points": [*points, point]}, f, indent=2)
+            json.dump({"settings": self.settings, "points": self.points}, f, indent=2)
 
 
 def main() -> None:
