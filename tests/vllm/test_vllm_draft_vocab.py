@@ -20,7 +20,13 @@ pytestmark = pytest.mark.vllm
 
 
 def test_draft_vocabulary_heads_sample_the_policy_law_in_vllm():
-    checks = verify_engine(["torch", "vllm"], num_samples=4000, temperatures=(1.0,), draft_vocab=[0, 1, 2, 4, 5, 7])
+    assert_both_engines_sample_the_law(draft_vocab=[0, 1, 2, 4, 5, 7])
+
+
+def assert_both_engines_sample_the_law(**head_options):
+    """verify_engine on torch and vLLM with a head of `head_options`: both sample the exact law, and accept the first
+    draft about as often."""
+    checks = verify_engine(["torch", "vllm"], num_samples=4000, temperatures=(1.0,), **head_options)
     assert all(check.passed for check in checks), format_table(checks)
     by_mode = {}
     for check in checks:
@@ -39,15 +45,7 @@ def test_draft_vocabulary_heads_draft_in_vllm_as_in_the_torch_engine(
     trained = MTPHead.from_pretrained(trained_head(architecture), policy=policy)
     held_out = [tokenizer(p)["input_ids"] for p in PROMPTS[128:]]
     max_tokens = 32
-    # D: the most frequent half of the tokens the policy emits, so that some drafts the full head would make fall
-    # outside it.
-    samples = generate_from_ids(
-        policy, tokenizer, held_out, max_new_tokens=max_tokens, temperature=0.0, eos_token_id=[]
-    )
-    emitted = {t for row in samples.completion_ids.tolist() for t in row}
-    draft_vocab = select_draft_vocab(
-        policy.config.vocab_size, sequences=samples.completion_ids.tolist(), size=len(emitted) // 2
-    )
+    draft_vocab = half_of_the_emitted_tokens(policy, tokenizer, held_out, max_tokens)
     head = MTPHead.from_model(policy, num_layers=trained.config.num_layers, draft_vocab=draft_vocab)
     head.load_state_dict(trained.state_dict(), strict=False)  # the trained weights; D's rows are the policy's
     head.eval()
@@ -58,15 +56,34 @@ def test_draft_vocabulary_heads_draft_in_vllm_as_in_the_torch_engine(
     draft_model = _model_runner(llm).get_draft_model()
     assert draft_model.lm_head.weight.shape[0] >= len(draft_vocab)  # its own rows (vLLM pads them), not shared
 
-    # Greedy decoding with greedy drafts is deterministic: both emit the same tokens and accept the same drafts.
-    completions, counters = vllm_generate(llm, held_out, n=1, max_tokens=max_tokens, temperature=0.0)
+    assert_greedy_drafts_match_the_engine(llm, policy, tokenizer, head, held_out, max_tokens)
+
+
+def half_of_the_emitted_tokens(policy, tokenizer, prompts: list[list[int]], max_tokens: int) -> torch.Tensor:
+    """A draft vocabulary of the most frequent half of the tokens the policy emits greedily on `prompts`, so that
+    some drafts a full-vocabulary head would make fall outside it."""
+    samples = generate_from_ids(
+        policy, tokenizer, prompts, max_new_tokens=max_tokens, temperature=0.0, eos_token_id=[]
+    )
+    emitted = {t for row in samples.completion_ids.tolist() for t in row}
+    return select_draft_vocab(
+        policy.config.vocab_size, sequences=samples.completion_ids.tolist(), size=len(emitted) // 2
+    )
+
+
+def assert_greedy_drafts_match_the_engine(llm, policy, tokenizer, head, prompts: list[list[int]], max_tokens: int):
+    """Greedy decoding with greedy drafts is deterministic: vLLM and the torch engine emit the same tokens and accept
+    the same drafts."""
+    completions, counters = vllm_generate(llm, prompts, n=1, max_tokens=max_tokens, temperature=0.0)
     output = generate_from_ids(
-        policy, tokenizer, held_out, head=head, num_speculative_tokens=K, draft_sampling="greedy",
+        policy, tokenizer, prompts, head=head, num_speculative_tokens=K, draft_sampling="greedy",
         max_new_tokens=max_tokens, temperature=0.0, eos_token_id=[],
     )  # fmt: skip
     vllm_rate, engine_rate = acceptance_per_position(counters), output.stats.acceptance_per_position
     same = sum(c == e for c, e in zip(completions, output.completion_ids.tolist(), strict=True))
-    print(f"{architecture}, |D| = {len(draft_vocab)}: vLLM {vllm_rate.tolist()}, engine {engine_rate.tolist()}")
+    print(
+        f"{head.config.layout}, D = {head.config.draft_vocab_size}: vLLM {vllm_rate.tolist()}, engine {engine_rate.tolist()}"
+    )
     assert engine_rate[0] > 0.05, f"too few accepted drafts for the comparison to mean anything: {engine_rate}"
-    assert same >= 0.9 * len(held_out)
+    assert same >= 0.9 * len(prompts)
     torch.testing.assert_close(vllm_rate, engine_rate, atol=0.005, rtol=0)  # a float tie may flip a draft
