@@ -176,15 +176,6 @@ def unroll_teacher_forced(
     slot_mask, slot_positions = attention_mask[:, :starts], positions_from_mask(attention_mask)[:, :starts]
     policy_hidden = policy_hidden.detach()
 
-    def ahead(x: torch.Tensor, j: int, fill) -> torch.Tensor:
-        """x[:, t + j] for t < T - 1, padded with `fill` past the end of the sequence."""
-        shifted = x[:, j : j + starts]
-        pad = starts - shifted.shape[1]
-        if pad == 0:
-            return shifted
-        pad_shape = (0, 0, 0, pad) if x.dim() == 3 else (0, pad)
-        return F.pad(shifted, pad_shape, value=fill)
-
     draft, target, masks, labels = [], [], [], []
     hidden = head.policy_input(policy_hidden[:, :starts], None if aux_hidden is None else aux_hidden[:, :starts])
     inside = valid_token[:, :starts]
@@ -192,18 +183,18 @@ def unroll_teacher_forced(
     for j in range(1, num_steps + 1):
         hidden = head(
             hidden,
-            ahead(input_ids, j, 0),
+            _ahead(input_ids, j, 0),
             attention_mask=_draft_attention_mask(slot_mask.bool(), j, head.fc.weight.dtype),
             position_ids=slot_positions + j,
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
-        inside = inside & ahead(valid_token, j, False)
+        inside = inside & _ahead(valid_token, j, False)
         draft.append(head.output_norm(hidden))
-        target.append(ahead(policy_hidden, j, 0.0))
+        target.append(_ahead(policy_hidden, j, 0.0))
         masks.append(inside)
-        next_token_valid = ahead(valid_token, j + 1, False)
-        labels.append(torch.where(inside & next_token_valid, ahead(input_ids, j + 1, 0), IGNORE_INDEX))
+        next_token_valid = _ahead(valid_token, j + 1, False)
+        labels.append(torch.where(inside & next_token_valid, _ahead(input_ids, j + 1, 0), IGNORE_INDEX))
 
     def flat(steps: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(steps).flatten(1, 2)
@@ -219,12 +210,19 @@ def slot_targets(values: torch.Tensor, num_steps: int) -> torch.Tensor:
     Per-position quantities of the policy (its log-normaliser, for one) are thereby computed once per position, while
     a position is the target of up to S slots.
     """
-    starts = values.shape[1] - 1
-    steps = [
-        F.pad(values[:, j : j + starts], (0, starts - values[:, j : j + starts].shape[1]))
-        for j in range(1, num_steps + 1)
-    ]
-    return torch.stack(steps).flatten(1, 2)
+    return torch.stack([_ahead(values, j, 0) for j in range(1, num_steps + 1)]).flatten(1, 2)
+
+
+def _ahead(x: torch.Tensor, j: int, fill) -> torch.Tensor:
+    """x[:, t + j] for the T - 1 start positions t of x [B, T, ...], padded with `fill` past the end of the
+    sequence."""
+    starts = x.shape[1] - 1
+    shifted = x[:, j : j + starts]
+    pad = starts - shifted.shape[1]
+    if pad == 0:
+        return shifted
+    pad_shape = (0, 0, 0, pad) if x.dim() == 3 else (0, pad)
+    return F.pad(shifted, pad_shape, value=fill)
 
 
 def _draft_attention_mask(valid_start: torch.Tensor, step: int, dtype: torch.dtype) -> torch.Tensor:

@@ -274,18 +274,25 @@ def policy_log_normalizer(
     """
     dtype = compute_dtype(hidden, weight)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    starts, width = _vocab_tiles(weight.shape[0], vocab_tile)
     out = flat.new_empty(flat.shape[0], dtype=dtype)
     workspace = Workspace()
     for start in range(0, flat.shape[0], token_tile):
         h = flat[start : start + token_tile].to(dtype) / temperature
-        state = h.new_zeros(2, h.shape[0])
-        state[0] = float("-inf")
-        for vocab_start in starts:
-            w = weight[vocab_start : vocab_start + width].to(dtype)
-            fold_lse(torch.mm(h, w.T, out=workspace.tile("z", (h.shape[0], w.shape[0]), h)), state, workspace)
-        out[start : start + token_tile] = state[0] + state[1].log()
+        out[start : start + token_tile] = _vocabulary_lse(h, weight, vocab_tile, workspace)
     return out.view(hidden.shape[:-1])
+
+
+def _vocabulary_lse(h: Tensor, weight: Tensor, vocab_tile: int, workspace: Workspace) -> Tensor:
+    """[t] log-sum-exp of `h @ weight^T` over the whole vocabulary, in tiles of at most `vocab_tile` rows (`h` is
+    already scaled by 1/T and in the tile-math dtype)."""
+    starts, width = _vocab_tiles(weight.shape[0], vocab_tile)
+    state = h.new_zeros(2, h.shape[0])
+    state[0] = float("-inf")
+    for vocab_start in starts:
+        w = weight[vocab_start : vocab_start + width]
+        w = w if w.dtype == h.dtype else workspace.tile("weight", w.shape, h).copy_(w)
+        fold_lse(torch.mm(h, w.T, out=workspace.tile("zp", (h.shape[0], w.shape[0]), h)), state, workspace)
+    return state[0] + state[1].log()
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -354,7 +361,6 @@ def tiled_divergence(
     dtype = compute_dtype(draft, target, weight, draft_weight)
     num_slots, hidden_size = draft.shape
     draft_starts, draft_tile = _vocab_tiles(draft_weight.shape[0], vocab_tile)
-    target_starts, target_tile = _vocab_tiles(weight.shape[0], vocab_tile)
     value = draft.new_empty(num_slots, dtype=dtype)
     tv = torch.empty_like(value)
     outside = torch.zeros_like(value)
@@ -387,12 +393,7 @@ def tiled_divergence(
         known_lse = None if target_lse is None else target_lse[rows].to(dtype)
         if restricted and known_lse is None:
             # Before the draft sweep, whose last logits tiles the second sweep reuses.
-            full_state = hp.new_zeros(2, hp.shape[0])
-            full_state[0] = float("-inf")
-            for vocab_start in target_starts:
-                w = in_dtype(weight[vocab_start : vocab_start + target_tile], "weight")
-                fold_lse(logits(hp, w, "zp"), full_state, workspace)
-            known_lse = full_state[0] + full_state[1].log()
+            known_lse = _vocabulary_lse(hp, weight, vocab_tile, workspace)
         state = hq.new_zeros(4, hq.shape[0])
         state[0::2] = float("-inf")
         for vocab_start in draft_starts:
