@@ -1,5 +1,6 @@
 """Configuration of an MTP draft head."""
 
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -81,11 +82,8 @@ class MTPHeadConfig(PreTrainedConfig):
                 "aux_layers (the policy layers an EAGLE-3 head fuses) must be given for the eagle3 layout and only "
                 f"for it; got layout={self.layout!r}, aux_layers={self.aux_layers!r}."
             )
-        if self.aux_layers and (min(self.aux_layers) < 0 or sorted(set(self.aux_layers)) != list(self.aux_layers)):
-            raise ValueError(
-                f"aux_layers must be increasing layer indices >= 0 of the policy (vLLM collects them in layer "
-                f"order), got {self.aux_layers}."
-            )
+        if self.aux_layers:
+            check_aux_layers(self.aux_layers)
         draft_size = self.draft_vocab_size
         if draft_size is not None and (draft_size < 1 or (self.vocab_size and draft_size > self.vocab_size)):
             raise ValueError(
@@ -137,6 +135,22 @@ def default_layout(model_type: str) -> str:
     the EAGLE-1 layout (vLLM `method="eagle"`), so the head trained here is exactly the drafter vLLM runs.
     """
     return MTP_LAYOUT if model_type in NATIVE_MTP_MODEL_TYPES else EAGLE_LAYOUT
+
+
+def check_aux_layers(aux_layers: Sequence[int], num_layers: int | None = None) -> None:
+    """Raises `ValueError` unless `aux_layers` are increasing layer indices >= 0 (and < `num_layers`, the policy's
+    layer count, when given): vLLM collects the aux hidden states in layer order."""
+    layers = list(aux_layers)
+    below = "" if num_layers is None else f" and < {num_layers}"
+    if (
+        min(layers, default=0) < 0
+        or sorted(set(layers)) != layers
+        or (num_layers is not None and max(layers, default=0) >= num_layers)
+    ):
+        raise ValueError(
+            f"aux_layers must be increasing layer indices >= 0{below} of the policy (vLLM collects them in layer "
+            f"order), got {layers}."
+        )
 
 
 def eagle3_aux_layers(num_layers: int) -> tuple[int, int, int]:

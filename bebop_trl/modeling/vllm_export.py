@@ -114,30 +114,19 @@ def vllm_draft_weights(head: "MTPHead") -> dict[str, Any]:
     state = head.state_dict()
     if head.config.layout == MTP_LAYOUT:
         return head_state_to_native(state)
-    if head.config.layout == EAGLE3_LAYOUT:
-        return _eagle3_weights(head, state)
-    # EAGLE-1 names: `fc.weight` and `layers.N.*`; the identity norms of the eagle layout hold no weights.
-    weights = {k.removeprefix("model."): v for k, v in state.items()}
-    draft_vocab, draft_lm_head_weight = weights.pop("draft_vocab", None), weights.pop("draft_lm_head_weight", None)
-    if draft_vocab is not None:
-        weights["lm_head.weight"] = draft_lm_head_weight
-        weights["d2t"] = draft_vocab - torch.arange(len(draft_vocab), device=draft_vocab.device)
-    return weights
-
-
-def _eagle3_weights(head: "MTPHead", state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """EAGLE-3 names: `fc.weight`, `layers.N.*` (the first layer's wrapped parts unwrapped, with its `hidden_norm`),
-    `norm.weight`, and the drafter's own `lm_head.weight` (with `d2t` for a draft vocabulary)."""
-    weights = {}
-    for name, tensor in state.items():
-        if name in ("draft_vocab", "draft_lm_head_weight"):
-            continue
-        weights[name.removeprefix("model.").replace("layers.0.layer.", "layers.0.")] = tensor
-    if head.draft_vocab is None:
-        weights["lm_head.weight"] = head.lm_head_weight.detach().to(head.fc.weight.dtype)
-    else:
+    # EAGLE names: `fc.weight` and `layers.N.*` (eagle3: the first layer's wrapped parts unwrapped, with its
+    # `hidden_norm`, and `norm.weight`); the identity norms of the eagle layout hold no weights.
+    weights = {
+        k.removeprefix("model.").replace("layers.0.layer.", "layers.0."): v
+        for k, v in state.items()
+        if k not in ("draft_vocab", "draft_lm_head_weight")
+    }
+    if head.draft_vocab is not None:
         weights["lm_head.weight"] = head.draft_lm_head_weight
         weights["d2t"] = head.draft_vocab - torch.arange(len(head.draft_vocab), device=head.draft_vocab.device)
+    elif head.config.layout == EAGLE3_LAYOUT:
+        # vLLM's EAGLE-3 drafter always loads an lm_head of its own: here the policy's, over the whole vocabulary.
+        weights["lm_head.weight"] = head.lm_head_weight.detach().to(head.fc.weight.dtype)
     return weights
 
 
@@ -162,17 +151,14 @@ def export_vllm(head: "MTPHead", save_directory: str | os.PathLike, *, target_co
     Returns:
         The folder, for the `model` entry of [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config].
     """
-    if head.config.layout in (EAGLE_LAYOUT, EAGLE3_LAYOUT):
-        # Validated before anything is written.
-        draft_config = (_eagle_draft_config if head.config.layout == EAGLE_LAYOUT else _eagle3_draft_config)(
-            head.config
-        )
-        weights = vllm_draft_weights(head)
+    build_config = {EAGLE_LAYOUT: _eagle_draft_config, EAGLE3_LAYOUT: _eagle3_draft_config}.get(head.config.layout)
+    draft_config = build_config(head.config) if build_config else None  # validated before anything is written
+    weights = vllm_draft_weights(head)
+    if draft_config is not None:
         os.makedirs(save_directory, exist_ok=True)
         _write_json(draft_config, os.path.join(save_directory, "config.json"))
         save_tensors(weights, os.path.join(save_directory, WEIGHTS_NAME))
         return os.fspath(save_directory)
-    weights = vllm_draft_weights(head)
     if target_config is None:
         raise ValueError("Exporting an `mtp`-layout head needs target_config=policy.config (vLLM reads it).")
     os.makedirs(save_directory, exist_ok=True)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import MTPHead
+from ..modeling.configuration_mtp_head import check_aux_layers
 from ..modeling.teacher_forcing import policy_hidden_states
 from ..rollout.torch_engine import generate_from_ids, padded_prompts
 from .mtp_data import PROMPT_LENGTH, _weights_fingerprint
@@ -129,12 +130,8 @@ def build_distill_corpus(
         ValueError: If no prompt is left after exclusion, an aux layer is out of range, or `output_dir` holds a
             corpus built with other settings.
     """
-    num_layers = policy.config.get_text_config().num_hidden_layers
     aux_layers = tuple(int(layer) for layer in aux_layers)
-    if any(not 0 <= layer < num_layers for layer in aux_layers) or sorted(set(aux_layers)) != list(aux_layers):
-        raise ValueError(
-            f"aux_layers must be increasing layers in [0, {num_layers}) for this policy, got {list(aux_layers)}."
-        )
+    check_aux_layers(aux_layers, policy.config.get_text_config().num_hidden_layers)
     excluded = {tuple(p) for p in exclude_prompts}
     distinct = [list(p) for p in dict.fromkeys(map(tuple, prompts)) if p not in excluded]
     if not distinct:

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..modeling.configuration_mtp_head import EAGLE3_LAYOUT
+
 
 LOSS_TYPES = ("e2e_tv", "tv", "kl", "rkl", "ce")
 
@@ -159,6 +161,8 @@ class MTPConfig(TrainingArguments):
             )
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
             raise ValueError(f"draft_vocab_size must be None or >= 1, got {self.draft_vocab_size}.")
+        if self.head_aux_layers is not None and self.head_layout != EAGLE3_LAYOUT:
+            raise ValueError(f"head_aux_layers is for head_layout='eagle3', got head_layout={self.head_layout!r}.")
         if self.kl_warm_start < 0:
             raise ValueError(f"kl_warm_start must be >= 0, got {self.kl_warm_start}.")
         if self.temperature <= 0:

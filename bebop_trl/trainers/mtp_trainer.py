@@ -24,7 +24,7 @@ from transformers.trainer_callback import TrainerCallback
 from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.utils import PushInProgress, hf_api
 
-from ..modeling import EAGLE3_LAYOUT, MTPHead, draft_vocab_mass, select_draft_vocab
+from ..modeling import MTPHead, draft_vocab_mass, select_draft_vocab
 from ..modeling.hub import CONFIG_NAME, MODEL_CARD_NAME, WEIGHTS_NAME, head_model_card, load_tensors
 from ..modeling.policy_io import load_policy_io
 from ..modeling.teacher_forcing import completion_token_mask, drafting_slots, policy_hidden_states
@@ -247,8 +247,6 @@ class MTPTrainer(Trainer):
             draft_vocab = None
             if args.draft_vocab_size is not None:
                 draft_vocab = _choose_draft_vocab(policy, train_dataset, tokenizer, args)
-            if args.head_aux_layers is not None and args.head_layout != EAGLE3_LAYOUT:
-                raise ValueError(f"head_aux_layers is for head_layout='eagle3', got head_layout={args.head_layout!r}.")
             aux = {} if args.head_aux_layers is None else {"aux_layers": list(args.head_aux_layers)}
             head = MTPHead.from_model(
                 policy, num_layers=args.head_num_layers, layout=args.head_layout, draft_vocab=draft_vocab, **aux

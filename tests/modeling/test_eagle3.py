@@ -119,6 +119,8 @@ def test_bad_configurations_raise(policy):
             MTPHeadConfig(layout="eagle3", aux_layers=bad)
     with pytest.raises(ValueError, match=r"reads the policy's layers \[0, 5\], but the policy has 2 layers"):
         MTPHead.from_model(policy, layout=EAGLE3_LAYOUT, aux_layers=[0, 5])
+    with pytest.raises(ValueError, match="head_aux_layers is for head_layout='eagle3', got head_layout='eagle'"):
+        MTPConfig("unused", head_layout="eagle", head_aux_layers=[0, 1])
     head = MTPHead.from_model(policy, layout=EAGLE3_LAYOUT, aux_layers=AUX)
     final = torch.zeros(1, 3, policy.config.hidden_size)
     with pytest.raises(ValueError, match="An eagle3 head reads the hidden states entering"):

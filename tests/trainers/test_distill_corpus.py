@@ -77,7 +77,9 @@ def test_aux_layers_store_the_hidden_states_entering_those_layers(policy, tiny_t
 
 def test_aux_layers_out_of_range_are_refused(policy, tiny_tokenizer, tmp_path):
     for bad in ((policy.config.num_hidden_layers,), (1, 0)):
-        with pytest.raises(ValueError, match="aux_layers must be increasing layers in"):
+        with pytest.raises(
+            ValueError, match=r"aux_layers must be increasing layer indices >= 0 and < 2 of the policy"
+        ):
             build(policy, tiny_tokenizer, tmp_path / "corpus", aux_layers=bad)
 
 
