@@ -69,8 +69,8 @@ class TileMath(Protocol):
             zp: [t, v] policy logits; overwritten.
             lse_q: [t] final log-sum-exp of the draft logits.
             lse_p: [t] final log-sum-exp of the policy logits.
-            acc: [2, t] running TV distance `0.5 * sum_v |q_v - p_v|` and running statistic of the divergence;
-                updated in place.
+            acc: [1 + stats, t] running TV distance `0.5 * sum_v |q_v - p_v|` and running statistics of the
+                divergence (`DIVERGENCES[loss_type].stats` rows); updated in place.
             need_grad: Whether to return the gradient coefficients.
             workspace: Scratch buffers.
 
@@ -89,15 +89,21 @@ class Divergence:
         grad_terms: Number of coefficient tiles `c` per logits tile, i.e. of [t, H] accumulators `sum_v c_v W_v`.
         tile: PyTorch tile math `(log_q, log_p, acc, need_grad, workspace) -> coefficients`, with the log-softmax
             tiles (overwritten) and `acc` as in `TileMath.divergence`.
-        finish: `(tv, stat, terms, lse_q, log_mass, h, weight, labels) -> (value, grad)`, with `terms` the
-            [k, t, H] accumulators (None without gradient), `log_mass` the log of the policy's probability mass on
-            the draft vocabulary (0 without one), `h` the temperature-scaled hidden states, `weight` the draft's
-            lm_head weight and `grad` the derivative of `value` with respect to `h`.
+        finish: `(tv, stats, terms, lse_q, log_mass, h, weight, labels) -> (value, grad)`, with `stats` the
+            [stats, t] accumulated statistics, `terms` the [k, t, H] accumulators (None without gradient),
+            `log_mass` the log of the policy's probability mass on the draft vocabulary (0 without one), `h` the
+            temperature-scaled hidden states, `weight` the draft's lm_head weight and `grad` the derivative of
+            `value` with respect to `h`: [t] and [t, H], or [t, C] and [t, C, H] for a divergence of C components.
+        stats: Number of per-slot statistics the tiles accumulate besides the TV.
+        components: Number of per-slot values (each with its own gradient): 1, or 2 for the (KL, TV) pair that the
+            LK "lambda" losses blend with weights known only once every slot is swept.
     """
 
     grad_terms: int
     tile: Callable[[Tensor, Tensor, Tensor, bool, Workspace], tuple[Tensor, ...]]
     finish: Callable[..., tuple[Tensor, Tensor | None]]
+    stats: int = 1
+    components: int = 1
 
 
 # Divergence gradients with respect to the draft logits z, with q = softmax(z), p fixed:
@@ -106,6 +112,7 @@ class Divergence:
 #   KL(q || p):  q_v (log q_v - log p_v - KL(q || p))  ->  (q log(q/p)) @ W - KL * (q @ W)
 #   CE:  q - onehot(label)  ->  q @ W - W[label]
 # TV's S and the reverse KL are only known once the sweep is done, hence the second accumulator `q @ W` for both.
+# The (KL, TV) pair keeps p @ W, (q 1[q <= p]) @ W and q @ W, from which either gradient follows.
 # With a draft vocabulary D, q lives on D and p is the policy's full-vocabulary distribution restricted to D, so
 # sum_D p = P(D) <= 1. TV, reverse KL and CE keep their formulas (q is 0 outside D, and TV adds the constant
 # 0.5 * (1 - P(D)) once the sweep is done). The forward KL is infinite against p itself; it is taken against p
@@ -135,8 +142,8 @@ def _tv_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspa
     return q_below_p, q
 
 
-def _tv_finish(tv: Tensor, stat: Tensor, terms: Tensor | None, *_: Any) -> tuple[Tensor, Tensor | None]:
-    return tv, None if terms is None else stat[:, None] * terms[1] - terms[0]
+def _tv_finish(tv: Tensor, stats: Tensor, terms: Tensor | None, *_: Any) -> tuple[Tensor, Tensor | None]:
+    return tv, None if terms is None else stats[0, :, None] * terms[1] - terms[0]
 
 
 def _kl_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspace: Workspace) -> tuple[Tensor, ...]:
@@ -148,8 +155,8 @@ def _kl_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspa
     return (p_minus_q.neg_(),) if need_grad else ()
 
 
-def _kl_finish(tv: Tensor, stat: Tensor, terms: Tensor | None, *_: Any) -> tuple[Tensor, Tensor | None]:
-    return stat, None if terms is None else terms[0]
+def _kl_finish(tv: Tensor, stats: Tensor, terms: Tensor | None, *_: Any) -> tuple[Tensor, Tensor | None]:
+    return stats[0], None if terms is None else terms[0]
 
 
 def _rkl_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspace: Workspace) -> tuple[Tensor, ...]:
@@ -160,8 +167,8 @@ def _rkl_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, worksp
     return (q_log_ratio, q) if need_grad else ()
 
 
-def _rkl_finish(tv: Tensor, stat: Tensor, terms: Tensor | None, *_: Any) -> tuple[Tensor, Tensor | None]:
-    return stat, None if terms is None else terms[0] - stat[:, None] * terms[1]
+def _rkl_finish(tv: Tensor, stats: Tensor, terms: Tensor | None, *_: Any) -> tuple[Tensor, Tensor | None]:
+    return stats[0], None if terms is None else terms[0] - stats[0, :, None] * terms[1]
 
 
 def _draft_vocab_kl_tile(
@@ -176,12 +183,48 @@ def _draft_vocab_kl_tile(
 
 
 def _draft_vocab_kl_finish(
-    tv: Tensor, stat: Tensor, terms: Tensor | None, lse_q: Tensor, log_mass: Tensor, *_: Any
+    tv: Tensor, stats: Tensor, terms: Tensor | None, lse_q: Tensor, log_mass: Tensor, *_: Any
 ) -> tuple[Tensor, Tensor | None]:
-    # stat = sum_D p log(p / q) = P(D) * (KL(p_D || q) + log P(D)). The clamp only matters where P(D) underflows,
-    # and there p, hence stat and p @ W, are 0 as well.
+    kl, mass = _renormalised_kl(stats[0], log_mass)
+    return kl, None if terms is None else terms[0] - terms[1] / mass[:, None]
+
+
+def _renormalised_kl(stat: Tensor, log_mass: Tensor) -> tuple[Tensor, Tensor]:
+    """`KL(p_D || q)` from `stat = sum_D p log(p / q)`, and `P(D)` (1 without a draft vocabulary, where the KL is
+    `stat` itself)."""
+    # stat = P(D) * (KL(p_D || q) + log P(D)). The clamp only matters where P(D) underflows, and there p, hence stat
+    # and p @ W, are 0 as well.
     mass = log_mass.exp().clamp_min(torch.finfo(log_mass.dtype).tiny)
-    return stat / mass - log_mass, None if terms is None else terms[0] - terms[1] / mass[:, None]
+    return stat / mass - log_mass, mass
+
+
+def _kl_tv_tile(
+    log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspace: Workspace
+) -> tuple[Tensor, ...]:
+    log_ratio = torch.sub(log_p, log_q, out=workspace.tile("scratch", log_q.shape, log_q))
+    q, p = log_q.exp_(), log_p.exp_()
+    acc[1] += log_ratio.mul_(p).sum(dim=1)
+    # p is a gradient coefficient, so the difference goes to the scratch tile instead of over p.
+    p_minus_q = torch.sub(p, q, out=log_ratio)
+    acc[0] += 0.5 * torch.linalg.vector_norm(p_minus_q, ord=1, dim=1)
+    if not need_grad:
+        return ()
+    q_below_p = p_minus_q.ge_(0).mul_(q)
+    acc[2] += q_below_p.sum(dim=1)
+    return p, q_below_p, q
+
+
+def _kl_tv_finish(
+    tv: Tensor, stats: Tensor, terms: Tensor | None, lse_q: Tensor, log_mass: Tensor, *_: Any
+) -> tuple[Tensor, Tensor | None]:
+    # The KL is against p renormalised over the draft vocabulary, as for "kl"; the TV against p itself.
+    kl, mass = _renormalised_kl(stats[0], log_mass)
+    value = torch.stack([kl, tv], dim=1)
+    if terms is None:
+        return value, None
+    grad_kl = terms[2] - terms[0] / mass[:, None]
+    grad_tv = stats[1, :, None] * terms[2] - terms[1]
+    return value, torch.stack([grad_kl, grad_tv], dim=1)
 
 
 def _ce_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspace: Workspace) -> tuple[Tensor, ...]:
@@ -192,7 +235,7 @@ def _ce_tile(log_q: Tensor, log_p: Tensor, acc: Tensor, need_grad: bool, workspa
 
 def _ce_finish(
     tv: Tensor,
-    stat: Tensor,
+    stats: Tensor,
     terms: Tensor | None,
     lse_q: Tensor,
     log_mass: Tensor,
@@ -208,14 +251,16 @@ def _ce_finish(
 
 # The tile math of the forward KL with a draft vocabulary; every other loss keeps its own (see above).
 DRAFT_VOCAB_KL = "kl_draft_vocab"
+# The forward KL (against p_D with a draft vocabulary) and the TV of every slot, each with its gradient.
+KL_AND_TV = "kl_tv"
 
 DIVERGENCES: dict[str, Divergence] = {
     "ce": Divergence(1, _ce_tile, _ce_finish),
     "kl": Divergence(1, _kl_tile, _kl_finish),
     "rkl": Divergence(2, _rkl_tile, _rkl_finish),
     "tv": Divergence(2, _tv_tile, _tv_finish),
-    "e2e_tv": Divergence(2, _tv_tile, _tv_finish),
     DRAFT_VOCAB_KL: Divergence(2, _draft_vocab_kl_tile, _draft_vocab_kl_finish),
+    KL_AND_TV: Divergence(3, _kl_tv_tile, _kl_tv_finish, stats=2, components=2),
 }
 
 
@@ -338,7 +383,8 @@ def tiled_divergence(
         target: [M, H] the policy's hidden states of the same slots.
         weight: [V, H] the policy's lm_head weight (also the draft's without a draft vocabulary).
         labels: [M] label indices into the draft's vocabulary (`"ce"` only).
-        loss_type: A key of `DIVERGENCES` other than `DRAFT_VOCAB_KL`.
+        loss_type: A key of `DIVERGENCES` other than `DRAFT_VOCAB_KL` (which `"kl"` becomes with a draft
+            vocabulary).
         temperature: Softmax temperature.
         token_tile: Slots per tile.
         vocab_tile: Maximum vocabulary entries per tile.
@@ -350,9 +396,9 @@ def tiled_divergence(
             vocabulary, or None to compute it here.
 
     Returns:
-        The [M] divergence, the [M] TV distance, the [M] policy mass outside the draft vocabulary (0 without one)
-        and, if `need_grad`, the [M, H] gradient of each slot's divergence with respect to its `draft` row, all in
-        float32 (float64 for float64 inputs).
+        The [M] divergence ([M, C] for a divergence of C components), the [M] TV distance, the [M] policy mass
+        outside the draft vocabulary (0 without one) and, if `need_grad`, the [M, H] ([M, C, H]) gradient of each
+        slot's divergence with respect to its `draft` row, all in float32 (float64 for float64 inputs).
     """
     restricted = draft_vocab is not None
     divergence_name = DRAFT_VOCAB_KL if restricted and loss_type == "kl" else loss_type
@@ -361,10 +407,11 @@ def tiled_divergence(
     dtype = compute_dtype(draft, target, weight, draft_weight)
     num_slots, hidden_size = draft.shape
     draft_starts, draft_tile = _vocab_tiles(draft_weight.shape[0], vocab_tile)
-    value = draft.new_empty(num_slots, dtype=dtype)
-    tv = torch.empty_like(value)
-    outside = torch.zeros_like(value)
-    grad = draft.new_empty(num_slots, hidden_size, dtype=dtype) if need_grad else None
+    components = (divergence.components,) if divergence.components > 1 else ()
+    value = draft.new_empty(num_slots, *components, dtype=dtype)
+    tv = draft.new_empty(num_slots, dtype=dtype)
+    outside = torch.zeros_like(tv)
+    grad = draft.new_empty(num_slots, *components, hidden_size, dtype=dtype) if need_grad else None
     workspace = Workspace()
     # With a known normaliser and no draft vocabulary, the first sweep needs the draft's logits only. A draft
     # vocabulary still needs the policy's logits over D, for the mass P(D) it puts there (a cheap sweep over D).
@@ -414,7 +461,7 @@ def tiled_divergence(
         if known_lse is not None:
             lse_p = known_lse
 
-        acc = hq.new_zeros(2, hq.shape[0])
+        acc = hq.new_zeros(1 + divergence.stats, hq.shape[0])
         terms = hq.new_zeros(divergence.grad_terms, *hq.shape) if need_grad else None
         for vocab_start in reversed(draft_starts):
             if vocab_start != draft_starts[-1]:
@@ -432,7 +479,7 @@ def tiled_divergence(
             acc[0] += 0.5 * outside[rows]
         tile_labels = labels[rows] if labels is not None else None
         value[rows], tile_grad = divergence.finish(
-            acc[0], acc[1], terms, lse_q, log_mass, hq, draft_weight, tile_labels
+            acc[0], acc[1:], terms, lse_q, log_mass, hq, draft_weight, tile_labels
         )
         tv[rows] = acc[0]
         if need_grad:
@@ -456,8 +503,8 @@ class MTPDivergenceFunction(torch.autograd.Function):
 
     Differentiable with respect to `draft` only.
 
-    The backward pass only ever receives a per-slot scalar upstream gradient, because every loss reduction is a
-    function of the per-slot values. The forward pass therefore stores the per-slot gradient for a unit upstream
+    The backward pass only ever receives a per-slot upstream gradient (one per component), because every loss
+    reduction is a function of the per-slot values. The forward pass therefore stores the per-slot gradient for a unit upstream
     gradient, [M, H], and the backward pass just scales it (as fused linear cross-entropy does). Recomputing in the
     backward pass would instead repeat both vocabulary sweeps, i.e. double the matmuls, to save those [M, H].
     The gradient is only computed when `draft` requires one, so evaluation pays for the two sweeps alone.
@@ -505,5 +552,8 @@ class MTPDivergenceFunction(torch.autograd.Function):
         ctx: Any, grad_value: Tensor, grad_tv: Tensor | None, grad_outside: Tensor | None
     ) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        grad_draft = (grad * grad_value[:, None]).to(ctx.draft_dtype)
+        grad_draft = grad * grad_value[..., None]
+        if grad_draft.dim() == 3:  # [M, C, H]: the components' gradients add up
+            grad_draft = grad_draft.sum(dim=1)
+        grad_draft = grad_draft.to(ctx.draft_dtype)
         return grad_draft, *(None,) * 11

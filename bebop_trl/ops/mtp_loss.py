@@ -21,11 +21,26 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from .chunked import MTPDivergenceFunction, TileMath, TorchTileMath, compute_dtype
+from .chunked import KL_AND_TV, MTPDivergenceFunction, TileMath, TorchTileMath, compute_dtype
 
 
-LossType = Literal["ce", "kl", "rkl", "tv", "e2e_tv"]
+LossType = Literal["ce", "kl", "rkl", "tv", "e2e_tv", "lk_alpha", "lk_lambda", "e2e_lk_alpha", "e2e_lk_lambda"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+"""Every loss type of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss], the one list the configs offer."""
 Backend = Literal["auto", "torch", "triton"]
+
+# The per-slot divergence each loss type reduces: the LK and chain losses are functions of per-slot TVs (and KLs).
+_DIVERGENCE_OF = {
+    "ce": "ce",
+    "kl": "kl",
+    "rkl": "rkl",
+    "tv": "tv",
+    "e2e_tv": "tv",
+    "lk_alpha": "tv",
+    "e2e_lk_alpha": "tv",
+    "lk_lambda": KL_AND_TV,
+    "e2e_lk_lambda": KL_AND_TV,
+}
 
 DEFAULT_TOKEN_TILE = 512
 DEFAULT_VOCAB_TILE = 65536
@@ -72,6 +87,8 @@ def mtp_loss(
     draft_lm_head_weight: Tensor | None = None,
     draft_vocab: Tensor | None = None,
     target_lse: Tensor | None = None,
+    kl_scale: float = 1.0,
+    kl_decay: float = 1.0,
 ) -> MTPLossOutput:
     """Distillation loss of an MTP draft head against its frozen policy, computed tile by tile.
 
@@ -85,6 +102,16 @@ def mtp_loss(
     - `"e2e_tv"`: one minus the expected accepted prefix length, normalised: with `alpha_{t,j} = 1 - TV(p, q)` at
       start position `t` and draft step `j`, the loss is `1 - sum_{t,j} prod_{i<=j} alpha_{t,i} / (#valid slots)`.
       A step's TV thereby also receives gradient through every later step's acceptance product.
+    - `"lk_alpha"`: the LK loss `-log alpha_j` of each draft step's acceptance `alpha_j`, the mean of `1 - TV(p, q)`
+      over the step's valid slots, averaged over the steps. Its gradient is the TV's scaled by `1 / alpha_j`, so it
+      does not vanish where draft and target barely overlap, as the TV's does.
+    - `"lk_lambda"`: the LK blend `w_j KL_j + (1 - w_j) TV_j` of each step's mean forward KL and mean TV, averaged
+      over the steps, with `w_j = kl_scale * exp(-kl_decay * alpha_j)` (no gradient through `w_j`): mostly KL
+      while the acceptance is low, more TV as it rises.
+    - `"e2e_lk_alpha"`: `-log` of the chain objective, `-log(sum_{t,j} prod_{i<=j} alpha_{t,i} / #valid slots)`:
+      `"e2e_tv"`'s gradient scaled by one over its expected accepted fraction.
+    - `"e2e_lk_lambda"`: `w KL + (1 - w) L_e2e_tv`, with `KL` the mean forward KL over the valid slots, `L_e2e_tv`
+      the `"e2e_tv"` loss and `w = kl_scale * exp(-kl_decay * (1 - L_e2e_tv))`.
 
     `"ce"`, `"kl"`, `"rkl"` and `"tv"` are averaged over the valid slots. TV statistics are returned for every loss
     type, so training with any of them can be monitored by acceptance.
@@ -97,8 +124,8 @@ def mtp_loss(
       `p` is never renormalised over D, which would overstate the acceptance.
     - `"rkl"`: `KL(q || p) = sum_{v in D} q_v log(q_v / p_v)`, finite and exact since `q` is 0 outside D; it is at
       least `-log p(D)`.
-    - `"kl"`: `KL(p || q)` is infinite whenever `p` has mass outside D, so the loss is `KL(p_D || q)` against
-      `p_D = p / p(D)`, the policy renormalised over D. Its minimiser `q = p_D` also minimises the TV over
+    - `"kl"` (and the KL of the `"lambda"` forms): `KL(p || q)` is infinite whenever `p` has mass outside D, so the
+      loss is `KL(p_D || q)` against `p_D = p / p(D)`, the policy renormalised over D. Its minimiser `q = p_D` also minimises the TV over
       drafts on D (it reaches the ceiling `p(D)`), so it trains towards the right head; its value is no bound on
       the acceptance, which the returned statistics report against `p` itself.
     - `"ce"`: `-log q(label)`, averaged over the valid slots whose label lies in D; the other slots are skipped
@@ -142,6 +169,8 @@ def mtp_loss(
             [`policy_log_normalizer`][bebop_trl.ops.chunked.policy_log_normalizer] and gathering it per slot spares
             a sweep of the policy's logits per slot: the first sweep then computes the draft's logits alone, and a
             draft vocabulary no longer costs a whole-vocabulary sweep per slot. The values are trusted as given.
+        kl_scale: The KL weight of the `"lambda"` forms at zero acceptance, in [0, 1].
+        kl_decay: How fast that weight decays as the acceptance rises (>= 0).
 
     Returns:
         The loss and the acceptance statistics.
@@ -168,6 +197,8 @@ def mtp_loss(
         draft_lm_head_weight=draft_lm_head_weight,
         draft_vocab=draft_vocab,
         target_lse=target_lse,
+        kl_scale=kl_scale,
+        kl_decay=kl_decay,
     )
     if token_tile < 1 or vocab_tile < 1:
         raise ValueError(f"token_tile and vocab_tile must be positive, got {token_tile} and {vocab_tile}.")
@@ -186,7 +217,7 @@ def mtp_loss(
         target_hidden.detach()[mask],
         lm_head_weight.detach(),
         slot_labels,
-        loss_type,
+        _DIVERGENCE_OF[loss_type],
         float(temperature),
         token_tile,
         vocab_tile,
@@ -197,12 +228,32 @@ def mtp_loss(
     )
 
     # The reductions run on [S, N] per-slot values with ordinary torch ops, so autograd propagates the e2e_tv
-    # products back to each step's TV exactly.
+    # products (and the LK forms' logarithms and blends) back to each slot exactly.
     valid = mask.to(value.dtype)
-    if loss_type == "e2e_tv":
+    kl = None
+    if value.dim() == 2:
+        kl, value = value.unbind(dim=1)
+    if loss_type.startswith("e2e_"):
         # Masked slots have TV 0, i.e. acceptance 1: they neither break the products nor are counted.
         survival = torch.cumprod(1 - value.new_zeros(mask.shape).masked_scatter(mask, value), dim=0)
-        loss = 1 - (survival * valid).sum() / len(value)
+        chain = (survival * valid).sum() / len(value)
+        if loss_type == "e2e_tv":
+            loss = 1 - chain
+        elif loss_type == "e2e_lk_alpha":
+            loss = -_safe_log(chain)
+        else:
+            weight = kl_scale * torch.exp(-kl_decay * chain.detach())
+            loss = weight * kl.mean() + (1 - weight) * (1 - chain)
+    elif loss_type.startswith("lk_"):
+        # Per draft step, over the steps that have a valid slot.
+        steps = mask.any(dim=1)
+        step_tv = (value.new_zeros(mask.shape).masked_scatter(mask, value).sum(dim=1) / valid.sum(dim=1))[steps]
+        if loss_type == "lk_alpha":
+            loss = -_safe_log(1 - step_tv).mean()
+        else:
+            step_kl = (kl.new_zeros(mask.shape).masked_scatter(mask, kl).sum(dim=1) / valid.sum(dim=1))[steps]
+            weight = kl_scale * torch.exp(-kl_decay * (1 - step_tv.detach()))
+            loss = (weight * step_kl + (1 - weight) * step_tv).mean()
     elif label_in_draft_vocab is not None:
         # A batch without any label in D has loss 0 and no gradient, rather than 0 / 0.
         counted = label_in_draft_vocab.to(value.dtype)
@@ -225,6 +276,12 @@ def mtp_loss(
         expected_accepted_length=expected_accepted_length,
         target_mass_outside_draft_vocab=step_outside,
     )
+
+
+def _safe_log(acceptance: Tensor) -> Tensor:
+    """`log` of an acceptance, floored at the dtype's smallest normal number: a draft that never overlaps the
+    policy then gets a large finite loss without gradient rather than an infinite one."""
+    return acceptance.clamp_min(torch.finfo(acceptance.dtype).tiny).log()
 
 
 def draft_indices(labels: Tensor, draft_vocab: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
@@ -254,6 +311,8 @@ class MTPLoss(nn.Module):
         token_tile: Slots per tile.
         vocab_tile: Vocabulary entries per tile.
         backend: `"auto"`, `"torch"` or `"triton"`.
+        kl_scale: KL weight of the `"lambda"` forms at zero acceptance.
+        kl_decay: Decay of that weight with the acceptance.
 
     Example:
         ```python
@@ -269,6 +328,8 @@ class MTPLoss(nn.Module):
         token_tile: int = DEFAULT_TOKEN_TILE,
         vocab_tile: int = DEFAULT_VOCAB_TILE,
         backend: Backend = "auto",
+        kl_scale: float = 1.0,
+        kl_decay: float = 1.0,
     ) -> None:
         super().__init__()
         self.loss_type = loss_type
@@ -276,6 +337,8 @@ class MTPLoss(nn.Module):
         self.token_tile = token_tile
         self.vocab_tile = vocab_tile
         self.backend = backend
+        self.kl_scale = kl_scale
+        self.kl_decay = kl_decay
 
     def forward(
         self,
@@ -303,6 +366,8 @@ class MTPLoss(nn.Module):
             draft_lm_head_weight=draft_lm_head_weight,
             draft_vocab=draft_vocab,
             target_lse=target_lse,
+            kl_scale=self.kl_scale,
+            kl_decay=self.kl_decay,
         )
 
     def extra_repr(self) -> str:
@@ -322,6 +387,8 @@ def validate_inputs(
     draft_lm_head_weight: Tensor | None = None,
     draft_vocab: Tensor | None = None,
     target_lse: Tensor | None = None,
+    kl_scale: float = 1.0,
+    kl_decay: float = 1.0,
 ) -> Tensor:
     """Checks the arguments shared by [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] and its reference implementation.
 
@@ -331,8 +398,14 @@ def validate_inputs(
     Raises:
         ValueError: On the first inconsistency found, naming it and how to fix it.
     """
-    if loss_type not in get_args(LossType):
-        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(get_args(LossType))}.")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; choose one of {', '.join(LOSS_TYPES)}.")
+    if not (isinstance(kl_scale, int | float) and 0 <= kl_scale <= 1):
+        raise ValueError(
+            f"kl_scale must lie in [0, 1] (the KL weight of the lambda forms at zero acceptance), got {kl_scale!r}."
+        )
+    if not (isinstance(kl_decay, int | float) and math.isfinite(kl_decay) and kl_decay >= 0):
+        raise ValueError(f"kl_decay must be a finite number >= 0, got {kl_decay!r}.")
     if draft_hidden.dim() != 3:
         raise ValueError(
             f"draft_hidden must be [S, N, H] (draft steps, start positions, hidden size), got shape "

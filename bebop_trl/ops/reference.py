@@ -23,6 +23,8 @@ def mtp_loss_reference(
     temperature: float = 1.0,
     draft_lm_head_weight: Tensor | None = None,
     draft_vocab: Tensor | None = None,
+    kl_scale: float = 1.0,
+    kl_decay: float = 1.0,
 ) -> MTPLossOutput:
     """Same contract as [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss], minus the tiling and backend options.
 
@@ -33,12 +35,14 @@ def mtp_loss_reference(
         draft_hidden: [S, N, H] the head's final hidden states.
         target_hidden: [S, N, H] the policy's final hidden states for the same slots (no gradient).
         lm_head_weight: [V, H] the policy's lm_head weight (no gradient).
-        loss_type: `"ce"`, `"kl"`, `"rkl"`, `"tv"` or `"e2e_tv"`.
+        loss_type: A loss type of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
         mask: [S, N] bool prefix-closed validity mask; `None` means all valid.
         labels: [S, N] token ids, required for `"ce"`.
         temperature: Softmax temperature.
         draft_lm_head_weight: [|D|, H] the head's lm_head rows over its draft vocabulary (no gradient), or None.
         draft_vocab: [|D|] target ids of those rows.
+        kl_scale: KL weight of the `"lambda"` forms at zero acceptance.
+        kl_decay: Decay of that weight with the acceptance.
 
     Returns:
         The loss and acceptance statistics, computed in float32 (float64 for float64 inputs).
@@ -53,6 +57,8 @@ def mtp_loss_reference(
         temperature,
         draft_lm_head_weight=draft_lm_head_weight,
         draft_vocab=draft_vocab,
+        kl_scale=kl_scale,
+        kl_decay=kl_decay,
     )
     dtype = torch.promote_types(draft_hidden.dtype, torch.float32)
     weight = lm_head_weight.detach().to(dtype)
@@ -84,13 +90,30 @@ def mtp_loss_reference(
     valid = mask.to(dtype)
     num_valid = valid.sum()
     accepted = _accepted_lengths(tv, mask)
+    # Forward KL against p renormalised over the draft vocabulary (p itself without one).
+    kl = (log_p_renormalised.exp() * (log_p_renormalised - log_q)).sum(dim=-1)
+    steps = [step for step in range(tv.shape[0]) if mask[step].any()]
+    step_tv = torch.stack([tv[step][mask[step]].mean() for step in steps])
+    step_kl = torch.stack([kl[step][mask[step]].mean() for step in steps])
+    chain = accepted.sum() / num_valid
+    tiny = torch.finfo(dtype).tiny
     if loss_type == "e2e_tv":
-        loss = 1 - accepted.sum() / num_valid
+        loss = 1 - chain
+    elif loss_type == "e2e_lk_alpha":
+        loss = -torch.log(torch.clamp(chain, min=tiny))
+    elif loss_type == "e2e_lk_lambda":
+        weight = kl_scale * torch.exp(-kl_decay * chain.detach())
+        loss = weight * kl[mask].mean() + (1 - weight) * (1 - chain)
+    elif loss_type == "lk_alpha":
+        loss = -torch.log(torch.clamp(1 - step_tv, min=tiny)).mean()
+    elif loss_type == "lk_lambda":
+        weight = kl_scale * torch.exp(-kl_decay * (1 - step_tv.detach()))
+        loss = (weight * step_kl + (1 - weight) * step_tv).mean()
     else:
         if loss_type == "ce":
             per_slot = -log_q.gather(-1, torch.where(counted, draft_labels, 0).unsqueeze(-1)).squeeze(-1)
         elif loss_type == "kl":
-            per_slot = (log_p_renormalised.exp() * (log_p_renormalised - log_q)).sum(dim=-1)
+            per_slot = kl
         elif loss_type == "rkl":
             per_slot = (q * (log_q - log_p_draft)).sum(dim=-1)
         else:

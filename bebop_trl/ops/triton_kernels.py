@@ -10,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunked import DIVERGENCES, DRAFT_VOCAB_KL, Workspace
+from .chunked import DIVERGENCES, DRAFT_VOCAB_KL, KL_AND_TV, Workspace
 
 
-# Loss codes of the pass-2 kernel: tv and e2e_tv share their per-slot math.
-_LOSS_CODES = {"tv": 0, "e2e_tv": 0, "kl": 1, "rkl": 2, "ce": 3, DRAFT_VOCAB_KL: 4}
+# Loss codes of the pass-2 kernel, one per divergence of `chunked.DIVERGENCES`.
+_LOSS_CODES = {"tv": 0, "kl": 1, "rkl": 2, "ce": 3, DRAFT_VOCAB_KL: 4, KL_AND_TV: 5}
 _MAX_BLOCK_SIZE = 4096
 
 
@@ -49,6 +49,7 @@ def _online_lse_kernel(zq_ptr, zp_ptr, state_ptr, n_rows, n_cols, BLOCK_SIZE: tl
 def _divergence_kernel(
     zq_ptr,
     zp_ptr,
+    zs_ptr,
     lse_q_ptr,
     lse_p_ptr,
     acc_ptr,
@@ -58,17 +59,20 @@ def _divergence_kernel(
     NEED_GRAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """Accumulates row `pid`'s TV and loss statistic and writes its gradient coefficients over the logits.
+    """Accumulates row `pid`'s TV and loss statistics and writes its gradient coefficients over the logits.
 
-    The coefficients are those of `chunked.DIVERGENCES`: the first goes to `zq`, the second (if any) to `zp`.
+    The coefficients are those of `chunked.DIVERGENCES`: the first goes to `zq`, the second (if any) to `zp`, the
+    third (if any) to the scratch tile `zs`.
     """
     row = tl.program_id(0).to(tl.int64)
     zq_ptr += row * n_cols
     zp_ptr += row * n_cols
+    zs_ptr += row * n_cols
     lse_q = tl.load(lse_q_ptr + row)
     lse_p = tl.load(lse_p_ptr + row)
     tv = 0.0
     stat = 0.0
+    stat2 = 0.0
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         in_row = cols < n_cols
@@ -93,6 +97,14 @@ def _divergence_kernel(
             if NEED_GRAD:
                 tl.store(zq_ptr + cols, q, mask=in_row)
                 tl.store(zp_ptr + cols, p, mask=in_row)
+        elif LOSS == 5:
+            stat += tl.sum(tl.where(in_row, p * (log_p - log_q), 0.0), axis=0)
+            q_below_p = tl.where(q <= p, q, 0.0)
+            stat2 += tl.sum(q_below_p, axis=0)
+            if NEED_GRAD:
+                tl.store(zq_ptr + cols, p, mask=in_row)
+                tl.store(zp_ptr + cols, q_below_p, mask=in_row)
+                tl.store(zs_ptr + cols, q, mask=in_row)
         elif LOSS == 2:
             q_log_ratio = tl.where(in_row, q * (log_q - log_p), 0.0)
             stat += tl.sum(q_log_ratio, axis=0)
@@ -103,6 +115,8 @@ def _divergence_kernel(
             tl.store(zq_ptr + cols, q, mask=in_row)
     tl.store(acc_ptr + row, tl.load(acc_ptr + row) + tv)
     tl.store(acc_ptr + n_rows + row, tl.load(acc_ptr + n_rows + row) + stat)
+    if LOSS == 5:
+        tl.store(acc_ptr + 2 * n_rows + row, tl.load(acc_ptr + 2 * n_rows + row) + stat2)
 
 
 class TritonTileMath:
@@ -124,9 +138,13 @@ class TritonTileMath:
         workspace: Workspace,
     ) -> tuple[torch.Tensor, ...]:
         n_rows, n_cols = zq.shape
+        grad_terms = DIVERGENCES[loss_type].grad_terms
+        # Only a three-term divergence writes a third tile; the others never touch `zs`.
+        zs = workspace.tile("scratch", zq.shape, zq) if need_grad and grad_terms == 3 else zq
         _divergence_kernel[(n_rows,)](
             zq,
             zp,
+            zs,
             lse_q,
             lse_p,
             acc,
@@ -137,7 +155,7 @@ class TritonTileMath:
             BLOCK_SIZE=_block_size(n_cols),
             num_warps=8,
         )
-        return (zq, zp)[: DIVERGENCES[loss_type].grad_terms] if need_grad else ()
+        return (zq, zp, zs)[:grad_terms] if need_grad else ()
 
 
 def _block_size(n_cols: int) -> int:

@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
+from ..ops import LOSS_TYPES
 from ..speculative import DRAFT_SAMPLING_MODES
-from .mtp_config import LOSS_TYPES
 
 
 ROLLOUT_BACKENDS = ("torch", "vllm")
@@ -91,9 +91,10 @@ class BebopGRPOConfig(GRPOConfig):
     mtp_online_update: str | None = field(
         default=None,
         metadata={
-            "help": "Train the head on every round's fresh rollouts with this loss ('e2e_tv', 'tv', 'kl', 'rkl' or "
-            "'ce'), with its own optimizer; None keeps the head fixed. The policy's loss and gradients are not "
-            "affected.",
+            "help": "Train the head on every round's fresh rollouts with this loss (a loss type of "
+            "bebop_trl.ops.mtp_loss: 'e2e_tv', 'tv', 'kl', 'rkl', 'ce', 'lk_alpha', 'lk_lambda', 'e2e_lk_alpha' or "
+            "'e2e_lk_lambda', the lambda forms with their default KL weights), with its own optimizer; None keeps "
+            "the head fixed. The policy's loss and gradients are not affected.",
             "choices": [None, *LOSS_TYPES],
         },
     )

@@ -21,6 +21,8 @@ def teacher_forced_head_loss(
     token_tile: int | None = None,
     vocab_tile: int | None = None,
     aux_hidden: torch.Tensor | None = None,
+    kl_scale: float = 1.0,
+    kl_decay: float = 1.0,
 ) -> MTPLossOutput:
     """Unrolls the head `num_steps` steps along a batch and scores every valid slot against the frozen policy.
 
@@ -41,6 +43,8 @@ def teacher_forced_head_loss(
         token_tile: Slots per tile of the loss (None: its default).
         vocab_tile: Vocabulary entries per tile of the loss (None: its default).
         aux_hidden: [B, T, A * H] the hidden states entering the policy's `head.aux_layers` (`eagle3` heads).
+        kl_scale: KL weight of the LK `"lambda"` losses at zero acceptance.
+        kl_decay: Decay of that weight with the acceptance.
 
     Returns:
         The loss and its per-step acceptance statistics.
@@ -68,5 +72,7 @@ def teacher_forced_head_loss(
         draft_lm_head_weight=head.draft_lm_head_weight,
         draft_vocab=head.draft_vocab,
         target_lse=target_lse,
+        kl_scale=kl_scale,
+        kl_decay=kl_decay,
         **tiling,
     )

@@ -5,9 +5,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..modeling.configuration_mtp_head import EAGLE3_LAYOUT
-
-
-LOSS_TYPES = ("e2e_tv", "tv", "kl", "rkl", "ce")
+from ..ops import LOSS_TYPES
 
 
 @dataclass
@@ -62,8 +60,10 @@ class MTPConfig(TrainingArguments):
         default="e2e_tv",
         metadata={
             "help": "Head loss: 'e2e_tv' (one minus the expected accepted length over the unrolled steps), 'tv' "
-            "(total variation = one minus acceptance), 'kl' (KL(p||q)), 'rkl' (KL(q||p)) or 'ce' (cross-entropy "
-            "on the data's tokens).",
+            "(total variation = one minus acceptance), 'kl' (KL(p||q)), 'rkl' (KL(q||p)), 'ce' (cross-entropy "
+            "on the data's tokens), the LK losses 'lk_alpha' (-log of each step's acceptance) and 'lk_lambda' (a "
+            "KL/TV blend whose KL weight decays as acceptance rises), or their chain forms 'e2e_lk_alpha' and "
+            "'e2e_lk_lambda' over the unrolled steps (see bebop_trl.ops.mtp_loss).",
             "choices": list(LOSS_TYPES),
         },
     )
@@ -78,6 +78,17 @@ class MTPConfig(TrainingArguments):
             "optimizer steps, one in [0, 1) a fraction of the run's steps. On SmolLM2-135M, 30 KL steps of 150 "
             "raised an e2e_tv head's measured acceptance from 0.031 to 0.102 (docs: Benchmarks, loss ablation)."
         },
+    )
+    lk_kl_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "For 'lk_lambda' and 'e2e_lk_lambda': the KL weight at zero acceptance, in [0, 1]. The weight "
+            "is lk_kl_scale * exp(-lk_kl_decay * acceptance)."
+        },
+    )
+    lk_kl_decay: float = field(
+        default=1.0,
+        metadata={"help": "For 'lk_lambda' and 'e2e_lk_lambda': how fast the KL weight decays as acceptance rises."},
     )
     completion_only_loss: bool = field(
         default=True,
@@ -163,6 +174,11 @@ class MTPConfig(TrainingArguments):
             raise ValueError(f"draft_vocab_size must be None or >= 1, got {self.draft_vocab_size}.")
         if self.head_aux_layers is not None and self.head_layout != EAGLE3_LAYOUT:
             raise ValueError(f"head_aux_layers is for head_layout='eagle3', got head_layout={self.head_layout!r}.")
+        if not 0 <= self.lk_kl_scale <= 1 or self.lk_kl_decay < 0:
+            raise ValueError(
+                f"lk_kl_scale must lie in [0, 1] and lk_kl_decay be >= 0, got {self.lk_kl_scale} and "
+                f"{self.lk_kl_decay}."
+            )
         if self.kl_warm_start < 0:
             raise ValueError(f"kl_warm_start must be >= 0, got {self.kl_warm_start}.")
         if self.temperature <= 0:

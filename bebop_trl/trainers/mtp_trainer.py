@@ -59,7 +59,12 @@ class MTPTrainingModule(nn.Module):
         else:
             self.policy = policy
         self.head = head
-        self.loss_kwargs = dict(loss_type=args.loss_type, temperature=args.temperature)
+        self.loss_kwargs = dict(
+            loss_type=args.loss_type,
+            temperature=args.temperature,
+            kl_scale=args.lk_kl_scale,
+            kl_decay=args.lk_kl_decay,
+        )
         self.loss_kwargs.update({k: v for k in ("token_tile", "vocab_tile") if (v := getattr(args, k)) is not None})
         self.num_mtp_steps = args.num_mtp_steps
         self.completion_only_loss = args.completion_only_loss
@@ -583,6 +588,7 @@ def _recipe(args: MTPConfig, head: MTPHead, train_dataset: Dataset | None) -> di
         "loss_type": args.loss_type,
         "num_mtp_steps": args.num_mtp_steps,
         "kl_warm_start": args.kl_warm_start,
+        **({"lk_kl_scale": args.lk_kl_scale, "lk_kl_decay": args.lk_kl_decay} if "lambda" in args.loss_type else {}),
         "temperature": args.temperature,
         "learning_rate": args.learning_rate,
         "per_device_train_batch_size": args.per_device_train_batch_size,

@@ -9,10 +9,10 @@ from torch.overrides import TorchFunctionMode
 
 from bebop_trl.ops import MTPLoss, MTPLossOutput, mtp_loss
 from bebop_trl.ops.chunked import compute_dtype
+from bebop_trl.ops.mtp_loss import LOSS_TYPES
 from bebop_trl.ops.reference import mtp_loss_reference
 
 
-LOSS_TYPES = ["ce", "kl", "rkl", "tv", "e2e_tv"]
 # The module, not the function of the same name that `bebop_trl.ops` exports.
 mtp_loss_module = importlib.import_module("bebop_trl.ops.mtp_loss")
 
@@ -137,8 +137,14 @@ def test_gradcheck_float64(loss_type):
     inputs = make_inputs(3, 4, 5, 23, dtype=torch.float64, lengths=[3, 1, 2, 0], seed=2)
     draft = inputs.pop("draft_hidden").detach().requires_grad_()
 
+    # The lambda forms' KL weight is a function of the acceptance without gradient, which finite differences would
+    # differentiate: a constant weight (kl_decay = 0) checks the gradients of both blended terms.
+    blend = {"kl_scale": 0.5, "kl_decay": 0.0} if "lambda" in loss_type else {}
+
     def loss(draft_hidden):
-        return mtp_loss(draft_hidden, **inputs, loss_type=loss_type, temperature=0.9, token_tile=2, vocab_tile=4).loss
+        return mtp_loss(
+            draft_hidden, **inputs, loss_type=loss_type, temperature=0.9, token_tile=2, vocab_tile=4, **blend
+        ).loss
 
     assert torch.autograd.gradcheck(loss, (draft,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -164,10 +170,45 @@ def test_e2e_tv_gradient_flows_through_later_steps():
     torch.testing.assert_close(e2e.loss, 1 - (alpha[0] + alpha[0] * alpha[1]) / 2)
 
 
+def test_lk_alpha_rescales_the_tv_gradient_by_one_over_the_acceptance():
+    # One draft step: lk_alpha = -log(1 - mean TV), so its gradient is mean TV's divided by the acceptance; and
+    # e2e_lk_alpha = -log(1 - L_e2e_tv) over several steps.
+    one_step = make_inputs(1, 12, 8, 60, lengths=[1] * 11 + [0], seed=6)
+    lk, lk_grad = run(mtp_loss, one_step, loss_type="lk_alpha", token_tile=5, vocab_tile=16)
+    tv, tv_grad = run(mtp_loss, one_step, loss_type="tv", token_tile=5, vocab_tile=16)
+    torch.testing.assert_close(lk.loss, -torch.log(1 - tv.loss), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lk_grad, tv_grad / (1 - tv.loss), atol=1e-7, rtol=1e-5)
+    chained = make_inputs(3, 7, 8, 60, lengths=[3, 2, 1, 3, 0, 2, 1], seed=7)
+    e2e_lk, e2e_lk_grad = run(mtp_loss, chained, loss_type="e2e_lk_alpha", token_tile=5, vocab_tile=16)
+    e2e, e2e_grad = run(mtp_loss, chained, loss_type="e2e_tv", token_tile=5, vocab_tile=16)
+    torch.testing.assert_close(e2e_lk.loss, -torch.log(1 - e2e.loss), atol=1e-6, rtol=0)
+    torch.testing.assert_close(e2e_lk_grad, e2e_grad / (1 - e2e.loss), atol=1e-7, rtol=1e-5)
+
+
+def test_lk_lambda_moves_from_kl_to_tv_as_its_weight_decays():
+    inputs = make_inputs(1, 12, 8, 60, lengths=[1] * 11 + [0], seed=8)
+    kl, kl_grad = run(mtp_loss, inputs, loss_type="kl", token_tile=5, vocab_tile=16)
+    tv, tv_grad = run(mtp_loss, inputs, loss_type="tv", token_tile=5, vocab_tile=16)
+    for scale, decay in ((1.0, 0.0), (0.0, 1.0), (0.7, 2.0)):
+        out, grad = run(
+            mtp_loss, inputs, loss_type="lk_lambda", token_tile=5, vocab_tile=16, kl_scale=scale, kl_decay=decay
+        )
+        weight = scale * torch.exp(-decay * (1 - tv.loss))
+        torch.testing.assert_close(out.loss, weight * kl.loss + (1 - weight) * tv.loss, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grad, weight * kl_grad + (1 - weight) * tv_grad, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("scale", "decay"), [(-0.1, 1.0), (1.5, 1.0), (0.5, -1.0), (0.5, float("inf"))])
+def test_bad_lambda_weights_raise(scale, decay):
+    inputs = make_inputs(1, 2, 8, 20)
+    with pytest.raises(ValueError, match=r"kl_scale must lie in|kl_decay must be"):
+        mtp_loss(**inputs, loss_type="lk_lambda", kl_scale=scale, kl_decay=decay)
+
+
 def test_identical_models_have_zero_divergence_and_full_acceptance():
     inputs = make_inputs(3, 4, 8, 60, lengths=[3, 2, 1, 0], seed=5)
     inputs["target_hidden"] = inputs["draft_hidden"].detach().clone()
-    for loss_type in ("kl", "rkl", "tv", "e2e_tv"):
+    for loss_type in ("kl", "rkl", "tv", "e2e_tv", "lk_alpha", "lk_lambda", "e2e_lk_alpha", "e2e_lk_lambda"):
         out = mtp_loss(**inputs, loss_type=loss_type, token_tile=3, vocab_tile=16)
         torch.testing.assert_close(out.loss, torch.tensor(0.0), atol=1e-6, rtol=0)
         torch.testing.assert_close(out.acceptance, torch.ones(3), atol=1e-6, rtol=0)

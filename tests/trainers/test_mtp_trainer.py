@@ -17,10 +17,9 @@ from bebop_trl.modeling.teacher_forcing import (
     final_hidden_states,
     unroll_teacher_forced,
 )
-from bebop_trl.ops import mtp_loss
+from bebop_trl.ops import LOSS_TYPES, mtp_loss
 from bebop_trl.trainers import mtp_data
 from bebop_trl.trainers.head_loss import teacher_forced_head_loss
-from bebop_trl.trainers.mtp_config import LOSS_TYPES
 from bebop_trl.trainers.mtp_data import self_distill, tokenize_dataset
 
 
@@ -301,6 +300,8 @@ def test_config_validation(tmp_path):
         MTPConfig(str(tmp_path), num_mtp_steps=0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         MTPConfig(str(tmp_path), temperature=0.0)
+    with pytest.raises(ValueError, match="lk_kl_scale must lie in"):
+        MTPConfig(str(tmp_path), loss_type="lk_lambda", lk_kl_scale=2.0)
 
 
 def test_self_distillation_is_cached_and_reused(load_tiny, tokenizer, tmp_path, monkeypatch):
