@@ -1,6 +1,7 @@
 """Offline RL tasks with verifiable rewards, from the `reasoning-gym` package."""
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -92,26 +93,49 @@ def reasoning_gym_split(
     )
 
 
-def reasoning_gym_reward(task: str = "basic_arithmetic") -> Callable[..., list[float]]:
+ANSWER_SOURCES = ("completion", "last_number")
+"""What [`reasoning_gym_reward`][bebop_trl.tasks.reasoning_gym_reward] hands the verifier as the answer."""
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def reasoning_gym_reward(
+    task: str = "basic_arithmetic", answer_from: str = "completion"
+) -> Callable[..., list[float]]:
     """A GRPO reward function that scores completions with the task's own verifier.
 
     Args:
         task: The reasoning-gym dataset name the prompts came from.
+        answer_from: What the verifier scores: `"completion"`, the whole completion (stripped), as reasoning-gym
+            intends; or `"last_number"`, the last number the completion writes (none: reward 0), for numeric tasks
+            and small policies that explain before they answer (`benchmarks/reward_signal.py` measures how much
+            GRPO signal each gives on the policy's own samples).
 
     Returns:
         A reward function `(completions, entry, **kwargs) -> list[float]` for `trl.GRPOTrainer`: `entry` is the
         column of [`reasoning_gym_dataset`][bebop_trl.tasks.reasoning_gym_dataset]; conversational completions are
-        scored on their text, stripped.
+        scored on their text.
+
+    Raises:
+        ValueError: If `answer_from` is not one of `ANSWER_SOURCES`.
     """
+    if answer_from not in ANSWER_SOURCES:
+        raise ValueError(f"answer_from must be one of {ANSWER_SOURCES}, got {answer_from!r}.")
     import reasoning_gym
 
     score_answer = reasoning_gym.get_score_answer_fn(task)
 
+    def answer(text: str) -> str:
+        if answer_from == "completion":
+            return text.strip()
+        numbers = _NUMBER.findall(text)
+        return numbers[-1] if numbers else ""
+
     def reward(completions: list[Any], entry: list[str], **kwargs: Any) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(score_answer(text.strip(), json.loads(e))) for text, e in zip(texts, entry, strict=True)]
+        return [float(score_answer(answer(text), json.loads(e))) for text, e in zip(texts, entry, strict=True)]
 
-    reward.__name__ = f"{task}_reward"
+    reward.__name__ = f"{task}_reward" if answer_from == "completion" else f"{task}_{answer_from}_reward"
     return reward
 
 

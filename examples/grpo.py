@@ -22,7 +22,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from bebop_trl import BebopGRPOConfig, BebopGRPOTrainer
 from bebop_trl.embedded import smollm2_path
-from bebop_trl.tasks import reasoning_gym_dataset, reasoning_gym_reward
+from bebop_trl.tasks import ANSWER_SOURCES, reasoning_gym_dataset, reasoning_gym_reward
 
 
 @dataclass
@@ -33,6 +33,13 @@ class GRPOScriptArguments:
     num_train_prompts: int = field(default=1024, metadata={"help": "Questions to train on."})
     max_terms: int = field(default=2, metadata={"help": "basic_arithmetic: most terms per expression."})
     max_digits: int = field(default=1, metadata={"help": "basic_arithmetic: most digits per number."})
+    reward_answer_from: str = field(
+        default="completion",
+        metadata={
+            "help": "What the task's verifier scores: the whole completion, or its last number (numeric tasks).",
+            "choices": list(ANSWER_SOURCES),
+        },
+    )
 
 
 def main(script_args: GRPOScriptArguments, training_args: BebopGRPOConfig, model_args: ModelConfig) -> None:
@@ -51,7 +58,7 @@ def main(script_args: GRPOScriptArguments, training_args: BebopGRPOConfig, model
 
     trainer = BebopGRPOTrainer(
         policy,
-        reasoning_gym_reward(script_args.task),
+        reasoning_gym_reward(script_args.task, answer_from=script_args.reward_answer_from),
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,

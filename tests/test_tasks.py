@@ -47,3 +47,27 @@ def test_reasoning_gym_split_holds_out_questions_the_training_set_does_not_ask(m
     monkeypatch.setattr(tasks, "reasoning_gym_dataset", repeated)
     with pytest.raises(ValueError, match="gave only 1 questions outside the 2 training ones"):
         tasks.reasoning_gym_split("basic_arithmetic", 2, 4)
+
+
+def test_the_reward_scores_the_whole_completion_or_its_last_number():
+    pytest.importorskip("reasoning_gym")
+    from bebop_trl.tasks import reasoning_gym_dataset, reasoning_gym_reward
+
+    dataset = reasoning_gym_dataset(
+        "basic_arithmetic", 2, seed=0, min_terms=2, max_terms=2, min_digits=1, max_digits=1
+    )
+    answers = dataset["answer"]
+    assert not any(digit in "".join(answers) for digit in "8")  # so that 88 cannot earn partial credit
+    completions = [
+        answers[0],  # the answer alone: both score it 1
+        f"First 12, then the result is {answers[0]}.",  # explained, answer last
+        f"The result is {answers[1]}, not 88.",  # explained, another number last
+        "I cannot tell.",  # no number
+    ]
+    entries = [dataset["entry"][0]] * 2 + [dataset["entry"][1]] * 2
+    whole = reasoning_gym_reward("basic_arithmetic")(completions, entry=entries)
+    last = reasoning_gym_reward("basic_arithmetic", answer_from="last_number")(completions, entry=entries)
+    assert whole[0] == 1.0 and all(r < 0.5 for r in whole[1:])
+    assert last == [1.0, 1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="answer_from must be one of"):
+        reasoning_gym_reward("basic_arithmetic", answer_from="first_number")
