@@ -1,0 +1,186 @@
+"""Acceptance through RL: BebopGRPOTrainer on the quickstart task with a frozen or an online-updated head.
+
+Three runs of `--steps` GRPO steps each, on the same prompts with the same seed:
+
+- `ce-greedy`: the CE head `--ce-head` drafts greedily, frozen;
+- `probabilistic-frozen`: the head `--head` drafts probabilistically, frozen (trained before RL only);
+- `probabilistic-online`: the same head, trained on every round's rollouts with `--online-loss`.
+
+The reward is the task's verifier on the completion's last number (`reasoning_gym_reward(answer_from=
+"last_number")`), which the 135M policy earns often enough to learn from (`reward_signal.py`). Per step, from the
+trainer's logs: reward, policy entropy, acceptance per position and accepted drafts per cycle. Per run: the
+trainer's acceptance-entropy fit over all completions, with a 95% bootstrap interval of its slope from the fit's
+points, and the acceptance over the first and the last `--window` steps, which says whether a frozen head holds
+its acceptance as the policy moves.
+
+Every run checkpoints each `--save-steps` steps under `--work-dir/<run>` and resumes from its last checkpoint, so
+rerunning the command continues an interrupted study. Results go to `--output` (JSON), a table to stdout and the
+plot of reward, entropy and acceptance per step next to the JSON.
+
+    nohup .venv/bin/python benchmarks/rl_acceptance.py --ce-head outputs/heads/ce --head outputs/heads/best \\
+        --online-loss e2e_tv > outputs/logs/rl-acceptance.log 2>&1 &
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from study import bootstrap_slopes, interval
+from transformers.trainer_utils import get_last_checkpoint
+
+from bebop_trl import BebopGRPOConfig, BebopGRPOTrainer
+from bebop_trl.embedded import load_smollm2
+from bebop_trl.ops import LOSS_TYPES
+from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG
+from bebop_trl.tasks import reasoning_gym_dataset, reasoning_gym_reward
+
+
+RUNS = ("ce-greedy", "probabilistic-frozen", "probabilistic-online")
+K = 3
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ce-head", required=True, help="Head trained with ce (drafts greedily).")
+    parser.add_argument("--head", required=True, help="The best head of the loss study (drafts probabilistically).")
+    parser.add_argument("--online-loss", default="e2e_tv", choices=LOSS_TYPES)
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=16, help="Completions per step.")
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=96)
+    parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--save-steps", type=int, default=10)
+    parser.add_argument("--window", type=int, default=10, help="Steps averaged at the start and the end of a run.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default="outputs/rl_acceptance")
+    parser.add_argument("--output", default="benchmarks/results/rl_acceptance.json")
+    return parser.parse_args()
+
+
+def run_config(args, run: str) -> BebopGRPOConfig:
+    return BebopGRPOConfig(
+        output_dir=os.path.join(args.work_dir, run),
+        mtp_head=args.ce_head if run == "ce-greedy" else args.head,
+        draft_sampling="greedy" if run == "ce-greedy" else "probabilistic",
+        mtp_online_update=args.online_loss if run == "probabilistic-online" else None,
+        num_speculative_tokens=K,
+        per_device_train_batch_size=args.batch_size,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        max_steps=args.steps,
+        learning_rate=args.learning_rate,
+        temperature=1.0,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=args.seed,
+    )
+
+
+def train(args, run: str) -> list[dict]:
+    """Runs (or resumes, or finds finished) one run and returns its per-step log entries."""
+    config = run_config(args, run)
+    fit_file = os.path.join(config.output_dir, "acceptance_entropy_fit.json")
+    steps_file = os.path.join(config.output_dir, "log_history.json")
+    if os.path.isfile(steps_file) and os.path.isfile(fit_file):
+        with open(steps_file, encoding="utf-8") as f:
+            return json.load(f)
+    policy, tokenizer = load_smollm2()
+    prompts = args.steps * args.batch_size // args.num_generations
+    dataset = reasoning_gym_dataset("basic_arithmetic", prompts, seed=args.seed + 100, **DEFAULT_TASK_CONFIG)
+    trainer = BebopGRPOTrainer(
+        policy,
+        reasoning_gym_reward("basic_arithmetic", answer_from="last_number"),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    last = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+    trainer.train(resume_from_checkpoint=last)
+    history = [entry for entry in trainer.state.log_history if "reward" in entry]
+    with open(steps_file, "w", encoding="utf-8") as f:
+        json.dump(history, f, indent=2)
+    return history
+
+
+def summarise(args, run: str, history: list[dict]) -> dict:
+    """Acceptance at the start and the end, and the slope of acceptance against entropy with its interval."""
+    with open(os.path.join(args.work_dir, run, "acceptance_entropy_fit.json"), encoding="utf-8") as f:
+        fit = json.load(f)
+    x, y, w = (np.asarray(fit["points"][name], dtype=np.float64) for name in ("entropy", "acceptance", "weight"))
+    slopes = bootstrap_slopes({run: (x, y, w)}, len(x), seed=args.seed)[run]
+
+    def mean_over(entries: list[dict], key: str) -> float:
+        return float(np.mean([e[key] for e in entries if key in e]))
+
+    start, end = history[: args.window], history[-args.window :]
+    return {
+        "fit": fit["fit"],
+        "slope_interval_95": interval(slopes),
+        "fit_points": len(x),
+        **{
+            f"{name}_{part}": mean_over(entries, key)
+            for name, key in (
+                ("reward", "reward"),
+                ("entropy", "entropy"),
+                ("acceptance_position_1", "rollout/acceptance_position_1"),
+                ("accepted_drafts_per_cycle", "rollout/mean_accepted_length"),
+            )
+            for part, entries in (("start", start), ("end", end))
+        },
+    }
+
+
+def plot(histories: dict[str, list[dict]], path: str) -> None:
+    figure = Figure(figsize=(13, 4))
+    FigureCanvasAgg(figure)
+    panels = (
+        ("reward", "reward"),
+        ("entropy", "policy entropy (nats)"),
+        ("rollout/acceptance_position_1", "acceptance at position 1"),
+    )
+    for index, (key, label) in enumerate(panels):
+        axis = figure.add_subplot(1, len(panels), index + 1)
+        for run, history in histories.items():
+            steps = [e["step"] for e in history if key in e]
+            axis.plot(steps, [e[key] for e in history if key in e], label=run, linewidth=1)
+        axis.set_xlabel("GRPO step")
+        axis.set_ylabel(label)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = parse_args()
+    histories = {run: train(args, run) for run in args.runs}
+    results = {"settings": vars(args), "runs": {}}
+    print(
+        "| run | reward start -> end | entropy start -> end | acceptance pos. 1 start -> end | slope [95% interval] |"
+    )
+    print("|---|---|---|---|---|")
+    for run, history in histories.items():
+        summary = summarise(args, run, history)
+        results["runs"][run] = {"summary": summary, "steps": history}
+        low, high = summary["slope_interval_95"] or (float("nan"), float("nan"))
+        print(
+            f"| {run} | {summary['reward_start']:.3f} -> {summary['reward_end']:.3f} | "
+            f"{summary['entropy_start']:.2f} -> {summary['entropy_end']:.2f} | "
+            f"{summary['acceptance_position_1_start']:.3f} -> {summary['acceptance_position_1_end']:.3f} | "
+            f"{summary['fit']['slope']:.3f} [{low:.3f}, {high:.3f}] |"
+        )
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    plot(histories, os.path.splitext(args.output)[0] + ".png")
+
+
+if __name__ == "__main__":
+    main()
