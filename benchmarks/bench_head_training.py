@@ -8,7 +8,8 @@ One optimizer step of the head (e2e_tv, 3 unrolled steps, batch `--batch-size`) 
 - head: drafting from the full vocabulary, or from a 1024-token draft vocabulary (`--draft-vocab-size`);
 - policy normaliser: `per slot` sweeps the policy's whole vocabulary for every (draft step, position) slot inside
   the loss, as the first version did; `per position` computes it once per position and gathers it per slot (what
-  `MTPTrainingModule` does).
+  `MTPTrainingModule` does); `stored` reads it with the batch, as a corpus built with `log_normalizer=True` stores
+  it (draft-vocabulary head and corpus only: elsewhere it saves nothing).
 
 Each configuration runs on a batch as random sampling draws it; the first version's setting and the new one also
 run on a batch as length-grouped sampling (`train_sampling_strategy="group_by_length"`, what
@@ -31,13 +32,15 @@ from bebop_trl import MTPConfig, MTPHead
 from bebop_trl.embedded import load_smollm2
 from bebop_trl.modeling.teacher_forcing import final_hidden_states, unroll_teacher_forced
 from bebop_trl.ops import mtp_loss
+from bebop_trl.ops.chunked import policy_log_normalizer
 from bebop_trl.speculative.step_costs import interleaved_medians
 from bebop_trl.trainers.mtp_trainer import MTPTrainingModule
 
 
-# The first version's training (the baseline) and the new one.
+# The first version's training (the baseline) and the new ones.
 FIRST = ("policy", "full vocabulary", "per slot")
 LAST = ("corpus", "D=1024", "per position")
+STORED = ("corpus", "D=1024", "stored")
 
 
 def main() -> None:
@@ -72,6 +75,7 @@ def main() -> None:
         real_tokens[batching] = int(attention_mask.sum())
         with torch.no_grad():
             stored = final_hidden_states(policy, input_ids, attention_mask).to(torch.bfloat16)
+            stored_normaliser = policy_log_normalizer(stored, policy.lm_head.weight)
         for name, head in heads.items():
             module = MTPTrainingModule(policy, head, config).train()
             optimizer = torch.optim.AdamW(head.parameters(), lr=1e-5)
@@ -89,11 +93,16 @@ def main() -> None:
                     mask=slots.mask, draft_lm_head_weight=head.draft_lm_head_weight, draft_vocab=head.draft_vocab,
                 ).loss  # fmt: skip
 
-            for normaliser, loss_of in (("per slot", per_slot), ("per position", per_position)):
+            def read(hidden, module=module, input_ids=input_ids, attention_mask=attention_mask, lse=stored_normaliser):
+                return module(input_ids, attention_mask, hidden_states=hidden, policy_log_normalizer=lse).loss
+
+            for normaliser, loss_of in (("per slot", per_slot), ("per position", per_position), ("stored", read)):
                 for source, hidden in (("policy", None), ("corpus", stored)):
                     key = (batching, source, name, normaliser)
-                    if batching == "grouped" and key[1:] not in (FIRST, LAST):
-                        continue  # only the first version's setting and the new one
+                    if normaliser == "stored" and (source, name) != ("corpus", f"D={args.draft_vocab_size}"):
+                        continue  # only a draft-vocabulary head reading a corpus uses it
+                    if batching == "grouped" and key[1:] not in (FIRST, LAST, STORED):
+                        continue  # only the first version's setting and the new ones
 
                     def step(loss_of=loss_of, hidden=hidden, optimizer=optimizer):
                         optimizer.zero_grad()

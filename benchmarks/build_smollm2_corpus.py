@@ -32,6 +32,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument(
+        "--log-normalizer",
+        action="store_true",
+        help="Also store the policy's log-normaliser per position (faster draft-vocabulary training; a new corpus).",
+    )
     parser.add_argument("--output-dir", default="outputs/corpora/smollm2-basic-arithmetic-t1")
     parser.add_argument("--summary", default="benchmarks/results/smollm2_corpus.json")
     args = parser.parse_args()
@@ -43,7 +48,7 @@ def main() -> None:
     corpus = build_distill_corpus(
         policy, tokenizer, train, args.output_dir, exclude_prompts=held_out, samples_per_prompt=samples_per_prompt,
         max_new_tokens=args.max_new_tokens, temperature=1.0, batch_size=args.batch_size, shard_size=args.shard_size,
-        seed=0, aux_layers=eagle3_aux_layers(policy.config.num_hidden_layers),
+        seed=0, aux_layers=eagle3_aux_layers(policy.config.num_hidden_layers), log_normalizer=args.log_normalizer,
     )  # fmt: skip
     seconds = time.perf_counter() - started
 
@@ -60,7 +65,11 @@ def main() -> None:
     runs = [*summary.get("runs", []), {"seconds": seconds, "threads": torch.get_num_threads()}]
     summary = {
         "command": "python benchmarks/build_smollm2_corpus.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if v is not False
+        ),
         "train_prompts": len(train),
         "held_out_prompts_excluded": len(held_out),
         "distinct_prompts_in_corpus": len(corpus_prompts),

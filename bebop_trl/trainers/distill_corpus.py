@@ -3,8 +3,9 @@
 A corpus is a folder of `datasets` shards (Arrow, memory-mapped), each written once it is complete, and a
 `corpus.json` with the settings that made it. Each record holds the prompt and completion ids and the policy's final
 hidden state at every position (bf16, stored as its 16-bit pattern), and optionally the hidden states entering a few
-of its layers (what an EAGLE-3 head fuses), so that a head trains on it without running the policy again. A build that stops (interrupted, killed) resumes at the first missing shard; the same settings give
-the same records, shard by shard.
+of its layers (what an EAGLE-3 head fuses) and the log-normaliser of the policy's logits at every position, so that
+a head trains on it without running the policy again. A build that stops (interrupted, killed) resumes at the first
+missing shard; the same settings give the same records, shard by shard.
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..modeling import MTPHead
 from ..modeling.configuration_mtp_head import check_aux_layers
 from ..modeling.teacher_forcing import policy_hidden_states
+from ..ops.chunked import policy_log_normalizer
 from ..rollout.torch_engine import generate_from_ids, padded_prompts
 from .mtp_data import PROMPT_LENGTH, _weights_fingerprint
 
@@ -31,6 +33,7 @@ CORPUS_FILE = "corpus.json"
 SHARDS_DIR = "shards"
 HIDDEN_STATES = "hidden_states"
 AUX_HIDDEN_STATES = "aux_hidden_states"
+POLICY_LOG_NORMALIZER = "policy_log_normalizer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,7 @@ class CorpusSettings:
         hidden_size: Width of the stored final hidden states.
         aux_layers: Layers whose input hidden states are stored too, concatenated in this order (layer 0: the
             embeddings; layer L: the output of decoder layer L - 1, before the final norm), or empty.
+        log_normalizer: Whether records store the log-normaliser of the policy's logits at every position.
     """
 
     policy: str
@@ -67,6 +71,7 @@ class CorpusSettings:
     shard_size: int
     hidden_size: int
     aux_layers: tuple[int, ...] = ()
+    log_normalizer: bool = False
 
     @property
     def num_records(self) -> int:
@@ -95,6 +100,7 @@ def build_distill_corpus(
     head: MTPHead | None = None,
     num_speculative_tokens: int = 3,
     aux_layers: Sequence[int] = (),
+    log_normalizer: bool = False,
 ) -> Dataset:
     """Samples completions of `prompts` from the frozen policy and stores them with the policy's hidden states.
 
@@ -122,6 +128,11 @@ def build_distill_corpus(
         num_speculative_tokens: Drafts per cycle with `head`.
         aux_layers: Layers whose input hidden states to store as well ([`eagle3_aux_layers`][bebop_trl.modeling.eagle3_aux_layers] gives the layers vLLM's
             EAGLE-3 heads read); empty stores the final hidden states only.
+        log_normalizer: Also store `policy_log_normalizer` [T], the log-sum-exp over the whole vocabulary of the
+            policy's logits (temperature 1) at every position, computed from the stored bf16 hidden states. Heads
+            with a draft vocabulary trained at temperature 1 then never sweep the policy's vocabulary in training;
+            the build does the lm_head product once per position (about a quarter more arithmetic than the
+            hidden-state pass of a 135M policy).
 
     Returns:
         The corpus, as [`load_distill_corpus`][bebop_trl.trainers.distill_corpus.load_distill_corpus] gives it.
@@ -150,6 +161,7 @@ def build_distill_corpus(
         shard_size=shard_size,
         hidden_size=policy.config.get_text_config().hidden_size,
         aux_layers=aux_layers,
+        log_normalizer=log_normalizer,
     )
     _claim_folder(output_dir, settings)
     repeated = [prompt for prompt in distinct for _ in range(samples_per_prompt)]
@@ -163,6 +175,8 @@ def build_distill_corpus(
         records: dict[str, list] = {"input_ids": [], PROMPT_LENGTH: [], HIDDEN_STATES: []}
         if aux_layers:
             records[AUX_HIDDEN_STATES] = []
+        if log_normalizer:
+            records[POLICY_LOG_NORMALIZER] = []
         for start in range(0, len(shard_prompts), batch_size):
             batch = shard_prompts[start : start + batch_size]
             out = generate_from_ids(
@@ -170,13 +184,12 @@ def build_distill_corpus(
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
             )  # fmt: skip
             sequences = [p + c for p, c in zip(batch, out.unpadded(out.completion_ids), strict=True)]
-            hidden_states, aux_hidden_states = _hidden_states(policy, tokenizer, sequences, aux_layers)
+            stored = _hidden_states(policy, tokenizer, sequences, aux_layers, log_normalizer)
             for row, (prompt, sequence) in enumerate(zip(batch, sequences, strict=True)):
                 records["input_ids"].append(sequence)
                 records[PROMPT_LENGTH].append(len(prompt))
-                records[HIDDEN_STATES].append(hidden_states[row])
-                if aux_layers:
-                    records[AUX_HIDDEN_STATES].append(aux_hidden_states[row])
+                for name, rows in stored.items():
+                    records[name].append(rows[row])
             progress.update(len(batch))
         _write_shard(output_dir, index, records, settings)
     progress.close()
@@ -186,7 +199,8 @@ def build_distill_corpus(
 def load_distill_corpus(corpus_dir: str | os.PathLike) -> Dataset:
     """The records of a corpus written by [`build_distill_corpus`][bebop_trl.trainers.distill_corpus.build_distill_corpus],
     memory-mapped: `input_ids`, `prompt_length` and `hidden_states` ([T, H] int16 holding bf16 bit patterns; see
-    [`hidden_states_of`][bebop_trl.trainers.distill_corpus.hidden_states_of]).
+    [`hidden_states_of`][bebop_trl.trainers.distill_corpus.hidden_states_of]), and `aux_hidden_states` and
+    `policy_log_normalizer` where the build stored them.
 
     Raises:
         ValueError: If the folder holds no corpus or an unfinished one (build it again with the same settings to
@@ -224,18 +238,27 @@ def _hidden_states(
     tokenizer: PreTrainedTokenizerBase,
     sequences: list[list[int]],
     aux_layers: tuple[int, ...] = (),
-) -> tuple[list, list]:
-    """Each sequence's final hidden states [T, H], and its aux-layer hidden states [T, len(aux_layers) * H] (empty
-    list without aux layers), as int16 numpy arrays of bf16 bit patterns."""
+    log_normalizer: bool = False,
+) -> dict[str, list]:
+    """Each sequence's stored columns, as numpy arrays: its final hidden states [T, H], its aux-layer hidden states
+    [T, len(aux_layers) * H] (int16 bf16 bit patterns) and its policy log-normaliser [T] (float32), as asked."""
     input_ids, attention_mask = padded_prompts(policy, tokenizer, sequences)
     hidden, aux = policy_hidden_states(policy, input_ids, attention_mask, aux_layers)
     width = hidden.shape[1]
 
-    def rows(states: torch.Tensor) -> list:
-        bits = states.to(torch.bfloat16).view(torch.int16).cpu()
-        return [bits[row, width - len(sequence) :].numpy() for row, sequence in enumerate(sequences)]
+    def rows(values: torch.Tensor) -> list:
+        values = values.cpu()
+        return [values[row, width - len(sequence) :].numpy() for row, sequence in enumerate(sequences)]
 
-    return rows(hidden), [] if aux is None else rows(aux)
+    stored_hidden = hidden.to(torch.bfloat16)
+    columns = {HIDDEN_STATES: rows(stored_hidden.view(torch.int16))}
+    if aux is not None:
+        columns[AUX_HIDDEN_STATES] = rows(aux.to(torch.bfloat16).view(torch.int16))
+    if log_normalizer:
+        # From the hidden states as stored, so that it normalises exactly the logits training computes from them.
+        lm_head = policy.get_output_embeddings().weight
+        columns[POLICY_LOG_NORMALIZER] = rows(policy_log_normalizer(stored_hidden, lm_head).float())
+    return columns
 
 
 def _claim_folder(output_dir: str | os.PathLike, settings: CorpusSettings) -> None:
@@ -280,6 +303,8 @@ def _write_shard(
     if settings.aux_layers:
         width = len(settings.aux_layers) * settings.hidden_size
         columns[AUX_HIDDEN_STATES] = Array2D(shape=(None, width), dtype="int16")
+    if settings.log_normalizer:
+        columns[POLICY_LOG_NORMALIZER] = ListOf(Value("float32"))
     features = Features(columns)
     staging = f"{_shard_path(corpus_dir, index)}.tmp-{os.getpid()}"
     Dataset.from_dict(records, features=features).save_to_disk(staging)
@@ -305,14 +330,18 @@ def prepare_corpus(dataset: Dataset, hidden_size: int) -> Dataset:
             f"The corpus stores hidden states of width {stored}, but the policy's hidden size is {hidden_size}: it was "
             "built with another policy. Build a corpus with this policy (build_distill_corpus)."
         )
-    arrays = [name for name in (HIDDEN_STATES, AUX_HIDDEN_STATES) if name in dataset.column_names]
+    arrays = [name for name in STORED_ARRAYS if name in dataset.column_names]
     return dataset.with_format("numpy", columns=arrays, output_all_columns=True)
+
+
+# The per-position arrays a record may store, as the collator returns them: hidden states in bf16, the rest float32.
+STORED_ARRAYS = (HIDDEN_STATES, AUX_HIDDEN_STATES, POLICY_LOG_NORMALIZER)
 
 
 class CorpusCollator:
     """Pads corpus records into a batch: `input_ids` and `attention_mask` (right padding), `prompt_length`, and the
     policy's hidden states `hidden_states` [B, T, H] in bf16 (zeros at padding), with `aux_hidden_states`
-    [B, T, A * H] where the corpus stores them.
+    [B, T, A * H] (bf16) and `policy_log_normalizer` [B, T] (float32) where the corpus stores them.
 
     Args:
         pad_token_id: Token id of the padding.
@@ -329,16 +358,17 @@ class CorpusCollator:
         width = max(lengths)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        arrays = [name for name in (HIDDEN_STATES, AUX_HIDDEN_STATES) if name in features[0]]
+        arrays = [name for name in STORED_ARRAYS if name in features[0]]
         states = {
-            name: torch.zeros((len(features), width, features[0][name].shape[-1]), dtype=torch.bfloat16)
+            name: torch.zeros((len(features), width, *features[0][name].shape[1:]), dtype=_collated_dtype(name))
             for name in arrays
         }
         for row, (feature, length) in enumerate(zip(features, lengths, strict=True)):
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"][:length])
             attention_mask[row, :length] = 1
             for name in arrays:
-                states[name][row, :length] = hidden_states_of(torch.from_numpy(feature[name][:length]))
+                values = torch.from_numpy(feature[name][:length])
+                states[name][row, :length] = values if name == POLICY_LOG_NORMALIZER else hidden_states_of(values)
         prompt_length = torch.tensor(
             [min(int(f.get(PROMPT_LENGTH, 0)), length) for f, length in zip(features, lengths, strict=True)],
             dtype=torch.long,
@@ -349,3 +379,7 @@ class CorpusCollator:
             PROMPT_LENGTH: prompt_length,
             **states,
         }
+
+
+def _collated_dtype(name: str) -> torch.dtype:
+    return torch.float32 if name == POLICY_LOG_NORMALIZER else torch.bfloat16

@@ -5,7 +5,7 @@ import torch
 from ..modeling import MTPHead
 from ..modeling.teacher_forcing import slot_targets, unroll_teacher_forced
 from ..ops import MTPLossOutput, mtp_loss
-from ..ops.chunked import policy_log_normalizer
+from ..ops.chunked import policy_log_normalizer as log_normalizer
 
 
 def teacher_forced_head_loss(
@@ -23,13 +23,16 @@ def teacher_forced_head_loss(
     aux_hidden: torch.Tensor | None = None,
     kl_scale: float = 1.0,
     kl_decay: float = 1.0,
+    policy_log_normalizer: torch.Tensor | None = None,
 ) -> MTPLossOutput:
     """Unrolls the head `num_steps` steps along a batch and scores every valid slot against the frozen policy.
 
     For a head with a draft vocabulary D, the policy's log-normaliser over its whole vocabulary is computed once per
     real position and gathered per slot (a position is the target of up to `num_steps` slots), so the loss sweeps
     the policy's whole vocabulary once per position and only D per slot. A full-vocabulary head compares q with p
-    over the whole vocabulary at every slot anyway, so there the normaliser comes with that sweep.
+    over the whole vocabulary at every slot anyway, so there the normaliser comes with that sweep. A corpus may store
+    the normaliser (`policy_log_normalizer`); at temperature 1, the temperature it is stored at, training then never
+    sweeps the policy's vocabulary.
 
     Args:
         head: The MTP head (bound to the policy).
@@ -45,6 +48,8 @@ def teacher_forced_head_loss(
         aux_hidden: [B, T, A * H] the hidden states entering the policy's `head.aux_layers` (`eagle3` heads).
         kl_scale: KL weight of the LK `"lambda"` losses at zero acceptance.
         kl_decay: Decay of that weight with the acceptance.
+        policy_log_normalizer: [B, T] the log-sum-exp of the policy's logits at temperature 1 over its whole
+            vocabulary, per position (as a corpus stores it), or None to compute it where needed.
 
     Returns:
         The loss and its per-step acceptance statistics.
@@ -54,9 +59,13 @@ def teacher_forced_head_loss(
     weight = head.lm_head_weight
     target_lse = None
     if head.draft_vocab is not None:
-        real = attention_mask.bool()
-        values = policy_log_normalizer(policy_hidden.detach()[real], weight, temperature, **tiling)
-        target_lse = slot_targets(values.new_zeros(real.shape).masked_scatter(real, values), num_steps)
+        if policy_log_normalizer is not None and temperature == 1.0:
+            per_position = policy_log_normalizer.float()
+        else:
+            real = attention_mask.bool()
+            values = log_normalizer(policy_hidden.detach()[real], weight, temperature, **tiling)
+            per_position = values.new_zeros(real.shape).masked_scatter(real, values)
+        target_lse = slot_targets(per_position, num_steps)
     is_ce = loss_type == "ce"
     mask = slots.label_mask if is_ce else slots.mask
     if slot_mask is not None:

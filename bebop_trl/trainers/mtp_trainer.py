@@ -31,7 +31,14 @@ from ..modeling.teacher_forcing import completion_token_mask, drafting_slots, po
 from ..ops import MTPLossOutput
 from ..rollout.torch_engine import generate_from_ids
 from ..speculative import DRAFT_SAMPLING_MODES
-from .distill_corpus import AUX_HIDDEN_STATES, HIDDEN_STATES, CorpusCollator, is_distill_corpus, prepare_corpus
+from .distill_corpus import (
+    AUX_HIDDEN_STATES,
+    HIDDEN_STATES,
+    POLICY_LOG_NORMALIZER,
+    CorpusCollator,
+    is_distill_corpus,
+    prepare_corpus,
+)
 from .head_loss import teacher_forced_head_loss
 from .mtp_config import MTPConfig
 from .mtp_data import PROMPT_LENGTH, needs_self_distillation, prompt_ids_of, self_distill, tokenize_dataset
@@ -90,6 +97,7 @@ class MTPTrainingModule(nn.Module):
         loss_type: str | None = None,
         hidden_states: torch.Tensor | None = None,
         aux_hidden_states: torch.Tensor | None = None,
+        policy_log_normalizer: torch.Tensor | None = None,
     ) -> MTPLossOutput:
         """Scores one batch: the head's loss against the frozen policy over every valid slot.
 
@@ -103,6 +111,8 @@ class MTPTrainingModule(nn.Module):
                 corpus); None runs the policy for them.
             aux_hidden_states: [B, L, A * H] the hidden states entering the policy's layers that an `eagle3` head
                 reads, stored with the data (a corpus built with the head's `aux_layers`).
+            policy_log_normalizer: [B, L] the log-normaliser of the policy's logits at every position, stored with
+                the data (a corpus built with `log_normalizer=True`); used at temperature 1 by draft-vocabulary heads.
 
         Returns:
             The loss and its per-step acceptance statistics.
@@ -133,6 +143,7 @@ class MTPTrainingModule(nn.Module):
             num_steps=self.num_mtp_steps,
             slot_mask=slot_mask,
             aux_hidden=aux_hidden,
+            policy_log_normalizer=policy_log_normalizer if hidden_states is not None else None,
             **{**self.loss_kwargs, "loss_type": loss_type or self.loss_kwargs["loss_type"]},
         )
 
@@ -313,6 +324,7 @@ class MTPTrainer(Trainer):
             loss_type="kl" if warm_start else None,
             hidden_states=inputs.get(HIDDEN_STATES),
             aux_hidden_states=inputs.get(AUX_HIDDEN_STATES),
+            policy_log_normalizer=inputs.get(POLICY_LOG_NORMALIZER),
         )
         if not torch.isfinite(out.loss):
             lengths = inputs["attention_mask"].sum(-1).tolist() if "attention_mask" in inputs else None

@@ -6,11 +6,11 @@ import shutil
 import pytest
 import torch
 
-from bebop_trl import MTPConfig, MTPTrainer
+from bebop_trl import MTPConfig, MTPHead, MTPTrainer
 from bebop_trl.modeling.teacher_forcing import final_hidden_states
 from bebop_trl.rollout import torch_engine
 from bebop_trl.testing import tiny_causal_lm
-from bebop_trl.trainers import distill_corpus
+from bebop_trl.trainers import distill_corpus, head_loss
 from bebop_trl.trainers.distill_corpus import (
     build_distill_corpus,
     corpus_settings,
@@ -155,6 +155,44 @@ def test_a_head_trains_on_a_corpus_without_running_the_policy(policy, tiny_token
     trainer.train()
     acceptance = [entry["acceptance/step_1"] for entry in trainer.state.log_history if "acceptance/step_1" in entry]
     assert len(acceptance) == 3 and acceptance[-1] > acceptance[0], acceptance
+
+
+def test_a_stored_log_normalizer_spares_draft_vocabulary_training_the_policys_vocabulary(
+    policy, tiny_tokenizer, tmp_path, monkeypatch
+):
+    corpus = build(policy, tiny_tokenizer, tmp_path / "corpus", log_normalizer=True)
+    assert corpus_settings(tmp_path / "corpus").log_normalizer
+    record = corpus.with_format("torch")[0]
+    hidden = hidden_states_of(record["hidden_states"]).float()
+    # The log-sum-exp of the policy's logits from the stored (bf16) hidden states, at every position.
+    expected = torch.logsumexp(hidden @ policy.lm_head.weight.T, dim=-1)
+    torch.testing.assert_close(record["policy_log_normalizer"], expected, atol=1e-5, rtol=0)
+
+    draft_vocab = list(range(0, policy.config.vocab_size, 3))
+    head = MTPHead.from_model(policy, draft_vocab=draft_vocab)
+    args = MTPConfig(
+        output_dir=str(tmp_path / "head"), max_steps=1, per_device_train_batch_size=4, num_mtp_steps=3,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = MTPTrainer(policy, args, corpus, processing_class=tiny_tokenizer, head=head)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["policy_log_normalizer"].dtype == torch.float32
+    assert batch["policy_log_normalizer"].shape == batch["input_ids"].shape
+    inputs = [batch[name] for name in ("input_ids", "attention_mask", "prompt_length")]
+    with torch.no_grad():
+        computed = trainer.model(*inputs, None, batch["hidden_states"])
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("the policy's normaliser was computed again")
+
+    monkeypatch.setattr(head_loss, "log_normalizer", no_sweep)
+    with torch.no_grad():
+        stored = trainer.model(
+            *inputs, None, batch["hidden_states"], policy_log_normalizer=batch["policy_log_normalizer"]
+        )
+    torch.testing.assert_close(stored.loss, computed.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stored.acceptance, computed.acceptance, atol=1e-5, rtol=0)
+    trainer.train()  # the collated column reaches the module
 
 
 def test_a_corpus_of_another_policy_is_refused(policy, load_tiny, tiny_tokenizer, tmp_path):
