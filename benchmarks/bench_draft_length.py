@@ -3,8 +3,9 @@
 Engines with k = 1, 2, 3, 4 drafts per cycle and with `num_speculative_tokens="auto"` (up to 4 drafts, the step
 costs calibrated on the first batch, acceptance learnt from the cycles), against plain sampling with the same
 engine, at T = 1 with probabilistic drafting, on prompts of the head's task held out from the choice of the draft
-vocabulary (see `smollm2_task.py`). The same head restricted to a draft vocabulary (`--draft-vocab-size`, chosen
-from the policy's samples on the other half of the prompts) runs with k = 1, 2, 3 and "auto" too. All engines run
+vocabulary (see `smollm2_task.py`). A full-vocabulary head also runs restricted to a draft vocabulary
+(`--draft-vocab-size`, chosen from the policy's samples on the other half of the prompts) with k = 1, 2, 3 and
+"auto"; a head trained on its own draft vocabulary runs only so ("D" rows). All engines run
 the same batches in turn (rotating order, same seeds), so the speed-ups are ratios measured side by side. Besides
 the measured speed-up, the table gives the accepted tokens per unit cost that the acceptance and the calibrated
 step costs imply.
@@ -21,6 +22,7 @@ from smollm2_task import draft_vocab_from_samples, policy_samples, task_prompt_s
 
 from bebop_trl import SpeculativeGenerator
 from bebop_trl.embedded import load_smollm2, load_smollm2_head
+from bebop_trl.modeling import MTPHead
 from bebop_trl.quickstart.measure import compare_engine_speeds
 
 
@@ -31,8 +33,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--head", default=None, help="Head folder (default: the shipped head).")
     parser.add_argument(
-        "--draft-vocab-size", type=int, default=1024, help="Also run the head restricted to this many tokens (0: not)."
+        "--draft-vocab-size",
+        type=int,
+        default=1024,
+        help="Also run a full-vocabulary head restricted to this many tokens (0: not).",
     )
     parser.add_argument("--train-prompts", type=int, default=96, help="Prompts whose samples choose the subset.")
     parser.add_argument("--output", default="benchmarks/results/draft_length.json")
@@ -41,26 +47,26 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     policy, tokenizer = load_smollm2()
-    head = load_smollm2_head(policy)
+    head = load_smollm2_head(policy) if args.head is None else MTPHead.from_pretrained(args.head, policy=policy)
     train, held_out = task_prompt_split(tokenizer)
     prompts = held_out[: args.prompts]
-    restricted = None
-    if args.draft_vocab_size:
+    # Engines named "D ..." draft from a draft vocabulary: the head's own, or the full head restricted to one.
+    heads = {"": head}
+    if head.draft_vocab is not None:
+        heads = {"D ": head}
+    elif args.draft_vocab_size:
         samples = policy_samples(policy, tokenizer, train[: args.train_prompts])
-        restricted = head.with_draft_vocab(
+        heads["D "] = head.with_draft_vocab(
             draft_vocab_from_samples(tokenizer, policy.config.vocab_size, samples, args.draft_vocab_size)
         )
     results = {"threads": torch.get_num_threads(), "args": vars(args), "batch_sizes": {}}
     for batch_size in args.batch_sizes:
         batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
         engines = {"plain": SpeculativeGenerator(policy, None)}
-        for k in (1, 2, 3, 4):
-            engines[f"k={k}"] = SpeculativeGenerator(policy, head, k)
-        engines["auto"] = SpeculativeGenerator(policy, head, "auto")
-        if restricted is not None:
-            for k in (1, 2, 3):
-                engines[f"D k={k}"] = SpeculativeGenerator(policy, restricted, k)
-            engines["D auto"] = SpeculativeGenerator(policy, restricted, "auto")
+        for prefix, drafter in heads.items():
+            for k in (1, 2, 3, 4) if drafter.draft_vocab is None else (1, 2, 3):
+                engines[f"{prefix}k={k}"] = SpeculativeGenerator(policy, drafter, k)
+            engines[f"{prefix}auto"] = SpeculativeGenerator(policy, drafter, "auto")
         measured = compare_engine_speeds(
             engines,
             tokenizer,

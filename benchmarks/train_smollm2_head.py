@@ -8,8 +8,9 @@ prompts, sampled at T = 1) from the policy's stored hidden states, so training n
 - the teacher-forced acceptance 1 - TV per draft step on the policy's own completions of them.
 
 The curve (acceptance against training tokens, real tokens only) goes to `--curve` after every evaluation.
-Rerunning the same command resumes from the last checkpoint in `--output-dir`. The head drafts from the
-`--draft-vocab-size` tokens that carry most of the corpus's completions.
+Rerunning the same command resumes from the last checkpoint in `--output-dir`; the learning rate is constant (after
+a short warm-up), so rerunning with a larger `--epochs` extends a finished run as if it had been asked for from the
+start. The head drafts from the `--draft-vocab-size` tokens that carry most of the corpus's completions.
 
     nohup .venv/bin/python benchmarks/train_smollm2_head.py --layout eagle3 > outputs/logs/head-eagle3.log 2>&1 &
 """
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--eval-steps", type=int, default=200)
     parser.add_argument("--eval-prompts", type=int, default=32)
+    parser.add_argument("--eval-max-new-tokens", type=int, default=128)
     parser.add_argument("--output-dir", default=None, help="Default: outputs/heads/smollm2-<layout>.")
     parser.add_argument("--curve", default=None, help="Default: benchmarks/results/head_curve_<layout>.json.")
     args = parser.parse_args()
@@ -93,6 +95,8 @@ def main() -> None:
         num_mtp_steps=3,
         temperature=1.0,
         learning_rate=args.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=50,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         num_train_epochs=args.epochs,
@@ -103,7 +107,7 @@ def main() -> None:
         eval_steps=args.eval_steps,
         eval_on_start=True,
         eval_num_prompts=args.eval_prompts,
-        eval_max_new_tokens=128,
+        eval_max_new_tokens=args.eval_max_new_tokens,
         num_speculative_tokens=3,
         save_strategy="steps",
         save_steps=args.eval_steps,
