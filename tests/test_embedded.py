@@ -37,12 +37,14 @@ def test_shipped_head_is_a_small_bf16_adapter_for_smollm2(tmp_path):
     head = MTPHead.from_pretrained(SMOLLM2_HEAD_DIR)
     config = head.config
     assert (config.base_model_name_or_path, config.base_architecture) == (SMOLLM2_REPO_ID, "LlamaForCausalLM")
-    assert (config.hidden_size, config.vocab_size, config.layout) == (576, 49152, "eagle")
+    assert (config.hidden_size, config.vocab_size, config.layout) == (576, 49152, "eagle3")
+    assert config.draft_vocab_size == 1024 and head.aux_layers == (2, 15, 27)
     assert {p.dtype for p in head.parameters()} == {torch.bfloat16}
     assert all(torch.isfinite(p).all() for p in head.parameters())
-    assert os.path.getsize(os.path.join(SMOLLM2_HEAD_DIR, "model.safetensors")) < 10 * 2**20
+    # bf16: 5.1M parameters and the 1024 frozen lm_head rows of the draft vocabulary (10.8 MiB).
+    assert os.path.getsize(os.path.join(SMOLLM2_HEAD_DIR, "model.safetensors")) < 11 * 2**20
     card = Path(SMOLLM2_HEAD_DIR, "README.md").read_text(encoding="utf-8")
-    assert "## Training recipe" in card and "## Measured" in card
+    assert "## Training recipe" in card and "## Measured" in card and "Q4_1 GGUF" in card
     # It is the vLLM drafter of the embedded model as it is.
     head.export_vllm(tmp_path)
     assert os.path.isfile(tmp_path / "model.safetensors")
