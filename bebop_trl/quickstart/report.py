@@ -103,7 +103,8 @@ def _settings_section(results: dict[str, Any]) -> str:
         f"- policy: `{policy['name']}`, {policy['parameters'] / 1e6:.1f}M parameters, {policy['dtype']} on "
         f"{policy['device']}, torch threads: {policy['torch_threads']}",
         f"- task: reasoning-gym `{s['task']}` ({task_config}); temperature {s['temperature']:g} everywhere; "
-        f"k = {s['num_speculative_tokens']} drafted tokens per cycle; seed {s['seed']}",
+        f"k = {s['num_speculative_tokens']} drafted tokens per cycle (speed: k = {s['speed_num_speculative_tokens']}); "
+        f"seed {s['seed']}",
         head_line,
         f"- self-distillation: {distil['sequences']} task prompts (seed {s['seed']}), one completion each of at "
         f"most {s['distill_max_new_tokens']} tokens, {distil['completion_tokens']} completion tokens "
@@ -207,7 +208,7 @@ def _speed_section(results: dict[str, Any]) -> str:
                 f"{_fmt(1000 * seconds['verify'], 1)} ({_fmt(relative['verify'], 2)})",
             ]
         )
-    k = results["settings"]["num_speculative_tokens"]
+    k = results["settings"]["speed_num_speculative_tokens"]
     header = [
         "batch",
         "tokens/s, no head",

@@ -42,7 +42,10 @@ class QuickstartSettings:
         seed: Seed of the prompts, of the sampling and of the training runs.
         fast: Whether these are the smoke-run budgets (recorded in the report).
         temperature: Sampling temperature of every stage (the RL temperature).
-        num_speculative_tokens: Draft length k of the measurements and of the GRPO rollouts.
+        num_speculative_tokens: Draft length k of the acceptance measurement and of the GRPO rollouts.
+        speed_num_speculative_tokens: Draft length of the speed measurement. Two by default: on a CPU a verify pass
+            over 4 tokens costs about 1.5 decode steps against 1.1 over 3, so k = 2 is the fastest fixed length
+            there (see the draft-length benchmark); on a GPU k = 3 pays more often.
         num_train_prompts: Task prompts self-distilled for head training.
         distill_max_new_tokens: Longest self-distilled completion.
         distill_batch_size: Prompts per self-distillation batch.
@@ -73,6 +76,7 @@ class QuickstartSettings:
     fast: bool = False
     temperature: float = 1.0
     num_speculative_tokens: int = 3
+    speed_num_speculative_tokens: int = 2
     num_train_prompts: int = 128
     distill_max_new_tokens: int = 64
     distill_batch_size: int = 16

@@ -216,7 +216,7 @@ def speed_stage(
             batches,
             repeats=settings.speed_repeats,
             draft_sampling=settings.speed_draft_sampling,
-            num_speculative_tokens=settings.num_speculative_tokens,
+            num_speculative_tokens=settings.speed_num_speculative_tokens,
             max_new_tokens=settings.speed_max_new_tokens,
             temperature=settings.temperature,
             seed=settings.seed,
@@ -226,7 +226,7 @@ def speed_stage(
             head,
             batches[0],
             pad_token_id=pad_token_id,
-            num_speculative_tokens=settings.num_speculative_tokens,
+            num_speculative_tokens=settings.speed_num_speculative_tokens,
             temperature=settings.temperature,
             repeats=settings.step_cost_repeats,
         )
