@@ -13,12 +13,18 @@ k = 3 on held-out prompts (`--eval-prompts` of the held-out half of `smollm2_tas
 first 32 that the learning curves use; the corpus excludes the whole half), at each of `--temperatures`, in both
 drafting modes: acceptance per position and accepted drafts per cycle. The base head is measured the same way.
 
-Each head is saved under `--work-dir` and each measurement appended to `--output` as soon as it is made, so an
-interrupted run resumes where it stopped. The table (mean and standard deviation over seeds) goes to stdout and to
+Each head is saved under `--work-dir` and each measurement added to `--output` as soon as it is made, so an
+interrupted run resumes where it stopped. Workers with disjoint `--seeds` (or `--losses`, `--stages`) may run at once
+on the same `--output`: they merge their measurements under a file lock, and the table covers every head measured. The table (mean and standard deviation over seeds) goes to stdout and to
 the Markdown file next to `--output`, the plot of position-1 acceptance per loss next to it.
 
     nohup .venv/bin/python benchmarks/study_protocol.py --base-head outputs/heads/smollm2-eagle3-ce \\
         > outputs/logs/study-protocol.log 2>&1 &
+    # or two workers of one thread each, which train faster on 2 cores than one worker of two threads:
+    OMP_NUM_THREADS=1 nohup .venv/bin/python benchmarks/study_protocol.py --base-head ... \\
+        --losses ce kl rkl tv e2e_tv > outputs/logs/study-protocol-a.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup .venv/bin/python benchmarks/study_protocol.py --base-head ... \\
+        --losses lk_alpha lk_lambda e2e_lk_alpha e2e_lk_lambda > outputs/logs/study-protocol-b.log 2>&1 &
 """
 
 import argparse
@@ -28,6 +34,7 @@ import statistics
 from itertools import product
 
 import torch
+from filelock import FileLock
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from smollm2_task import task_prompt_split
@@ -42,6 +49,18 @@ from bebop_trl.trainers.distill_corpus import load_distill_corpus
 K = 3
 MODES = ("probabilistic", "greedy")
 STAGES = ("finetune", "scratch")
+# Settings under which stored measurements belong to the same study (seeds, losses and stages may differ per worker).
+SAME_STUDY = (
+    "base_head",
+    "steps",
+    "batch_size",
+    "finetune_learning_rate",
+    "scratch_learning_rate",
+    "temperatures",
+    "eval_prompts",
+    "eval_samples",
+    "eval_max_new_tokens",
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,8 +136,10 @@ def summarise(runs: dict, args) -> list[dict]:
     """Mean and standard deviation over seeds of every (stage, loss, setting)."""
     rows = []
     settings = [f"T={t:g} {m}" for t, m in product(args.temperatures, MODES)]
-    for stage, loss, setting in product(args.stages, args.losses, settings):
-        measured = [runs[key][setting] for seed in args.seeds if (key := f"{stage}/{loss}/{seed}") in runs]
+    # Every head measured so far, whichever worker trained it.
+    seeds = sorted({int(key.split("/")[2]) for key in runs})
+    for stage, loss, setting in product(STAGES, LOSS_TYPES, settings):
+        measured = [runs[key][setting] for seed in seeds if (key := f"{stage}/{loss}/{seed}") in runs]
         if not measured:
             continue
         positions = [m["acceptance_per_position"] for m in measured]
@@ -191,22 +212,36 @@ def main() -> None:
     base = MTPHead.from_pretrained(args.base_head, policy=policy)
 
     results = {"settings": vars(args), "base": None, "runs": {}}
-    if os.path.exists(args.output):
+    lock = FileLock(args.output + ".lock")
+
+    def merge_stored() -> None:
+        """Adds what other workers (or an earlier run) stored for the same base head and budget."""
+        if not os.path.exists(args.output):
+            return
         with open(args.output, encoding="utf-8") as f:
             stored = json.load(f)
-        if stored["settings"]["base_head"] == args.base_head and stored["settings"]["steps"] == args.steps:
-            results.update(base=stored["base"], runs=stored["runs"])
+        same = all(stored["settings"][name] == getattr(args, name) for name in SAME_STUDY)
+        if same:
+            results["base"] = results["base"] or stored["base"]
+            results["runs"] = {**stored["runs"], **results["runs"]}
 
     def save() -> None:
         os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        with lock:
+            merge_stored()
+            with open(args.output, "w", encoding="utf-8") as f:
+                json.dump(results, f, indent=2)
 
+    with lock:
+        merge_stored()
     if results["base"] is None:
         results["base"] = measure(policy, tokenizer, base, prompts, args)
         save()
-    for stage, loss, seed in product(args.stages, args.losses, args.seeds):
+    # Seed by seed: an interrupted study has every loss at its first seeds rather than some losses at all seeds.
+    for stage, seed, loss in product(args.stages, args.seeds, args.losses):
         key = f"{stage}/{loss}/{seed}"
+        with lock:
+            merge_stored()
         if key in results["runs"]:
             continue
         folder = train_head(policy, tokenizer, corpus, base, args, stage, loss, seed)
