@@ -246,20 +246,19 @@ def _sample_vllm(llm: Any, num_samples: int, temperature: float) -> tuple[list[l
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from .rollout.vllm_backend import SpecDecodeCounters
+    from .rollout.vllm_backend import counts_from_llm_metrics
 
-    before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
+    before = counts_from_llm_metrics(llm.get_metrics())
     params = SamplingParams(temperature=temperature, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=0)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=PROMPT)] * num_samples, params, use_tqdm=False)
-    counters = SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
+    counts = counts_from_llm_metrics(llm.get_metrics()) - before
     completions, logprobs = [], []
     for output in outputs:
         sample = output.outputs[0]
         completions.append(list(sample.token_ids))
         logprobs.append([step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids, strict=True)])
-    drafts = max(counters.num_drafts, 1)
-    positions = (counters.accepted_per_position + [0] * NUM_SPECULATIVE_TOKENS)[:NUM_SPECULATIVE_TOKENS]
-    return completions, logprobs, [count / drafts for count in positions]
+    counts.accepted_per_position = counts.positions(NUM_SPECULATIVE_TOKENS)
+    return completions, logprobs, counts.acceptance_per_position
 
 
 def format_table(checks: Sequence[EngineCheck]) -> str:

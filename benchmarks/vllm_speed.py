@@ -38,7 +38,7 @@ def main() -> None:
 
     from bebop_trl.embedded import load_smollm2, load_smollm2_head, smollm2_path
     from bebop_trl.modeling.vllm_export import vllm_speculative_config
-    from bebop_trl.rollout.vllm_backend import SpecDecodeCounters
+    from bebop_trl.rollout.vllm_backend import counts_from_llm_metrics
     from bebop_trl.vllm_plugin import compat
 
     policy, tokenizer = load_smollm2()
@@ -76,13 +76,13 @@ def main() -> None:
                     seed=0,
                 )
                 llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
-                before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
+                before = counts_from_llm_metrics(llm.get_metrics())
                 started = time.perf_counter()
                 for prompt in prompts:
                     (output,) = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
                     totals[name]["tokens"] += len(output.outputs[0].token_ids)
                 totals[name]["seconds"] += time.perf_counter() - started
-                counters = SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
+                counters = counts_from_llm_metrics(llm.get_metrics()) - before
                 totals[name]["num_drafts"] += counters.num_drafts
                 for j, count in enumerate(counters.accepted_per_position[: max(args.ks)]):
                     totals[name]["accepted"][j] += count

@@ -36,7 +36,7 @@ def main() -> None:
     from bebop_trl.modeling.vllm_export import vllm_speculative_config
     from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG
     from bebop_trl.rollout.torch_engine import generate_from_ids
-    from bebop_trl.rollout.vllm_backend import SpecDecodeCounters
+    from bebop_trl.rollout.vllm_backend import counts_from_llm_metrics
     from bebop_trl.tasks import reasoning_gym_dataset
     from bebop_trl.trainers.mtp_data import prompt_ids_of
     from bebop_trl.vllm_plugin import compat
@@ -59,9 +59,9 @@ def main() -> None:
             samples = args.samples if temperature > 0 else 1
             params = SamplingParams(temperature=temperature, max_tokens=args.max_new_tokens, n=samples)
             with compat.shims_applied(compat.shims_for(compat.installed_vllm_build())):
-                before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
+                before = counts_from_llm_metrics(llm.get_metrics())
                 outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-                counters = SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
+                counters = counts_from_llm_metrics(llm.get_metrics()) - before
             output = generate_from_ids(
                 policy, tokenizer, [p for p in prompts for _ in range(samples)], head=head, num_speculative_tokens=3,
                 draft_sampling=mode, max_new_tokens=args.max_new_tokens, temperature=temperature,

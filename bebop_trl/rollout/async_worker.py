@@ -2,6 +2,8 @@
 
 import copy
 import time
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +125,49 @@ class AsyncRolloutWorker:
             **kwargs,
         )
         return AsyncRollout(prompt_ids, output, version, started, time.perf_counter())
+
+
+class Lookahead:
+    """Iterates the trainer's epoch iterator, and lets the trainer read batches it has not reached yet.
+
+    Whatever iterator the trainer uses (a fresh epoch, or the one that skips the batches of a resumed run), its
+    batches come through here in order; `peek_after` pulls later ones into a buffer that `__next__` serves first.
+    """
+
+    def __init__(self, history: int):
+        self._source: Iterator | None = None
+        self._buffer: deque = deque()
+        self._recent: deque = deque(maxlen=history)
+
+    def wrap(self, iterator: Iterator) -> "Lookahead":
+        if iterator is not self._source and iterator is not self:
+            self._source, self._buffer = iterator, deque()
+            self._recent.clear()
+        return self
+
+    def __iter__(self) -> "Lookahead":
+        return self
+
+    def __next__(self) -> Any:
+        item = self._buffer.popleft() if self._buffer else next(self._source)
+        self._recent.append(item)
+        return item
+
+    def peek_after(self, item: Any, distance: int) -> Any | None:
+        """The batch `distance` positions after `item` (a recent batch), or None if the epoch ends first."""
+        recent = list(self._recent)
+        index = next((i for i in range(len(recent) - 1, -1, -1) if recent[i] is item), None)
+        if index is None:
+            return None
+        ahead = distance - (len(recent) - 1 - index)  # position of the wanted batch after the last one served
+        if ahead <= 0:
+            return recent[index + distance]
+        while len(self._buffer) < ahead:
+            try:
+                self._buffer.append(next(self._source))
+            except StopIteration:
+                return None
+        return self._buffer[ahead - 1]
 
 
 def _independent_copy(policy: nn.Module) -> nn.Module:

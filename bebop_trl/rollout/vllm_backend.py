@@ -9,10 +9,11 @@ import contextlib
 import functools
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..speculative import AcceptanceCounts
 
 
 # vLLM's cumulative counters; the server's Prometheus text adds the `_total` suffix of counters.
@@ -27,78 +28,52 @@ _COUNTER_FIELDS = {
 }
 
 
-@dataclass
-class SpecDecodeCounters:
-    """vLLM's cumulative speculative-decoding counters (summed over engines); subtract two to get a round's.
+def counts_from_llm_metrics(metrics: Iterable[Any]) -> AcceptanceCounts:
+    """vLLM's cumulative spec-decode counters (summed over engines) from `vllm.LLM.get_metrics()`, a list of
+    `Counter` / `Vector` snapshots; subtract two readings to get a round's."""
+    counts = _CountsReader()
+    for metric in metrics:
+        if metric.name == ACCEPTED_PER_POSITION:
+            counts.add_positions(dict(enumerate(metric.values)))
+        else:
+            counts.add(metric.name, getattr(metric, "value", 0))
+    return counts.counts
 
-    Attributes:
-        num_drafts: Draft cycles.
-        num_draft_tokens: Drafted tokens.
-        num_accepted_tokens: Drafted tokens accepted.
-        accepted_per_position: How often the j-th drafted token of a cycle was accepted.
-    """
 
-    num_drafts: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
+def counts_from_prometheus_text(text: str) -> AcceptanceCounts:
+    """vLLM's cumulative spec-decode counters from a server's `/metrics` page (Prometheus text format)."""
+    counts = _CountsReader()
+    for line in text.splitlines():
+        if not line.startswith("vllm:spec_decode_num"):
+            continue
+        name_and_labels, value = line.rsplit(" ", 1)
+        name, _, labels = name_and_labels.partition("{")
+        name = name.removesuffix("_total")
+        if name == ACCEPTED_PER_POSITION:
+            position = _label(labels, "position")
+            if position is not None:
+                counts.add_positions({int(position): float(value)})
+        else:
+            counts.add(name, float(value))
+    return counts.counts
 
-    @classmethod
-    def from_llm_metrics(cls, metrics: Iterable[Any]) -> "SpecDecodeCounters":
-        """Reads the counters from `vllm.LLM.get_metrics()` (a list of `Counter` / `Vector` snapshots)."""
-        counters = cls()
-        for metric in metrics:
-            if metric.name == ACCEPTED_PER_POSITION:
-                counters._add_positions(dict(enumerate(metric.values)))
-            else:
-                counters._add(metric.name, getattr(metric, "value", 0))
-        return counters
 
-    @classmethod
-    def from_prometheus_text(cls, text: str) -> "SpecDecodeCounters":
-        """Reads the counters from a vLLM server's `/metrics` page (Prometheus text format)."""
-        counters = cls()
-        for line in text.splitlines():
-            if not line.startswith("vllm:spec_decode_num"):
-                continue
-            name_and_labels, value = line.rsplit(" ", 1)
-            name, _, labels = name_and_labels.partition("{")
-            name = name.removesuffix("_total")
-            if name == ACCEPTED_PER_POSITION:
-                position = _label(labels, "position")
-                if position is not None:
-                    counters._add_positions({int(position): float(value)})
-            else:
-                counters._add(name, float(value))
-        return counters
+class _CountsReader:
+    """Accumulates vLLM's counter samples (several engines may report the same counter) into counts."""
 
-    def _add(self, name: str, value: float) -> None:
+    def __init__(self) -> None:
+        self.counts = AcceptanceCounts()
+
+    def add(self, name: str, value: float) -> None:
         attribute = _COUNTER_FIELDS.get(name)
         if attribute is not None:
-            setattr(self, attribute, getattr(self, attribute) + int(value))
+            setattr(self.counts, attribute, getattr(self.counts, attribute) + int(value))
 
-    def _add_positions(self, counts: dict[int, float]) -> None:
-        for position, count in counts.items():
-            while len(self.accepted_per_position) <= position:
-                self.accepted_per_position.append(0)
-            self.accepted_per_position[position] += int(count)
-
-    def __sub__(self, earlier: "SpecDecodeCounters") -> "SpecDecodeCounters":
-        positions = max(len(self.accepted_per_position), len(earlier.accepted_per_position))
-        now = self.accepted_per_position + [0] * (positions - len(self.accepted_per_position))
-        before = earlier.accepted_per_position + [0] * (positions - len(earlier.accepted_per_position))
-        return SpecDecodeCounters(
-            self.num_drafts - earlier.num_drafts,
-            self.num_draft_tokens - earlier.num_draft_tokens,
-            self.num_accepted_tokens - earlier.num_accepted_tokens,
-            [a - b for a, b in zip(now, before, strict=True)],
-        )
-
-    def as_tensor(self, num_speculative_tokens: int) -> torch.Tensor:
-        """[3 + k] float64: drafts, draft tokens, accepted tokens, accepted per position (for gathering)."""
-        positions = (self.accepted_per_position + [0] * num_speculative_tokens)[:num_speculative_tokens]
-        values = [self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, *positions]
-        return torch.tensor(values, dtype=torch.float64)
+    def add_positions(self, values: dict[int, float]) -> None:
+        positions = self.counts.accepted_per_position
+        for position, count in values.items():
+            positions.extend([0] * (position + 1 - len(positions)))
+            positions[position] += int(count)
 
 
 def _label(labels: str, key: str) -> str | None:
@@ -109,10 +84,10 @@ def _label(labels: str, key: str) -> str | None:
     return None
 
 
-def read_server_counters(base_url: str, timeout: float = 10.0) -> SpecDecodeCounters:
-    """The spec-decode counters of a running `vllm serve` (or `bebop-trl vllm-serve`) at `base_url`."""
+def read_server_counters(base_url: str, timeout: float = 10.0) -> AcceptanceCounts:
+    """The cumulative spec-decode counters of a running `vllm serve` (or `bebop-trl vllm-serve`) at `base_url`."""
     with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout) as response:
-        return SpecDecodeCounters.from_prometheus_text(response.read().decode("utf-8"))
+        return counts_from_prometheus_text(response.read().decode("utf-8"))
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Speculative decoding with an MTP draft head: sampling helpers, exact rejection sampling and the engine."""
 
+from .counts import AcceptanceCounts
 from .engine import DRAFT_SAMPLING_MODES, GenerationOutput, SpeculativeGenerator
 from .rejection import rejection_sample
 from .sampling import probs_from_logits, process_logits, sample, validate_sampling_params
@@ -8,6 +9,7 @@ from .stats import AcceptanceStats
 
 __all__ = [
     "DRAFT_SAMPLING_MODES",
+    "AcceptanceCounts",
     "AcceptanceStats",
     "GenerationOutput",
     "SpeculativeGenerator",

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .counts import AcceptanceCounts
+
 
 @dataclass
 class AcceptanceStats:
@@ -44,9 +46,16 @@ class AcceptanceStats:
     mean_entropy_per_row: torch.Tensor
 
     @property
+    def counts(self) -> AcceptanceCounts:
+        """The run's draft and acceptance counts, as every rollout backend reports them."""
+        return AcceptanceCounts(
+            self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.accepted_per_position.tolist()
+        )
+
+    @property
     def acceptance_rate(self) -> float:
         """Accepted / drafted tokens (0 without drafts)."""
-        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        return self.counts.acceptance_rate
 
     @property
     def acceptance_per_position(self) -> torch.Tensor:
@@ -69,7 +78,7 @@ class AcceptanceStats:
     @property
     def mean_accepted_length(self) -> float:
         """Accepted drafts per cycle; a cycle emits this plus one token (0 without drafts)."""
-        return self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+        return self.counts.mean_accepted_length
 
     def to_dict(self) -> dict[str, float]:
         """Flat scalar metrics for logging."""

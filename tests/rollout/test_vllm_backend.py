@@ -7,9 +7,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bebop_trl import BebopGRPOTrainer, MTPHead
+from bebop_trl import MTPHead
 from bebop_trl.modeling.vllm_export import vllm_draft_weights
-from bebop_trl.rollout.vllm_backend import SpecDecodeCounters, push_draft_weights_to_server, speculative_llm
+from bebop_trl.rollout.vllm_backend import (
+    counts_from_llm_metrics,
+    counts_from_prometheus_text,
+    push_draft_weights_to_server,
+    speculative_llm,
+)
+from bebop_trl.rollout.vllm_rollout import VLLMServerRollout
+from bebop_trl.speculative import AcceptanceCounts
 from bebop_trl.vllm_serve import main as vllm_serve
 
 
@@ -34,8 +41,8 @@ vllm:num_requests_running{engine="0",model_name="m"} 3.0
 
 
 def test_counters_from_the_server_page_sum_engines():
-    counters = SpecDecodeCounters.from_prometheus_text(METRICS_PAGE)
-    assert counters == SpecDecodeCounters(15, 45, 18, [11, 6, 1])
+    counters = counts_from_prometheus_text(METRICS_PAGE)
+    assert counters == AcceptanceCounts(15, 45, 18, [11, 6, 1])
     assert counters.as_tensor(3).tolist() == [15, 45, 18, 11, 6, 1]
     assert counters.as_tensor(2).tolist() == [15, 45, 18, 11, 6]
 
@@ -50,10 +57,10 @@ def test_counters_from_llm_metrics_and_round_differences():
             SimpleNamespace(name="vllm:prompt_tokens", value=99),
         ]
 
-    before = SpecDecodeCounters.from_llm_metrics(snapshot(4, 5, [3, 2, 0]))
-    after = SpecDecodeCounters.from_llm_metrics(snapshot(10, 12, [7, 4, 1]))
-    assert after - before == SpecDecodeCounters(6, 18, 7, [4, 2, 1])
-    assert after - SpecDecodeCounters() == after
+    before = counts_from_llm_metrics(snapshot(4, 5, [3, 2, 0]))
+    after = counts_from_llm_metrics(snapshot(10, 12, [7, 4, 1]))
+    assert after - before == AcceptanceCounts(6, 18, 7, [4, 2, 1])
+    assert after - AcceptanceCounts() == after
 
 
 def test_speculative_llm_adds_the_speculative_config_to_trls_colocated_engine(monkeypatch):
@@ -111,12 +118,12 @@ def test_head_weights_go_to_the_servers_drafter_in_one_draft_update_session(load
     weights = vllm_draft_weights(head)
     client = RecordingClient()
     trainer = SimpleNamespace(
-        mtp_head=head,
         vllm_generation=SimpleNamespace(mode="server", vllm_client=client),
         accelerator=SimpleNamespace(is_main_process=True),
-        _vllm_draft_stale=True,
     )
-    BebopGRPOTrainer._push_head_to_vllm(trainer)
+    backend = VLLMServerRollout(trainer, head, trl_generate=None, exactness=None)
+    backend.head_updated()
+    backend.push_head()
 
     start, (_, metadata, streamed), finish = client.calls
     assert (start, finish) == ("/start_draft_weight_update", "/finish_weight_update")
@@ -127,7 +134,7 @@ def test_head_weights_go_to_the_servers_drafter_in_one_draft_update_session(load
     )
     for name, tensor in weights.items():
         torch.testing.assert_close(streamed[name], tensor, rtol=0, atol=0)
-    assert not client._updating_weights and not trainer._vllm_draft_stale
+    assert not client._updating_weights and not backend._draft_stale
 
 
 def test_a_failed_draft_update_still_closes_the_session():

@@ -119,7 +119,7 @@ def recording_trainer(tiny_checkpoints, output_dir, **kwargs):
         output = original(inputs)
         if trainer.model.training:
             copy = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in output.items()}
-            rounds.append(dict(step=step, staleness=trainer._staleness, output=copy))
+            rounds.append(dict(step=step, staleness=trainer._round_staleness, output=copy))
         return output
 
     trainer._generate_and_score_completions = generate_and_score
@@ -236,7 +236,7 @@ def test_update_interval_updates_on_even_rounds_only(tiny_checkpoints, tmp_path)
     assert not states_equal(heads[2], heads[1])
     assert states_equal(heads[3], heads[2])
     assert not states_equal(heads[4], heads[3])
-    assert trainer._rollout_round == 4
+    assert trainer._rollout.rounds == 4
 
 
 class StopAt(TrainerCallback):
@@ -272,7 +272,7 @@ def test_resume_restores_head_optimizer_and_rollout_round(tiny_checkpoints, tmp_
     assert not states_equal(clone_state(resumed.mtp_head), clone_state(interrupted.mtp_head))
     resumed.train(resume_from_checkpoint=str(checkpoint))
 
-    assert resumed._rollout_round == straight._rollout_round == 4
+    assert resumed._rollout.rounds == straight._rollout.rounds == 4
     assert states_equal(clone_state(resumed.mtp_head), clone_state(straight.mtp_head))
     assert states_equal(clone_state(resumed.model), clone_state(straight.model))
     assert [e["loss"] for e in step_logs(resumed)][2:] == [e["loss"] for e in step_logs(straight)][2:]
@@ -293,7 +293,7 @@ def async_resumed_run(tiny_checkpoints, tmp_path_factory):
 
 
 def test_async_resume_without_head_restores_the_rollout_round(async_resumed_run):
-    assert async_resumed_run._rollout_round == 4
+    assert async_resumed_run._rollout.rounds == 4
 
 
 def test_async_rollouts_continue_after_a_resume(async_resumed_run):
@@ -477,13 +477,13 @@ def test_stale_rounds_scale_the_advantages_by_the_ratio(tiny_checkpoints, tmp_pa
 def train_async(tiny_checkpoints, output_dir, **overrides):
     trainer = make_trainer(tiny_checkpoints, output_dir, async_rollouts=True, **overrides)
     calls = []
-    generate_now = trainer._generate_now
+    generate_now = trainer._rollout._generate_now
 
     def count_generate_now(policy, prompt_ids, round_index):
         calls.append(round_index)
         return generate_now(policy, prompt_ids, round_index)
 
-    trainer._generate_now = count_generate_now
+    trainer._rollout._generate_now = count_generate_now
     trainer.train()
     return trainer, calls
 

@@ -178,7 +178,7 @@ class TestDropIn:
         assert fit_file.exists()
         rounds = [entry for entry in logs if "rollout/acceptance_rate" in entry]
         assert rounds == generating
-        assert trainer._rollout_round == expected_rounds
+        assert trainer._rollout.rounds == expected_rounds
         for entry in logs:
             assert 0.0 <= entry["rollout/share_of_step_time"] <= 1.0, entry
         for entry in rounds:
@@ -218,7 +218,7 @@ def test_without_head_matches_trl(config_class, load_tiny, tiny_checkpoints, tmp
     reference = run(GRPOTrainer, GRPOConfig)
     bebop = run(BebopGRPOTrainer, config_class)
 
-    assert bebop.mtp_head is None and not bebop._speculative
+    assert bebop.mtp_head is None and bebop._rollout is None
     assert len(bebop.state.log_history) == len(reference.state.log_history) == 4
     for ours, theirs in zip(bebop.state.log_history, reference.state.log_history, strict=True):
         assert ours.keys() == theirs.keys()
@@ -281,7 +281,7 @@ def speculative_rollouts(policy, head, tokenizer, output_dir, **sampling):
     batch = trainer._generate_and_score_completions(
         [{"prompt": prompt} for prompt in EXACT_PROMPTS for _ in range(ROWS_PER_PROMPT)]
     )
-    assert trainer._rollout_round == 1
+    assert trainer._rollout.rounds == 1
     return rewards, batch, trainer
 
 
@@ -319,9 +319,9 @@ def test_adaptive_draft_length_keeps_the_policy_law(load_tiny, tokenizer, tmp_pa
         policy, perturbed_head(policy, scale=0.05), tokenizer, tmp_path, adaptive_draft_length=True, **sampling
     )
     # Calibrated once, on the first round, for up to num_speculative_tokens drafts; kept for the next rounds.
-    draft_length = trainer._draft_length
+    draft_length = trainer._rollout._draft_length
     assert draft_length is not None and draft_length.max_draft_tokens == trainer.args.num_speculative_tokens == 2
-    assert trainer._engine_kwargs()["draft_length"] is draft_length
+    assert trainer._rollout._engine_kwargs()["draft_length"] is draft_length
     assert trainer._metrics["train"]["rollout/acceptance_position_1"][-1] > 0.2
     assert_rollouts_follow_the_policy_law(policy, tokenizer, rewards, batch, trainer, **sampling)
 
@@ -434,15 +434,15 @@ def test_each_training_round_draws_new_samples_reproducibly(load_tiny, tokenizer
 
     trainer.model.train()
     first, second = rollout_round(), rollout_round()
-    assert trainer._rollout_round == 2
+    assert trainer._rollout.rounds == 2
     # Same weights and prompts: a new round draws new samples, and a round's samples are fixed by the seed.
     assert first != second
-    trainer._rollout_round = 0
+    trainer._rollout.load_state_dict({"rollout_round": 0})
     assert rollout_round() == first
     # Evaluation rounds do not advance the training rounds.
     trainer.model.eval()
     rollout_round()
-    assert trainer._rollout_round == 1
+    assert trainer._rollout.rounds == 1
 
 
 # --------------------------------------------------------------------------------------------- invalid settings

@@ -12,7 +12,8 @@ from trl.generation import vllm_generation
 from bebop_trl import BebopGRPOTrainer
 from bebop_trl.cli import main
 from bebop_trl.rollout.torch_engine import generate_from_ids
-from bebop_trl.rollout.vllm_backend import SpecDecodeCounters
+from bebop_trl.rollout.vllm_backend import counts_from_llm_metrics
+from bebop_trl.speculative import AcceptanceCounts
 from bebop_trl.speculative.exactness import chisquare_pvalue, completion_logprobs
 from bebop_trl.testing import perturbed_head
 from bebop_trl.verification import format_table, verify_engine
@@ -34,14 +35,14 @@ def vllm_generate(
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    before = SpecDecodeCounters.from_llm_metrics(llm.get_metrics())
+    before = counts_from_llm_metrics(llm.get_metrics())
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=ignore_eos, n=n)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     completions = [list(o.token_ids) for out in outputs for o in out.outputs]
-    return completions, SpecDecodeCounters.from_llm_metrics(llm.get_metrics()) - before
+    return completions, counts_from_llm_metrics(llm.get_metrics()) - before
 
 
-def acceptance_per_position(counters: SpecDecodeCounters) -> torch.Tensor:
+def acceptance_per_position(counters: AcceptanceCounts) -> torch.Tensor:
     """[K] fraction of vLLM's draft cycles whose j-th draft was accepted (as `AcceptanceStats` measures it)."""
     return torch.tensor(counters.accepted_per_position[:K], dtype=torch.float64) / counters.num_drafts
 
@@ -162,7 +163,7 @@ def test_online_head_updates_and_policy_updates_reach_vllm(tiny_llama_dir, train
     held_out = [tokenizer(p)["input_ids"] for p in PROMPTS[128:160]]
 
     def acceptance_rate() -> float:
-        trainer._push_head_to_vllm()
+        trainer._rollout.push_head()
         _, counters = vllm_generate(trainer.vllm_generation.llm, held_out, n=4, max_tokens=24)
         return counters.num_accepted_tokens / counters.num_draft_tokens
 
@@ -217,13 +218,13 @@ def test_grpo_vllm_rollouts_follow_the_policy_law_with_the_shim(tiny_llama_dir, 
         head=perturbed_head(tiny_policy, scale=0.05),
     )
     # The guard applied the build's fix and its self-test (run once, in a child process) passed.
-    exactness = trainer._vllm_exactness
+    exactness = trainer._rollout._exactness
     assert exactness.shims == [shim.name for shim in known_defect_shims()]
     assert exactness.law_ok and exactness.logprobs_ok, exactness
     inputs = [{"prompt": prompt} for prompt in EXACT_PROMPTS for _ in range(ROWS_PER_PROMPT)]
     trainer.model.train()  # a training round, without the optimizer step
     batch = trainer._generate_and_score_completions(inputs)
-    counters = trainer._vllm_counters
+    counters = trainer._rollout._counters
     assert counters.num_drafts > 0 and 0 < counters.num_accepted_tokens < counters.num_draft_tokens
 
     for index, prompt in enumerate(EXACT_PROMPTS):
@@ -260,8 +261,8 @@ def test_grpo_vllm_rollouts_follow_the_policy_law_with_the_shim(tiny_llama_dir, 
     assert error < 1e-3
     # Where the guard finds the build's log-probs wrong, the trainer recomputes them with the policy.
     recomputed = []
-    policy_logprobs = trainer._policy_logprobs
-    monkeypatch.setattr(trainer, "_policy_logprobs", lambda *a: recomputed.append(1) or policy_logprobs(*a))
-    trainer._vllm_exactness.logprobs_ok = False
+    policy_logprobs = trainer._rollout._policy_logprobs
+    monkeypatch.setattr(trainer._rollout, "_policy_logprobs", lambda *a: recomputed.append(1) or policy_logprobs(*a))
+    trainer._rollout._exactness.logprobs_ok = False
     assert logprob_error(trainer._generate_and_score_completions(inputs)) < 1e-5
     assert recomputed == [1]

@@ -1,0 +1,204 @@
+"""Rollout backends on vLLM: TRL's vLLM generation with the MTP head as vLLM's drafter, colocated or on a server."""
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..modeling import MTP_LAYOUT, MTPHead, MTPHeadConfig
+from ..modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
+from ..speculative import AcceptanceCounts
+from ..speculative.engine import eval_mode
+from ..speculative.exactness import completion_logprobs
+from .base import RolloutBackend, RolloutResult, current_policy
+from .vllm_backend import (
+    counts_from_llm_metrics,
+    load_colocated_draft_weights,
+    push_draft_weights_to_server,
+    read_server_counters,
+    sync_colocated_policy,
+)
+from .vllm_exactness import VLLMExactness, guard_vllm_exactness
+
+
+# TRL's `_generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)`, bound.
+TRLGenerate = Callable[..., tuple[list[list[int]], list[list[float]] | None]]
+DRAFT_DIR = "vllm_draft"
+
+
+class VLLMRollout(RolloutBackend):
+    """TRL's vLLM generation, with the head drafting in vLLM; acceptance read from vLLM's counters.
+
+    vLLM counts acceptance cumulatively and per engine, not per sequence: a round's counts are the difference of
+    two readings, and the round is one point of the acceptance-entropy fit. After the trainer changes the head, the
+    next round first loads its weights into vLLM's drafter. On a vLLM build whose sampling log-probs are not exact
+    (see [`guard_vllm_exactness`][bebop_trl.rollout.vllm_exactness.guard_vllm_exactness]), the log-probs are
+    recomputed with the policy, which holds the weights vLLM sampled with.
+
+    Args:
+        trainer: The GRPO trainer it generates for.
+        head: The draft head (the master weights of online updates).
+        trl_generate: TRL's own `_generate_single_turn`, bound to the trainer.
+        exactness: The exactness guard's verdict on this vLLM, or None when the server guards itself.
+    """
+
+    def __init__(self, trainer: Any, head: MTPHead, trl_generate: TRLGenerate, exactness: VLLMExactness | None):
+        self._trainer = trainer
+        self._head = head
+        self._trl_generate = trl_generate
+        self._exactness = exactness
+        self._rounds = 0
+        self._counters = AcceptanceCounts()
+        # Whether vLLM's drafter still runs older head weights than `head` (after online updates or a resume).
+        self._draft_stale = False
+
+    @property
+    def rounds(self) -> int:
+        return self._rounds
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rounds = state["rollout_round"]
+
+    def head_updated(self) -> None:
+        self._draft_stale = True
+
+    def generate(self, prompt_ids: list[list[int]], *, train: bool, **trl_inputs: Any) -> RolloutResult:
+        if self._draft_stale:
+            self.push_head()
+        started = time.perf_counter()
+        completion_ids, logprobs = self._trl_generate(prompt_ids, **trl_inputs)
+        if logprobs is not None and self._exactness is not None and self._exactness.logprobs_ok is False:
+            logprobs = self._policy_logprobs(prompt_ids, completion_ids)
+        seconds = time.perf_counter() - started
+        if train:
+            self._rounds += 1
+        counters = self.read_counters()
+        counts, self._counters = counters - self._counters, counters
+        fit_points = None
+        if train and logprobs is not None and counts.num_drafts:
+            # The mean negative log-prob of the sampled tokens is an unbiased estimate of the policy's mean entropy.
+            sampled = [lp for seq in logprobs for lp in seq]
+            fit_points = (
+                torch.tensor([-sum(sampled) / max(len(sampled), 1)], dtype=torch.float64),
+                torch.tensor([counts.acceptance_rate], dtype=torch.float64),
+                torch.tensor([float(counts.num_draft_tokens)], dtype=torch.float64),
+            )
+        k = self._trainer.args.num_speculative_tokens
+        counts.accepted_per_position = counts.positions(k)
+        return RolloutResult(completion_ids, logprobs, counts, k, seconds, fit_points=fit_points)
+
+    def read_counters(self) -> AcceptanceCounts:
+        """vLLM's cumulative spec-decode counters as this process sees them."""
+        raise NotImplementedError
+
+    def push_head(self) -> None:
+        """Loads the head's current weights into vLLM's drafter."""
+        raise NotImplementedError
+
+    def _policy_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        trainer = self._trainer
+        with current_policy(trainer) as policy, eval_mode(policy):
+            return completion_logprobs(
+                policy,
+                prompt_ids,
+                completion_ids,
+                temperature=trainer.temperature,
+                top_k=trainer.top_k or 0,
+                top_p=trainer.top_p,
+                batch_size=trainer.args.per_device_train_batch_size,
+            )
+
+
+class VLLMColocateRollout(VLLMRollout):
+    """vLLM in the trainer's process (`vllm_mode="colocate"`). TRL's policy weight sync goes through vLLM's
+    in-place reload where the build has it (see [`sync_colocated_policy`][bebop_trl.rollout.vllm_backend.sync_colocated_policy])."""
+
+    def __init__(self, trainer: Any, head: MTPHead, trl_generate: TRLGenerate, exactness: VLLMExactness | None):
+        super().__init__(trainer, head, trl_generate, exactness)
+        generation = trainer.vllm_generation
+        trl_sync = generation.sync_weights
+        generation.sync_weights = lambda: sync_colocated_policy(generation, fallback=trl_sync)
+
+    def read_counters(self) -> AcceptanceCounts:
+        return counts_from_llm_metrics(self._trainer.vllm_generation.llm.get_metrics())
+
+    @torch.no_grad()
+    def push_head(self) -> None:
+        load_colocated_draft_weights(self._trainer.vllm_generation.llm, vllm_draft_weights(self._head))
+        self._draft_stale = False
+
+
+class VLLMServerRollout(VLLMRollout):
+    """A `bebop-trl vllm-serve` server (`vllm_mode="server"`). Only the main process talks to the server: it
+    reads the counters (the other processes report none, and the gather sums) and streams the head's weights."""
+
+    def read_counters(self) -> AcceptanceCounts:
+        trainer = self._trainer
+        if not trainer.accelerator.is_main_process:
+            return AcceptanceCounts()
+        generation = trainer.vllm_generation
+        base_url = generation.server_base_url or f"http://{generation.server_host}:{generation.server_port}"
+        return read_server_counters(base_url)
+
+    @torch.no_grad()
+    def push_head(self) -> None:
+        trainer = self._trainer
+        if trainer.accelerator.is_main_process:  # TRL's client lives on the main process only
+            push_draft_weights_to_server(trainer.vllm_generation.vllm_client, vllm_draft_weights(self._head))
+        self._draft_stale = False
+
+
+def vllm_rollout(
+    trainer: Any, head: MTPHead, trl_generate: TRLGenerate, exactness: VLLMExactness | None
+) -> VLLMRollout:
+    """The vLLM backend of the trainer's `vllm_mode`."""
+    backend = VLLMColocateRollout if trainer.vllm_generation.mode == "colocate" else VLLMServerRollout
+    return backend(trainer, head, trl_generate, exactness)
+
+
+def guard_colocated_vllm(args: Any) -> VLLMExactness | None:
+    """The exactness guard of colocated vLLM rollouts (in server mode the engine is the server's, which
+    `bebop-trl vllm-serve` guards). Every process applies the fixes of its own engine; the local main process runs
+    the self-test first, so the others read its cached result."""
+    from accelerate import PartialState
+
+    if args.vllm_mode != "colocate":
+        return None
+    with PartialState().local_main_process_first():
+        return guard_vllm_exactness(
+            apply_shims=args.vllm_compat_shims, self_test=args.vllm_self_test, allow_inexact=args.vllm_allow_inexact
+        )
+
+
+def export_draft_for_vllm(policy: Any, args: Any, head: MTPHead | None) -> dict[str, Any]:
+    """Writes the head as vLLM's draft checkpoint under `output_dir/vllm_draft` (once per machine) and returns the
+    speculative config of vLLM's engine. A native Qwen3.5 / Qwen3-Next head is the policy checkpoint itself.
+
+    Args:
+        policy: The policy, or its Hub id or folder.
+        args: The trainer's `BebopGRPOConfig` (`mtp_head`, `output_dir`, `num_speculative_tokens`,
+            `draft_sampling`).
+        head: The head given to the trainer, or None to load `args.mtp_head`.
+    """
+    from accelerate import PartialState
+
+    policy_path = policy if isinstance(policy, str) else policy.config.name_or_path
+    draft = dict(num_speculative_tokens=args.num_speculative_tokens, draft_sampling=args.draft_sampling)
+    if head is None and args.mtp_head == "native":
+        # vLLM reads the native mtp.* weights from the policy itself.
+        return vllm_speculative_config(MTPHeadConfig(layout=MTP_LAYOUT), policy_path, **draft)
+    if head is None:
+        head = MTPHead.from_pretrained(args.mtp_head)
+    folder = os.path.join(args.output_dir, DRAFT_DIR)
+    state = PartialState()
+    with state.local_main_process_first():
+        if state.is_local_main_process:
+            target_config = None if isinstance(policy, str) else policy.config
+            if target_config is None and head.config.layout == MTP_LAYOUT:
+                from transformers import AutoConfig
+
+                target_config = AutoConfig.from_pretrained(policy_path)
+            head.export_vllm(folder, target_config=target_config)
+    return vllm_speculative_config(head.config, folder, **draft)
