@@ -15,8 +15,9 @@ drafting modes: acceptance per position and accepted drafts per cycle. The base 
 
 Each head is saved under `--work-dir` and each measurement added to `--output` as soon as it is made, so an
 interrupted run resumes where it stopped. Workers with disjoint `--seeds` (or `--losses`, `--stages`) may run at once
-on the same `--output`: they merge their measurements under a file lock, and the table covers every head measured. The table (mean and standard deviation over seeds) goes to stdout and to
-the Markdown file next to `--output`, the plot of position-1 acceptance per loss next to it.
+on the same `--output`: they merge their measurements under a file lock, and the table covers every head measured.
+The table (mean and standard deviation over seeds) goes to stdout and to the Markdown file next to `--output`, the
+plot of position-1 acceptance per loss next to it.
 
     nohup .venv/bin/python benchmarks/study_protocol.py --base-head outputs/heads/smollm2-eagle3-ce \\
         > outputs/logs/study-protocol.log 2>&1 &
@@ -212,6 +213,7 @@ def main() -> None:
     base = MTPHead.from_pretrained(args.base_head, policy=policy)
 
     results = {"settings": vars(args), "base": None, "runs": {}}
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     lock = FileLock(args.output + ".lock")
 
     def merge_stored() -> None:
@@ -226,7 +228,6 @@ def main() -> None:
             results["runs"] = {**stored["runs"], **results["runs"]}
 
     def save() -> None:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
         with lock:
             merge_stored()
             with open(args.output, "w", encoding="utf-8") as f:

@@ -51,6 +51,9 @@ class RolloutBackend(abc.ABC):
     the trainer it serves and lives as long as it.
     """
 
+    def __init__(self) -> None:
+        self._rounds = 0  # a backend counts its training rounds as it generates them
+
     @abc.abstractmethod
     def generate(self, prompt_ids: list[list[int]], *, train: bool, **trl_inputs: Any) -> RolloutResult:
         """One round of rollouts for `prompt_ids`.
@@ -64,9 +67,9 @@ class RolloutBackend(abc.ABC):
         """
 
     @property
-    @abc.abstractmethod
     def rounds(self) -> int:
         """Training rounds generated so far (restored on resume)."""
+        return self._rounds
 
     def watch_epoch(self, epoch_iterator: Iterator) -> Iterator:
         """The trainer's epoch iterator, as the backend needs to see it (a backend that looks ahead wraps it)."""
@@ -84,9 +87,9 @@ class RolloutBackend(abc.ABC):
         """What a checkpoint stores to resume generating exactly where the run stopped."""
         return {"rollout_round": self.rounds}
 
-    @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores [`state_dict`][bebop_trl.rollout.RolloutBackend.state_dict]."""
+        self._rounds = state["rollout_round"]
 
     def close(self) -> None:
         """Releases what the backend started (threads); called when training ends."""

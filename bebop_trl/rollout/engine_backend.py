@@ -29,18 +29,11 @@ class EngineRollout(RolloutBackend):
     """
 
     def __init__(self, trainer: Any, head: MTPHead | None):
+        super().__init__()
         self._trainer = trainer
         self._head = head
-        self._rounds = 0
         self._eval_rounds = 0
         self._draft_length: AdaptiveDraftLength | None = None
-
-    @property
-    def rounds(self) -> int:
-        return self._rounds
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rounds = state["rollout_round"]
 
     def generate(self, prompt_ids: list[list[int]], *, train: bool, **trl_inputs: Any) -> RolloutResult:
         reject_images(trl_inputs)

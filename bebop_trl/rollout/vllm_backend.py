@@ -31,18 +31,18 @@ _COUNTER_FIELDS = {
 def counts_from_llm_metrics(metrics: Iterable[Any]) -> AcceptanceCounts:
     """vLLM's cumulative spec-decode counters (summed over engines) from `vllm.LLM.get_metrics()`, a list of
     `Counter` / `Vector` snapshots; subtract two readings to get a round's."""
-    counts = _CountsReader()
+    counts = AcceptanceCounts()
     for metric in metrics:
         if metric.name == ACCEPTED_PER_POSITION:
-            counts.add_positions(dict(enumerate(metric.values)))
+            counts += _positions_sample(dict(enumerate(metric.values)))
         else:
-            counts.add(metric.name, getattr(metric, "value", 0))
-    return counts.counts
+            counts += _counter_sample(metric.name, getattr(metric, "value", 0))
+    return counts
 
 
 def counts_from_prometheus_text(text: str) -> AcceptanceCounts:
     """vLLM's cumulative spec-decode counters from a server's `/metrics` page (Prometheus text format)."""
-    counts = _CountsReader()
+    counts = AcceptanceCounts()
     for line in text.splitlines():
         if not line.startswith("vllm:spec_decode_num"):
             continue
@@ -52,28 +52,24 @@ def counts_from_prometheus_text(text: str) -> AcceptanceCounts:
         if name == ACCEPTED_PER_POSITION:
             position = _label(labels, "position")
             if position is not None:
-                counts.add_positions({int(position): float(value)})
+                counts += _positions_sample({int(position): float(value)})
         else:
-            counts.add(name, float(value))
-    return counts.counts
+            counts += _counter_sample(name, float(value))
+    return counts
 
 
-class _CountsReader:
-    """Accumulates vLLM's counter samples (several engines may report the same counter) into counts."""
+def _counter_sample(name: str, value: float) -> AcceptanceCounts:
+    """One engine's sample of a scalar counter (empty for a counter that is not a spec-decode count)."""
+    attribute = _COUNTER_FIELDS.get(name)
+    return AcceptanceCounts(**{attribute: int(value)}) if attribute is not None else AcceptanceCounts()
 
-    def __init__(self) -> None:
-        self.counts = AcceptanceCounts()
 
-    def add(self, name: str, value: float) -> None:
-        attribute = _COUNTER_FIELDS.get(name)
-        if attribute is not None:
-            setattr(self.counts, attribute, getattr(self.counts, attribute) + int(value))
-
-    def add_positions(self, values: dict[int, float]) -> None:
-        positions = self.counts.accepted_per_position
-        for position, count in values.items():
-            positions.extend([0] * (position + 1 - len(positions)))
-            positions[position] += int(count)
+def _positions_sample(values: dict[int, float]) -> AcceptanceCounts:
+    """One engine's sample of the accepted-per-position counter, {position: count}."""
+    positions = [0] * (max(values, default=-1) + 1)
+    for position, count in values.items():
+        positions[position] = int(count)
+    return AcceptanceCounts(accepted_per_position=positions)
 
 
 def _label(labels: str, key: str) -> str | None:
@@ -131,6 +127,13 @@ def sync_colocated_policy(generation: Any, fallback: Callable[[], None]) -> None
         generation._llm_weights_sleeping = False
     runner.reload_weights(weights_iterator=generation._iter_named_params())
     generation.llm.reset_prefix_cache()
+
+
+def route_policy_sync_through_reload(generation: Any) -> None:
+    """Makes TRL's colocated `generation.sync_weights()` (called before every generation) run
+    [`sync_colocated_policy`][bebop_trl.rollout.vllm_backend.sync_colocated_policy], TRL's own sync as its fallback."""
+    trl_sync = generation.sync_weights
+    generation.sync_weights = lambda: sync_colocated_policy(generation, fallback=trl_sync)
 
 
 def load_colocated_draft_weights(llm: Any, weights: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,6 @@ from .vllm_backend import (
     load_colocated_draft_weights,
     push_draft_weights_to_server,
     read_server_counters,
-    sync_colocated_policy,
 )
 from .vllm_exactness import VLLMExactness, guard_vllm_exactness
 
@@ -45,21 +44,14 @@ class VLLMRollout(RolloutBackend):
     """
 
     def __init__(self, trainer: Any, head: MTPHead, trl_generate: TRLGenerate, exactness: VLLMExactness | None):
+        super().__init__()
         self._trainer = trainer
         self._head = head
         self._trl_generate = trl_generate
         self._exactness = exactness
-        self._rounds = 0
         self._counters = AcceptanceCounts()
         # Whether vLLM's drafter still runs older head weights than `head` (after online updates or a resume).
         self._draft_stale = False
-
-    @property
-    def rounds(self) -> int:
-        return self._rounds
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rounds = state["rollout_round"]
 
     def head_updated(self) -> None:
         self._draft_stale = True
@@ -86,7 +78,6 @@ class VLLMRollout(RolloutBackend):
                 torch.tensor([float(counts.num_draft_tokens)], dtype=torch.float64),
             )
         k = self._trainer.args.num_speculative_tokens
-        counts.accepted_per_position = counts.positions(k)
         return RolloutResult(completion_ids, logprobs, counts, k, seconds, fit_points=fit_points)
 
     def read_counters(self) -> AcceptanceCounts:
@@ -98,6 +89,8 @@ class VLLMRollout(RolloutBackend):
         raise NotImplementedError
 
     def _policy_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+        """The sampling log-probs of vLLM's completions, recomputed with the policy (for a build whose own are
+        wrong): vLLM's copy of the policy holds the same weights, so these are the log-probs it sampled from."""
         trainer = self._trainer
         with current_policy(trainer) as policy, eval_mode(policy):
             return completion_logprobs(
@@ -112,14 +105,7 @@ class VLLMRollout(RolloutBackend):
 
 
 class VLLMColocateRollout(VLLMRollout):
-    """vLLM in the trainer's process (`vllm_mode="colocate"`). TRL's policy weight sync goes through vLLM's
-    in-place reload where the build has it (see [`sync_colocated_policy`][bebop_trl.rollout.vllm_backend.sync_colocated_policy])."""
-
-    def __init__(self, trainer: Any, head: MTPHead, trl_generate: TRLGenerate, exactness: VLLMExactness | None):
-        super().__init__(trainer, head, trl_generate, exactness)
-        generation = trainer.vllm_generation
-        trl_sync = generation.sync_weights
-        generation.sync_weights = lambda: sync_colocated_policy(generation, fallback=trl_sync)
+    """vLLM in the trainer's process (`vllm_mode="colocate"`)."""
 
     def read_counters(self) -> AcceptanceCounts:
         return counts_from_llm_metrics(self._trainer.vllm_generation.llm.get_metrics())

@@ -15,7 +15,7 @@ from ..modeling import MTPHead
 from ..modeling.teacher_forcing import drafting_slots, policy_hidden_states
 from ..rollout.base import RolloutBackend, RolloutResult
 from ..rollout.engine_backend import BackgroundEngineRollout, EngineRollout
-from ..rollout.vllm_backend import speculative_llm
+from ..rollout.vllm_backend import route_policy_sync_through_reload, speculative_llm
 from ..rollout.vllm_rollout import export_draft_for_vllm, guard_colocated_vllm, vllm_rollout
 from ..speculative import AcceptanceCounts
 from ..speculative.engine import eval_mode
@@ -89,6 +89,9 @@ class BebopGRPOTrainer(GRPOTrainer):
         self.mtp_head = self._load_head(head) if isinstance(args, BebopGRPOConfig) or head is not None else None
         self._rollout: RolloutBackend | None = None
         if vllm_rollouts:
+            if args.vllm_mode == "colocate":
+                # TRL syncs the policy into vLLM before generating, with or without a head.
+                route_policy_sync_through_reload(self.vllm_generation)
             if self.mtp_head is not None:
                 trl_generate = functools.partial(GRPOTrainer._generate_single_turn, self)
                 self._rollout = vllm_rollout(self, self.mtp_head, trl_generate, exactness)
