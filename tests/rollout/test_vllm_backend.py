@@ -17,6 +17,7 @@ from bebop_trl.rollout.vllm_backend import (
 )
 from bebop_trl.rollout.vllm_rollout import VLLMServerRollout
 from bebop_trl.speculative import AcceptanceCounts
+from bebop_trl.vllm_serve import api_server_command
 from bebop_trl.vllm_serve import main as vllm_serve
 
 
@@ -85,7 +86,9 @@ def test_vllm_serve_exports_the_head_and_passes_its_speculative_config(load_tiny
     ]  # fmt: skip
     vllm_serve(argv)
     command = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
-    assert command[:3] == ["VLLM_SERVER_DEV_MODE=1", "vllm", "serve"] and command[3] == tiny_checkpoints["llama"]
+    assert command[0] == "VLLM_SERVER_DEV_MODE=1"
+    assert command[command.index("vllm.entrypoints.cli.main") + 1 :][:2] == ["serve", tiny_checkpoints["llama"]]
+    assert json.loads(command[command.index("--weight-transfer-config") + 1]) == {"backend": "nccl"}
     spec = json.loads(command[command.index("--speculative-config") + 1])
     assert spec == {
         "method": "eagle",
@@ -94,6 +97,27 @@ def test_vllm_serve_exports_the_head_and_passes_its_speculative_config(load_tiny
         "draft_sample_method": "greedy",
     }
     assert (draft_dir / "model.safetensors").is_file() and command[-2:] == ["--max-num-seqs", "8"]
+
+
+def test_vllm_serve_selects_the_file_weight_transfer(load_tiny, tiny_checkpoints, tmp_path, capsys):
+    MTPHead.from_model(load_tiny("llama")).save_pretrained(tmp_path / "head")
+    argv = [
+        "--model", tiny_checkpoints["llama"], "--mtp_head", str(tmp_path / "head"), "--draft_dir", str(tmp_path / "d"),
+        "--weight_transfer", "file", "--dry_run", "true",
+    ]  # fmt: skip
+    vllm_serve(argv)
+    command = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert command.count("--weight-transfer-config") == 1
+    assert json.loads(command[command.index("--weight-transfer-config") + 1]) == {"backend": "bebop_file"}
+
+
+def test_api_server_command_starts_the_same_server_without_the_command_line():
+    command = ["python", "-m", "vllm.entrypoints.cli.main", "serve", "my/model", "--port", "8000"]
+    assert api_server_command(command) == [
+        "python", "-m", "vllm.entrypoints.openai.api_server", "--model", "my/model", "--port", "8000",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="not a `vllm serve` command"):
+        api_server_command(["python", "-m", "vllm.entrypoints.cli.main", "bench"])
 
 
 class RecordingClient:

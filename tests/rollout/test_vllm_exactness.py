@@ -124,7 +124,9 @@ def test_vllm_serve_runs_the_guard_and_hands_the_shims_to_the_server(
     argv += ["--draft_dir", str(tmp_path / "draft"), "--dry_run", "true"]
     vllm_serve(argv)
     command = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
-    assert command[:3] == ["VLLM_SERVER_DEV_MODE=1", f"{compat.SHIMS_ENV}=vllm_cpu_rejection_sampler_expand", "vllm"]
+    assert command[:2] == ["VLLM_SERVER_DEV_MODE=1", f"{compat.SHIMS_ENV}=vllm_cpu_rejection_sampler_expand"]
+    # vllm-cpu's command line cannot start a server: the API server module serves instead.
+    assert command[command.index("-m") + 1 :][:3] == ["vllm.entrypoints.openai.api_server", "--model", argv[1]]
     assert fake_vllm["self_tests"] == [], "a dry run measures nothing"
     with pytest.raises(RuntimeError, match="known to sample the wrong law"):
         vllm_serve([*argv, "--vllm_compat_shims", "false"])

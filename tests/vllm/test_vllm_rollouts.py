@@ -158,6 +158,19 @@ def test_online_head_updates_and_policy_updates_reach_vllm(tiny_llama_dir, train
     vllm_embedding = runner.get_model().model.embed_tokens.weight[: len(policy_embedding)].float()
     assert (policy_embedding - initial_embedding).abs().max() > 0.05
     torch.testing.assert_close(vllm_embedding, policy_embedding, atol=1e-2, rtol=1e-2)
+    # ...and samples from them: its log-probs are the trained policy's (the tiny Llama ties its output layer to the
+    # embeddings, which vLLM's CPU backend keeps a packed copy of; see repack_tied_output_layer).
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = tokenizer(PROMPTS[150])["input_ids"]
+    params = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, logprobs=0, n=4, seed=0)
+    (output,) = trainer.vllm_generation.llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+    completions = [list(o.token_ids) for o in output.outputs]
+    served = [[next(iter(step.values())).logprob for step in o.logprobs] for o in output.outputs]
+    expected = completion_logprobs(trainer.model, [prompt] * 4, completions, temperature=1.0, top_k=0, top_p=1.0)
+    for got, want in zip(served, expected, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=0.1, rtol=0)
 
     # Head: vLLM's CPU backend repacks the draft's linear weights, so check pushes by their effect on acceptance.
     held_out = [tokenizer(p)["input_ids"] for p in PROMPTS[128:160]]

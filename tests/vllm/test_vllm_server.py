@@ -15,7 +15,6 @@ from bebop_trl.vllm_serve import DraftArguments, serve_command
 
 from .conftest import PROMPTS
 from .test_vllm_rollouts import K, acceptance_per_position
-from .vllm_cpu_cli import api_server_command
 
 
 pytestmark = pytest.mark.vllm
@@ -39,7 +38,7 @@ def server(tiny_checkpoints, trained_head, tmp_path):
     draft_args = DraftArguments(
         mtp_head=trained_head("qwen3"), num_speculative_tokens=K, draft_sampling="greedy", draft_dir=str(tmp_path)
     )
-    command = api_server_command(serve_command(script_args, draft_args, []))
+    command = serve_command(script_args, draft_args, [])
     log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed after the server stops)
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
