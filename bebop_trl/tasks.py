@@ -2,7 +2,7 @@
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -99,9 +99,7 @@ ANSWER_SOURCES = ("completion", "last_number")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def reasoning_gym_reward(
-    task: str = "basic_arithmetic", answer_from: str = "completion"
-) -> Callable[..., list[float]]:
+def reasoning_gym_reward(task: str = "basic_arithmetic", answer_from: str = "completion") -> "ReasoningGymReward":
     """A GRPO reward function that scores completions with the task's own verifier.
 
     Args:
@@ -114,29 +112,41 @@ def reasoning_gym_reward(
     Returns:
         A reward function `(completions, entry, **kwargs) -> list[float]` for `trl.GRPOTrainer`: `entry` is the
         column of [`reasoning_gym_dataset`][bebop_trl.tasks.reasoning_gym_dataset]; conversational completions are
-        scored on their text.
+        scored on their text. It pickles, as TRL's async rollout worker needs.
 
     Raises:
         ValueError: If `answer_from` is not one of `ANSWER_SOURCES`.
     """
-    if answer_from not in ANSWER_SOURCES:
-        raise ValueError(f"answer_from must be one of {ANSWER_SOURCES}, got {answer_from!r}.")
-    import reasoning_gym
+    return ReasoningGymReward(task, answer_from)
 
-    score_answer = reasoning_gym.get_score_answer_fn(task)
 
-    def answer(text: str) -> str:
-        if answer_from == "completion":
+class ReasoningGymReward:
+    """The reward function of [`reasoning_gym_reward`][bebop_trl.tasks.reasoning_gym_reward]."""
+
+    def __init__(self, task: str, answer_from: str):
+        if answer_from not in ANSWER_SOURCES:
+            raise ValueError(f"answer_from must be one of {ANSWER_SOURCES}, got {answer_from!r}.")
+        import reasoning_gym
+
+        self.task, self.answer_from = task, answer_from
+        self._score_answer = reasoning_gym.get_score_answer_fn(task)
+        # TRL logs each reward under its function's name.
+        self.__name__ = f"{task}_reward" if answer_from == "completion" else f"{task}_{answer_from}_reward"
+
+    def __reduce__(self):
+        return ReasoningGymReward, (self.task, self.answer_from)
+
+    def answer(self, text: str) -> str:
+        if self.answer_from == "completion":
             return text.strip()
         numbers = _NUMBER.findall(text)
         return numbers[-1] if numbers else ""
 
-    def reward(completions: list[Any], entry: list[str], **kwargs: Any) -> list[float]:
+    def __call__(self, completions: list[Any], entry: list[str], **kwargs: Any) -> list[float]:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return [float(score_answer(answer(text), json.loads(e))) for text, e in zip(texts, entry, strict=True)]
-
-    reward.__name__ = f"{task}_reward" if answer_from == "completion" else f"{task}_{answer_from}_reward"
-    return reward
+        return [
+            float(self._score_answer(self.answer(text), json.loads(e))) for text, e in zip(texts, entry, strict=True)
+        ]
 
 
 def split_distinct_prompts(

@@ -12,16 +12,14 @@ from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
 from ..modeling import MTPHead
-from ..modeling.teacher_forcing import drafting_slots, policy_hidden_states
 from ..rollout.base import RolloutBackend, RolloutResult
 from ..rollout.engine_backend import BackgroundEngineRollout, EngineRollout
 from ..rollout.vllm_backend import route_policy_sync_through_reload, speculative_llm
 from ..rollout.vllm_rollout import export_draft_for_vllm, guard_colocated_vllm, vllm_rollout
 from ..speculative import AcceptanceCounts
-from ..speculative.engine import eval_mode
 from .acceptance_fit import AcceptanceEntropyFit
 from .grpo_config import BebopGRPOConfig
-from .head_loss import teacher_forced_head_loss
+from .head_loss import average_head_gradients, online_head_step
 
 
 FIT_NAME = "acceptance_entropy_fit"
@@ -239,48 +237,25 @@ class BebopGRPOTrainer(GRPOTrainer):
         if self._head_optimizer is None:
             self._head_optimizer = torch.optim.AdamW(head.parameters(), lr=args.mtp_online_learning_rate)
         input_ids, attention_mask = _prompt_and_completion(output)
-        is_completion = torch.cat([torch.zeros_like(output["prompt_mask"]), output["completion_mask"]], dim=1).bool()
-        policy = self.accelerator.unwrap_model(self.model)
-        with torch.no_grad(), eval_mode(policy):
-            policy_hidden, aux_hidden = policy_hidden_states(policy, input_ids, attention_mask, head.aux_layers)
-        head.train().requires_grad_(True)
-        try:
-            result = teacher_forced_head_loss(
-                head,
-                input_ids,
-                policy_hidden,
-                attention_mask,
-                num_steps=args.num_speculative_tokens,
-                loss_type=args.mtp_online_update,
-                temperature=self.temperature,
-                slot_mask=drafting_slots(is_completion, args.num_speculative_tokens),
-                aux_hidden=aux_hidden,
-            )
-            if not torch.isfinite(result.loss):
-                raise FloatingPointError(
-                    f"The online head update's {args.mtp_online_update} loss is {result.loss.item()} at step "
-                    f"{self.state.global_step}; lower mtp_online_learning_rate or mtp_online_max_grad_norm."
-                )
-            result.loss.backward()
-            self._average_head_gradients()
-            grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), args.mtp_online_max_grad_norm)
-            self._head_optimizer.step()
-            self._head_optimizer.zero_grad(set_to_none=True)
-        finally:
-            head.eval().requires_grad_(False)
+        is_completion = torch.cat([torch.zeros_like(output["prompt_mask"]), output["completion_mask"]], dim=1)
+        result, grad_norm = online_head_step(
+            head,
+            self._head_optimizer,
+            self.accelerator.unwrap_model(self.model),
+            input_ids,
+            attention_mask,
+            is_completion,
+            num_steps=args.num_speculative_tokens,
+            loss_type=args.mtp_online_update,
+            temperature=self.temperature,
+            max_grad_norm=args.mtp_online_max_grad_norm,
+            average_gradients=functools.partial(average_head_gradients, self.accelerator, head),
+        )
         metrics = self._metrics["train"]
         metrics["mtp_online/loss"].append(self.accelerator.gather(result.loss.detach()).mean().item())
         metrics["mtp_online/grad_norm"].append(float(grad_norm))
         for j, acceptance in enumerate(self.accelerator.gather(result.acceptance.unsqueeze(0)).mean(0).tolist()):
             metrics[f"mtp_online/acceptance_step_{j + 1}"].append(acceptance)
-
-    def _average_head_gradients(self) -> None:
-        """Averages the head's gradients over processes, so every process keeps the same head."""
-        if self.accelerator.num_processes == 1:
-            return
-        for param in self.mtp_head.parameters():
-            if param.grad is not None:
-                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
 
     # ----------------------------------------------------------------------------------------------- metrics
 

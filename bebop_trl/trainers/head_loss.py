@@ -1,11 +1,19 @@
-"""The head's teacher-forced loss on a batch, shared by the MTP trainer and the GRPO trainer's online updates."""
+"""The head's teacher-forced loss on a batch, shared by the MTP trainer and the GRPO trainers' online updates."""
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..modeling import MTPHead
-from ..modeling.teacher_forcing import slot_targets, unroll_teacher_forced
+from ..modeling.teacher_forcing import drafting_slots, policy_hidden_states, slot_targets, unroll_teacher_forced
 from ..ops import MTPLossOutput, mtp_loss
 from ..ops.chunked import policy_log_normalizer as log_normalizer
+from ..speculative.engine import eval_mode
+
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def teacher_forced_head_loss(
@@ -85,3 +93,78 @@ def teacher_forced_head_loss(
         kl_decay=kl_decay,
         **tiling,
     )
+
+
+def online_head_step(
+    head: MTPHead,
+    optimizer: torch.optim.Optimizer,
+    policy: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor,
+    is_completion: torch.Tensor,
+    *,
+    num_steps: int,
+    loss_type: str,
+    temperature: float,
+    max_grad_norm: float,
+    average_gradients: Callable[[], None] = lambda: None,
+) -> tuple[MTPLossOutput, float]:
+    """One optimizer step of the head on rollouts, the RL trainers' online update; the policy only provides hidden
+    states (no gradient), and the head learns to draft where rollouts draft: after the prompt.
+
+    Args:
+        head: The head, bound to `policy`, in float32 (its master weights).
+        optimizer: The head's optimizer.
+        policy: The policy as it generated the rollouts.
+        input_ids: [B, T] prompts and completions.
+        attention_mask: [B, T] padding mask.
+        is_completion: [B, T] True at completion tokens.
+        num_steps: Draft steps (the rollouts' tokens per cycle).
+        loss_type: A loss type of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
+        temperature: The rollouts' sampling temperature.
+        max_grad_norm: Gradient clipping of the head.
+        average_gradients: Averages the head's gradients over processes (several processes keep one head).
+
+    Returns:
+        The loss output and the gradient norm before clipping.
+
+    Raises:
+        FloatingPointError: If the loss is not finite (the head is left unchanged).
+    """
+    with torch.no_grad(), eval_mode(policy):
+        policy_hidden, aux_hidden = policy_hidden_states(policy, input_ids, attention_mask, head.aux_layers)
+    head.train().requires_grad_(True)
+    try:
+        result = teacher_forced_head_loss(
+            head,
+            input_ids,
+            policy_hidden,
+            attention_mask,
+            num_steps=num_steps,
+            loss_type=loss_type,
+            temperature=temperature,
+            slot_mask=drafting_slots(is_completion.bool(), num_steps),
+            aux_hidden=aux_hidden,
+        )
+        if not torch.isfinite(result.loss):
+            raise FloatingPointError(
+                f"The online head update's {loss_type} loss is {result.loss.item()}; lower mtp_online_learning_rate "
+                "or mtp_online_max_grad_norm."
+            )
+        result.loss.backward()
+        average_gradients()
+        grad_norm = torch.nn.utils.clip_grad_norm_(head.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    finally:
+        head.eval().requires_grad_(False)
+    return result, float(grad_norm)
+
+
+def average_head_gradients(accelerator: "Accelerator", head: MTPHead) -> None:
+    """Averages the head's gradients over processes, so every process keeps the same head."""
+    if accelerator.num_processes == 1:
+        return
+    for param in head.parameters():
+        if param.grad is not None:
+            param.grad = accelerator.reduce(param.grad, reduction="mean")

