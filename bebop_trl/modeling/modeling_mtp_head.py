@@ -24,6 +24,7 @@ from .hub import (
     resolve_file,
     save_tensors,
 )
+from .transformers_cache import cache_of, with_cache
 
 
 logger = logging.getLogger(__name__)
@@ -335,10 +336,10 @@ class MTPHead(nn.Module):
             inputs_embeds=projected,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **with_cache(past_key_values),
             use_cache=use_cache,
         )
-        return MTPHeadOutput(out.last_hidden_state, out.past_key_values if use_cache else None)
+        return MTPHeadOutput(out.last_hidden_state, cache_of(out) if use_cache else None)
 
     def new_cache(self) -> DynamicCache:
         """An empty KV cache for drafting with this head."""

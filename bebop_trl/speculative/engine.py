@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache
 
 from ..modeling import MTPHead
 from ..modeling.teacher_forcing import positions_from_mask
+from ..modeling.transformers_cache import with_cache
 from .draft_length import AUTO_MAX_DRAFT_TOKENS, AdaptiveDraftLength, calibrate_draft_length
 from .rejection import rejection_sample
 from .sampling import probs_from_logits, sample, validate_sampling_params
@@ -399,7 +400,7 @@ class SpeculativeGenerator:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=policy_cache,
+            **with_cache(policy_cache),
             use_cache=True,
             output_hidden_states=self.head is not None,
             logits_to_keep=1,
@@ -460,7 +461,7 @@ class SpeculativeGenerator:
             input_ids=torch.cat([state.next_token.unsqueeze(-1), draft_tokens], dim=-1),
             attention_mask=torch.cat([state.attention_mask, state.attention_mask.new_ones(batch_size, k + 1)], dim=-1),
             position_ids=state.position.unsqueeze(-1) + torch.arange(k + 1, device=device),
-            past_key_values=state.policy_cache,
+            **with_cache(state.policy_cache),
             use_cache=True,
             output_hidden_states=self.head is not None,
         )

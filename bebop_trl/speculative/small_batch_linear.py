@@ -57,7 +57,7 @@ def small_batch_linear(*modules: nn.Module | None) -> Iterator[None]:
     Example:
         ```python
         with small_batch_linear(policy, head):
-            policy(input_ids=next_tokens, past_key_values=cache, use_cache=True)
+            policy(input_ids=next_tokens, cache=cache, use_cache=True)
         ```
     """
     # A layer reachable from several of the modules is routed once.

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from ..modeling import MTPHead
 from ..modeling.teacher_forcing import positions_from_mask
+from ..modeling.transformers_cache import with_cache
 from .sampling import probs_from_logits, sample
 
 
@@ -48,7 +49,7 @@ def time_cycle_steps(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=policy_cache,
+        **with_cache(policy_cache),
         output_hidden_states=True,
         logits_to_keep=1,
     )
@@ -72,7 +73,7 @@ def time_cycle_steps(
             input_ids=last_token.expand(-1, num_tokens),
             attention_mask=mask,
             position_ids=next_position + torch.arange(num_tokens, device=device),
-            past_key_values=policy_cache,
+            **with_cache(policy_cache),
             use_cache=True,
             output_hidden_states=num_tokens > 1,
         )

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from bebop_trl.modeling.transformers_cache import cache_of, with_cache
 from bebop_trl.speculative import SpeculativeGenerator
 from bebop_trl.speculative import small_batch_linear as small_batch_module
 from bebop_trl.speculative.small_batch_linear import MAX_ROWS, small_batch_linear
@@ -47,7 +48,7 @@ def cached_logits(
     """Logits of the last `new_tokens` of `ids` over a cache of the others (which is always built with F.linear)."""
     outputs = policy(input_ids=ids[:, :-new_tokens], use_cache=True)
     with small_batch_linear(policy) if small_batch else contextlib.nullcontext():
-        return policy(input_ids=ids[:, -new_tokens:], past_key_values=outputs.past_key_values).logits
+        return policy(input_ids=ids[:, -new_tokens:], **with_cache(cache_of(outputs))).logits
 
 
 @pytest.mark.parametrize("new_tokens", [1, 4, MAX_ROWS // 2 + 1])
