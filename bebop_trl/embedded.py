@@ -68,7 +68,7 @@ def _convert_gguf(package_dir: str, target: str) -> None:
     # A model loaded from GGUF keeps a quantization_config and cannot be saved as is: rebuild it from a clean config.
     config = gguf_model.config
     del config.quantization_config
-    config._name_or_path = SMOLLM2_REPO_ID
+    config.name_or_path = SMOLLM2_REPO_ID
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
@@ -95,7 +95,7 @@ def load_smollm2(
     """
     path = smollm2_path(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    model.config._name_or_path = model.name_or_path = SMOLLM2_REPO_ID
+    model.config.name_or_path = model.name_or_path = SMOLLM2_REPO_ID
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     return model, tokenizer

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .._compat import vllm_model_runner as _model_runner
 from ..speculative import AcceptanceCounts
 
 
@@ -101,10 +102,6 @@ def speculative_llm(speculative_config: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         vllm_generation.LLM = original
-
-
-def _model_runner(llm: Any) -> Any:
-    return llm.llm_engine.model_executor.driver_worker.model_runner
 
 
 def sync_colocated_policy(generation: Any, fallback: Callable[[], None]) -> None:

@@ -14,6 +14,7 @@ from trl.experimental.async_grpo import AsyncGRPOTrainer
 from trl.experimental.async_grpo import async_grpo_trainer as trl_async_grpo
 from trl.experimental.async_grpo.packing import TREE_ATTENTION
 
+from .._compat import attn_implementation, trl_supports_response_template
 from ..modeling import MTPHead
 from ..modeling.vllm_export import vllm_draft_weights
 from ..rollout.file_weight_transfer import FileWeightTransfer
@@ -217,7 +218,6 @@ def with_response_parser(tokenizer: Any) -> Any:
     TRL adds one for the chat templates it knows. A ChatML template it does not know (SmolLM2's, among others)
     marks turns as Qwen3's does, so it gets TRL's Qwen3 parser; any other template is left to TRL, which names the fix.
     """
-    from trl.chat_template_utils import _SUPPORTS_RESPONSE_TEMPLATE as supports_template
     from trl.chat_template_utils import add_response_schema, qwen3_schema, qwen3_template
 
     if getattr(tokenizer, "response_template", None) is not None or getattr(tokenizer, "response_schema", None):
@@ -227,7 +227,7 @@ def with_response_parser(tokenizer: Any) -> Any:
     except ValueError:
         if "<|im_start|>" not in (getattr(tokenizer, "chat_template", None) or ""):
             raise
-    if supports_template:
+    if trl_supports_response_template():
         tokenizer.response_template = qwen3_template
     else:
         tokenizer.response_schema = qwen3_schema
@@ -293,7 +293,7 @@ def unpack_tree_row(inputs: dict[str, torch.Tensor]) -> tuple[torch.LongTensor, 
 @contextlib.contextmanager
 def attention_implementation(model: PreTrainedModel, implementation: str) -> Iterator[None]:
     """Runs `model` with another attention implementation within the context."""
-    previous = model.config._attn_implementation
+    previous = attn_implementation(model)
     model.set_attn_implementation(implementation)
     try:
         yield

@@ -49,7 +49,9 @@ def _register_file_weight_transfer() -> None:
         from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
     except ImportError:
         return
-    if FILE_WEIGHT_TRANSFER not in WeightTransferEngineFactory._registry:
+    from .._compat import registered_weight_transfer_engines
+
+    if FILE_WEIGHT_TRANSFER not in registered_weight_transfer_engines(WeightTransferEngineFactory):
         WeightTransferEngineFactory.register_engine(
             FILE_WEIGHT_TRANSFER, "bebop_trl.vllm_plugin.weight_transfer", "FileWeightTransferEngine"
         )
