@@ -3,10 +3,14 @@
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 DEFAULT_SYSTEM_PROMPT = "Answer with the final result only."
@@ -147,6 +151,26 @@ class ReasoningGymReward:
         return [
             float(self._score_answer(self.answer(text), json.loads(e))) for text, e in zip(texts, entry, strict=True)
         ]
+
+
+def distinct_prompt_split(
+    tokenizer: "PreTrainedTokenizerBase",
+    task: str = "basic_arithmetic",
+    pool_size: int = 1024,
+    seed: int = 0,
+    held_out: int | float = 0.5,
+    **task_config: Any,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """`(train, held_out)`: the chat-templated prompt ids of a task's pool of `pool_size` questions, split by
+    [`split_distinct_prompts`][bebop_trl.tasks.split_distinct_prompts] into two sets that share no prompt.
+
+    The shipped SmolLM2 head was trained on the policy's samples of the training half of the quickstart task's split
+    (`pool_size=1024`, `seed=0`): its held-out half is held out from that head.
+    """
+    from .trainers.mtp_data import prompt_ids_of
+
+    pool = prompt_ids_of(reasoning_gym_dataset(task, pool_size, seed=seed, **task_config), tokenizer)
+    return split_distinct_prompts(pool, held_out=held_out, seed=seed)
 
 
 def split_distinct_prompts(

@@ -31,6 +31,10 @@ RECIPE_NOISE = ("trainer", "num_train_epochs")
 HEAD_LABELS = {"shipped": "shipped head", "ce": "live head, ce", "e2e_tv": "live head, e2e_tv"}
 
 
+# How the report names `grpo_reward_answer_from`.
+_REWARD_ON = {"completion": "the whole completion", "last_number": "the completion's last number"}
+
+
 def write_report(results: dict[str, Any], output_dir: str) -> dict[str, str]:
     """Writes `report.json`, the plots and `report.md` into `output_dir`.
 
@@ -118,7 +122,7 @@ def _settings_section(results: dict[str, Any]) -> str:
         f"{s['speed_repeats']} repeat(s); step costs are medians of {s['step_cost_repeats']} rounds",
         f"- GRPO: {s['grpo_steps']} steps of {s['grpo_batch_size']} completions ({s['grpo_num_generations']} per "
         f"prompt, up to {s['grpo_max_completion_length']} tokens), {s['grpo_draft_sampling']} drafting, reward: "
-        "the task's verifier",
+        f"the task's verifier on {_REWARD_ON[s.get('grpo_reward_answer_from', 'completion')]}",
     ]
     return "\n".join(lines)
 

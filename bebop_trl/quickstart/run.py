@@ -86,7 +86,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> str:
     results["policy"] = describe_policy(policy, shipped_head)
 
     with clock.stage("self-distillation", f"Self-distilling {settings.num_train_prompts} {settings.task} prompts"):
-        train_prompts, held_out = task_prompts(settings, tokenizer)
+        train_prompts, held_out = task_prompts(settings, tokenizer, shipped_head=shipped_head is not None)
         data, results["self_distillation"] = self_distil(policy, tokenizer, train_prompts, settings)
 
     live_heads, results["training"] = {}, {}

@@ -67,6 +67,8 @@ class QuickstartSettings:
         grpo_num_generations: Completions per prompt (the GRPO group size).
         grpo_max_completion_length: Longest GRPO completion.
         grpo_draft_sampling: Drafting mode of the GRPO rollouts.
+        grpo_reward_answer_from: What the GRPO reward scores: the completion's last number (the 135M policy earns
+            it often enough to learn from; `benchmarks/reward_signal.py`), or the whole completion.
     """
 
     output_dir: str = "outputs/quickstart"
@@ -98,6 +100,7 @@ class QuickstartSettings:
     grpo_num_generations: int = 4
     grpo_max_completion_length: int = 64
     grpo_draft_sampling: str = "probabilistic"
+    grpo_reward_answer_from: str = "last_number"
 
     @classmethod
     def create(cls, fast: bool = False, **fields: Any) -> "QuickstartSettings":

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from ..embedded import SMOLLM2_HEAD_DIR, load_smollm2, load_smollm2_head
 from ..modeling import MTPHead
 from ..speculative import DRAFT_SAMPLING_MODES
-from ..tasks import reasoning_gym_dataset, reasoning_gym_reward, reasoning_gym_split
+from ..tasks import distinct_prompt_split, reasoning_gym_dataset, reasoning_gym_reward, reasoning_gym_split
 from ..trainers import BebopGRPOConfig, BebopGRPOTrainer, MTPConfig, MTPTrainer
 from ..trainers.grpo_trainer import FIT_NAME
 from ..trainers.mtp_data import prompt_ids_of, self_distill
@@ -25,7 +25,7 @@ from .measure import (
     measure_step_costs,
     relative_step_costs,
 )
-from .settings import QuickstartSettings
+from .settings import DEFAULT_TASK, QuickstartSettings
 
 
 SHIPPED = "shipped"
@@ -72,14 +72,24 @@ def describe_policy(policy: PreTrainedModel, shipped_head: MTPHead | None) -> di
 
 
 def task_prompts(
-    settings: QuickstartSettings, tokenizer: PreTrainedTokenizerBase
+    settings: QuickstartSettings, tokenizer: PreTrainedTokenizerBase, shipped_head: bool = False
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Chat-templated prompt token ids of the task's training questions and of held-out questions that no training
-    question repeats (see [`reasoning_gym_split`][bebop_trl.tasks.reasoning_gym_split])."""
+    question repeats (see [`reasoning_gym_split`][bebop_trl.tasks.reasoning_gym_split]).
+
+    With the shipped head on the default task, the held-out questions also come from the half of the task's prompts
+    that the head's training corpus excludes ([`distinct_prompt_split`][bebop_trl.tasks.distinct_prompt_split]), so
+    that the head is measured on prompts it never saw either.
+    """
     train, held_out = reasoning_gym_split(
         settings.task, settings.num_train_prompts, settings.num_eval_prompts, settings.seed, **settings.task_config()
     )
-    return prompt_ids_of(train, tokenizer), prompt_ids_of(held_out, tokenizer)
+    train_ids, held_out_ids = prompt_ids_of(train, tokenizer), prompt_ids_of(held_out, tokenizer)
+    if shipped_head and settings.task == DEFAULT_TASK:
+        _, unseen_by_head = distinct_prompt_split(tokenizer, settings.task, **settings.task_config())
+        trained = {tuple(ids) for ids in train_ids}
+        held_out_ids = [ids for ids in unseen_by_head if tuple(ids) not in trained][: settings.num_eval_prompts]
+    return train_ids, held_out_ids
 
 
 def self_distil(
@@ -259,7 +269,7 @@ def grpo_stage(
     """A short BebopGRPOTrainer run on the task with speculative rollouts drafted by `head`.
 
     It trains `policy` itself (the last stage, so nothing measured earlier sees the update) with the task's own
-    verifier as reward.
+    verifier as reward, on the completion's last number by default.
 
     Returns:
         Per-step figures from the trainer's logs (reward, policy entropy, acceptance overall and per position,
@@ -290,7 +300,7 @@ def grpo_stage(
     policy.requires_grad_(True)
     trainer = BebopGRPOTrainer(
         policy,
-        reasoning_gym_reward(settings.task),
+        reasoning_gym_reward(settings.task, answer_from=settings.grpo_reward_answer_from),
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
