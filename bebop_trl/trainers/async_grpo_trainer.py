@@ -23,7 +23,7 @@ from ..speculative import AcceptanceCounts
 from .acceptance_fit import AcceptanceEntropyFit
 from .async_grpo_config import BebopAsyncGRPOConfig
 from .grpo_trainer import FIT_NAME, HEAD_DIR
-from .head_loss import average_head_gradients, online_head_step
+from .head_loss import as_master_head, average_head_gradients, log_online_head_step, online_head_step
 from .tree_attention import sdpa_tree_attention
 
 
@@ -122,9 +122,7 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
     def _load_head(self) -> MTPHead:
         """The head the server drafts with, bound to the policy, in float32 (the master weights of the updates)."""
         policy = self.accelerator.unwrap_model(self.model)
-        head = MTPHead.from_pretrained(self.args.mtp_head, policy=policy)
-        device = policy.get_input_embeddings().weight.device
-        return head.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        return as_master_head(MTPHead.from_pretrained(self.args.mtp_head, policy=policy), policy)
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -152,11 +150,7 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
                 max_grad_norm=args.mtp_online_max_grad_norm,
                 average_gradients=functools.partial(average_head_gradients, self.accelerator, head),
             )
-        metrics = self._metrics["train"]
-        metrics["mtp_online/loss"].append(self.accelerator.gather(result.loss.detach()).mean().item())
-        metrics["mtp_online/grad_norm"].append(grad_norm)
-        for j, acceptance in enumerate(self.accelerator.gather(result.acceptance.unsqueeze(0)).mean(0).tolist()):
-            metrics[f"mtp_online/acceptance_step_{j + 1}"].append(acceptance)
+        log_online_head_step(self._metrics["train"], self.accelerator, result, grad_norm)
         if self.weight_transfer is not None:
             self.weight_transfer.head_updated()
 

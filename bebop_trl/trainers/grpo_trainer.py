@@ -19,7 +19,7 @@ from ..rollout.vllm_rollout import export_draft_for_vllm, guard_colocated_vllm, 
 from ..speculative import AcceptanceCounts
 from .acceptance_fit import AcceptanceEntropyFit
 from .grpo_config import BebopGRPOConfig
-from .head_loss import average_head_gradients, online_head_step
+from .head_loss import as_master_head, average_head_gradients, log_online_head_step, online_head_step
 
 
 FIT_NAME = "acceptance_entropy_fit"
@@ -118,9 +118,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             head = MTPHead.from_native(policy.config.name_or_path, policy=policy)
         else:
             head = MTPHead.from_pretrained(self.args.mtp_head, policy=policy)
-        device = policy.get_input_embeddings().weight.device
-        # The head's weights stay in float32: they are the master weights of the online updates.
-        return head.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        return as_master_head(head, policy)
 
     def _check_supported(self) -> None:
         """Rejects GRPO options the speculative engine does not implement, naming the way out."""
@@ -251,11 +249,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             max_grad_norm=args.mtp_online_max_grad_norm,
             average_gradients=functools.partial(average_head_gradients, self.accelerator, head),
         )
-        metrics = self._metrics["train"]
-        metrics["mtp_online/loss"].append(self.accelerator.gather(result.loss.detach()).mean().item())
-        metrics["mtp_online/grad_norm"].append(float(grad_norm))
-        for j, acceptance in enumerate(self.accelerator.gather(result.acceptance.unsqueeze(0)).mean(0).tolist()):
-            metrics[f"mtp_online/acceptance_step_{j + 1}"].append(acceptance)
+        log_online_head_step(self._metrics["train"], self.accelerator, result, grad_norm)
 
     # ----------------------------------------------------------------------------------------------- metrics
 

@@ -168,3 +168,20 @@ def average_head_gradients(accelerator: "Accelerator", head: MTPHead) -> None:
     for param in head.parameters():
         if param.grad is not None:
             param.grad = accelerator.reduce(param.grad, reduction="mean")
+
+
+def log_online_head_step(
+    metrics: dict[str, list], accelerator: "Accelerator", result: MTPLossOutput, grad_norm: float
+) -> None:
+    """Appends an online head step's loss, gradient norm and per-step acceptance (averaged over processes) to a
+    trainer's metrics."""
+    metrics["mtp_online/loss"].append(accelerator.gather(result.loss.detach()).mean().item())
+    metrics["mtp_online/grad_norm"].append(float(grad_norm))
+    for j, acceptance in enumerate(accelerator.gather(result.acceptance.unsqueeze(0)).mean(0).tolist()):
+        metrics[f"mtp_online/acceptance_step_{j + 1}"].append(acceptance)
+
+
+def as_master_head(head: MTPHead, policy: torch.nn.Module) -> MTPHead:
+    """The head on the policy's device in float32, frozen between updates: the master weights of online updates."""
+    device = policy.get_input_embeddings().weight.device
+    return head.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
