@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
+import requests
 import torch
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, PreTrainedModel, TrainerCallback
 from trl.experimental.async_grpo import AsyncGRPOTrainer
 from trl.experimental.async_grpo import async_grpo_trainer as trl_async_grpo
 from trl.experimental.async_grpo.packing import TREE_ATTENTION
@@ -20,11 +21,18 @@ from ..modeling.vllm_export import vllm_draft_weights
 from ..rollout.file_weight_transfer import FileWeightTransfer
 from ..rollout.vllm_backend import read_server_counters
 from ..speculative import AcceptanceCounts
+from ..speculative.engine import eval_mode
+from ..speculative.exactness import completion_logprobs
 from .acceptance_fit import AcceptanceEntropyFit
 from .async_grpo_config import BebopAsyncGRPOConfig
 from .grpo_trainer import FIT_NAME, HEAD_DIR
 from .head_loss import as_master_head, average_head_gradients, log_online_head_step, online_head_step
 from .tree_attention import sdpa_tree_attention
+
+
+# The largest gap between the server's sampling log-probs and the policy's that start-up accepts: well above the
+# rounding of a bf16 server, well below the error of a server that samples another law.
+SERVED_LOGPROB_TOLERANCE = 0.5
 
 
 class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
@@ -116,6 +124,8 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
             else None
         )
         self._fit = AcceptanceEntropyFit(seed=args.seed)
+        # After TRL's train-begin callback, which loads the policy into the server.
+        self.add_callback(_CheckServedLogprobs(self))
         # The server's counters at the last log (main process; read first when training starts).
         self._server_counts: AcceptanceCounts | None = None
 
@@ -161,6 +171,37 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
         speculative = self.vllm_client.get_server_info().get("speculative_config")
         check_server_drafts(speculative, args.num_speculative_tokens, args.draft_sampling, args.vllm_server_base_url)
         return read_server_counters(args.vllm_server_base_url, timeout=args.request_timeout)
+
+    def _check_served_logprobs(self) -> None:
+        """Samples one completion from the server and compares its sampling log-probs with the policy's.
+
+        A server that samples from another law than the policy's (a vLLM build with a known defect started without
+        the package's fixes, or other weights than the trainer's) fails here rather than training on wrong
+        importance weights. Runs on a single process, where the policy's forward needs no other process.
+        """
+        if self.accelerator.num_processes != 1 or self.train_dataset is None:
+            return
+        url = self.args.vllm_server_base_url.rstrip("/")
+        prompt = self.train_dataset[0]["prompt"]
+        tokenizer = self.processing_class
+        prompt_ids = (
+            tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+            if isinstance(prompt, list)
+            else tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        )
+        served = sample_with_logprobs(
+            url, prompt_ids, temperature=self.args.temperature, timeout=self.args.request_timeout
+        )
+        policy = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad(), eval_mode(policy), attention_implementation(policy, "sdpa"):
+            expected = completion_logprobs(policy, [prompt_ids], [served[0]], temperature=self.args.temperature)[0]
+        gap = max(abs(a - b) for a, b in zip(served[1], expected, strict=True))
+        if gap > SERVED_LOGPROB_TOLERANCE:
+            raise RuntimeError(
+                f"The vLLM server at {url} returns sampling log-probs up to {gap:.3f} away from the policy's: it does "
+                "not sample from the policy's law. Start it with `bebop-trl vllm-serve` (its exactness guard applies "
+                "the fixes of the installed vLLM build), from the same weights and dtype as the trainer."
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the server's acceptance since the last log, then logs as TRL does."""
@@ -226,6 +267,30 @@ def with_response_parser(tokenizer: Any) -> Any:
     else:
         tokenizer.response_schema = qwen3_schema
     return tokenizer
+
+
+def sample_with_logprobs(
+    url: str, prompt_ids: list[int], *, temperature: float, max_tokens: int = 16, timeout: float = 600.0
+) -> tuple[list[int], list[float]]:
+    """One completion of `prompt_ids` from the server at `url`, EOS ignored, and its sampling log-probs."""
+    model = requests.get(f"{url}/v1/models", timeout=timeout).json()["data"][0]["id"]
+    body = {
+        "model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": temperature, "logprobs": 0,
+        "return_token_ids": True, "ignore_eos": True, "seed": 0,
+    }  # fmt: skip
+    response = requests.post(f"{url}/v1/completions", json=body, timeout=timeout)
+    response.raise_for_status()
+    choice = response.json()["choices"][0]
+    return choice["token_ids"], choice["logprobs"]["token_logprobs"]
+
+
+class _CheckServedLogprobs(TrainerCallback):
+    def __init__(self, trainer: BebopAsyncGRPOTrainer):
+        self._trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self._trainer.accelerator.is_main_process:
+            self._trainer._check_served_logprobs()
 
 
 def check_server_drafts(speculative: dict | None, num_speculative_tokens: int, draft_sampling: str, url: str) -> None:

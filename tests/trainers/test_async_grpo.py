@@ -21,6 +21,7 @@ from trl.experimental.async_grpo.packing import TREE_ATTENTION, TreeRow, registe
 from bebop_trl import BebopAsyncGRPOConfig, BebopAsyncGRPOTrainer, MTPHead
 from bebop_trl.modeling.vllm_export import vllm_draft_weights
 from bebop_trl.rollout.file_weight_transfer import FileWeightTransfer
+from bebop_trl.speculative.exactness import completion_logprobs
 from bebop_trl.trainers.async_grpo_trainer import check_server_drafts, unpack_tree_row, with_response_parser
 from bebop_trl.trainers.tree_attention import sdpa_tree_attention
 
@@ -143,7 +144,13 @@ class StandInServer:
     """Answers the routes the trainer and the weight transfer use, as `bebop-trl vllm-serve` would, and records
     the weight-update calls with the files they name."""
 
-    def __init__(self, backend: str = "bebop_file", draft_sample_method: str = "probabilistic"):
+    def __init__(
+        self,
+        backend: str = "bebop_file",
+        draft_sample_method: str = "probabilistic",
+        policy: torch.nn.Module | None = None,
+        logprob_error: float = 0.0,
+    ):
         self.calls: list[tuple[str, dict]] = []
         self.loaded: list[dict[str, torch.Tensor]] = []
         self.counters = (0, [0] * K)
@@ -171,6 +178,8 @@ class StandInServer:
                     self._answer(prometheus_text(*server.counters), "text/plain")
                 elif route == "/server_info":
                     self._answer(json.dumps(server.info))
+                elif route == "/v1/models":
+                    self._answer(json.dumps({"data": [{"id": "tiny"}]}))
                 else:
                     self._answer("{}")
 
@@ -181,11 +190,22 @@ class StandInServer:
                 server.calls.append((route, body))
                 if route == "/update_weights":
                     server.loaded.append(load_file(os.path.join(body["update_info"]["path"], "model.safetensors")))
+                if route == "/v1/completions":
+                    self._answer(json.dumps(server.complete(body)))
+                    return
                 self._answer("{}")
 
+        self.policy, self.logprob_error = policy, logprob_error
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._http.server_address[1]}"
         threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    def complete(self, body: dict) -> dict:
+        """A fixed completion, with the log-probs of `policy` (off by `logprob_error`)."""
+        tokens = [5, 6, 7]
+        (logprobs,) = completion_logprobs(self.policy, [body["prompt"]], [tokens], temperature=body["temperature"])
+        logprobs = [value + self.logprob_error for value in logprobs]
+        return {"choices": [{"token_ids": tokens, "logprobs": {"token_logprobs": logprobs}}]}
 
     def routes(self) -> list[str]:
         return [route for route, _ in self.calls]
@@ -195,8 +215,8 @@ class StandInServer:
 
 
 @pytest.fixture
-def server():
-    stand_in = StandInServer()
+def server(load_tiny):
+    stand_in = StandInServer(policy=load_tiny("llama"))
     yield stand_in
     stand_in.close()
 
@@ -402,3 +422,23 @@ def test_chatml_templates_trl_does_not_know_get_a_response_parser(tiny_checkpoin
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+1="}], add_generation_prompt=True)
     completion = tokenizer("2<|im_end|>", add_special_tokens=False)["input_ids"]
     assert parse_response(tokenizer, completion, prefix=prompt) == {"role": "assistant", "content": "2"}
+
+
+def test_a_server_that_samples_another_law_is_refused_at_start(tiny_checkpoints, load_tiny, tmp_path):
+    stand_in = StandInServer(policy=load_tiny("llama"), logprob_error=1.0)
+    try:
+        args = BebopAsyncGRPOConfig(
+            output_dir=str(tmp_path), vllm_server_base_url=stand_in.url, weight_transfer="file", max_steps=1,
+            per_device_train_batch_size=2, token_budget=64, save_strategy="no", report_to="none",
+        )  # fmt: skip
+        trainer = BebopAsyncGRPOTrainer(
+            tiny_checkpoints["llama"],
+            reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 8}),
+            rollout_worker=StandInWorker(stand_in),
+        )
+        with pytest.raises(RuntimeError, match="does not sample from the policy's law"):
+            trainer.train()
+    finally:
+        stand_in.close()
