@@ -24,7 +24,7 @@ from .hub import (
     resolve_file,
     save_tensors,
 )
-from .transformers_cache import cache_of, with_cache
+from .model_inputs import cache_of, with_cache
 
 
 logger = logging.getLogger(__name__)

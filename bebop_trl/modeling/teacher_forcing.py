@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_inputs import positions_from_mask
 from .modeling_mtp_head import MTPHead, policy_decoder
 
 
@@ -38,11 +39,6 @@ class UnrolledDraft:
     def label_mask(self) -> torch.Tensor:
         """[S, N] slots with a data label (for `ce`): `mask` without each sequence's last position."""
         return self.mask & (self.labels != IGNORE_INDEX)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
-    """Position ids that skip padding on either side (as `generate` computes them)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def final_hidden_states(

@@ -18,7 +18,7 @@ from .stages import (
     describe_policy,
     grpo_stage,
     load_policy,
-    self_distil,
+    self_distillation_stage,
     speed_stage,
     task_prompts,
     train_head,
@@ -87,7 +87,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> str:
 
     with clock.stage("self-distillation", f"Self-distilling {settings.num_train_prompts} {settings.task} prompts"):
         train_prompts, held_out = task_prompts(settings, tokenizer, shipped_head=shipped_head is not None)
-        data, results["self_distillation"] = self_distil(policy, tokenizer, train_prompts, settings)
+        data, results["self_distillation"] = self_distillation_stage(policy, tokenizer, train_prompts, settings)
 
     live_heads, results["training"] = {}, {}
     for loss_type in LIVE_LOSSES:

@@ -92,7 +92,7 @@ def task_prompts(
     return train_ids, held_out_ids
 
 
-def self_distil(
+def self_distillation_stage(
     policy: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],

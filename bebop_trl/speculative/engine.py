@@ -21,8 +21,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from ..modeling import MTPHead
-from ..modeling.teacher_forcing import positions_from_mask
-from ..modeling.transformers_cache import with_cache
+from ..modeling.model_inputs import positions_from_mask, with_cache
 from .draft_length import AUTO_MAX_DRAFT_TOKENS, AdaptiveDraftLength, calibrate_draft_length
 from .rejection import rejection_sample
 from .sampling import probs_from_logits, sample, validate_sampling_params

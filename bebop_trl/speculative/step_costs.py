@@ -15,8 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from ..modeling import MTPHead
-from ..modeling.teacher_forcing import positions_from_mask
-from ..modeling.transformers_cache import with_cache
+from ..modeling.model_inputs import positions_from_mask, with_cache
 from .sampling import probs_from_logits, sample
 
 

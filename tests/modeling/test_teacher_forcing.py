@@ -2,12 +2,12 @@ import pytest
 import torch
 
 from bebop_trl import MTPHead
+from bebop_trl.modeling.model_inputs import positions_from_mask
 from bebop_trl.modeling.teacher_forcing import (
     IGNORE_INDEX,
     completion_token_mask,
     drafting_slots,
     final_hidden_states,
-    positions_from_mask,
     slot_targets,
     unroll_teacher_forced,
 )

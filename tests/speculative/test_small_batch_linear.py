@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bebop_trl.modeling.transformers_cache import cache_of, with_cache
+from bebop_trl.modeling.model_inputs import cache_of, with_cache
 from bebop_trl.speculative import SpeculativeGenerator
 from bebop_trl.speculative import small_batch_linear as small_batch_module
 from bebop_trl.speculative.small_batch_linear import MAX_ROWS, small_batch_linear

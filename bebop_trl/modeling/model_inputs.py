@@ -1,14 +1,16 @@
-"""The keyword of a transformers model's KV cache, across the transformers versions the package supports.
+"""What the package hands a transformers model besides tokens: position ids, and the KV cache under the keyword of
+the installed transformers version.
 
 transformers renamed `past_key_values` to `cache` (argument and output field); releases since then still accept
 the old name with a deprecation warning, until its removal. Calls into transformers models go through
-[`with_cache`][bebop_trl.modeling.transformers_cache.with_cache] and
-[`cache_of`][bebop_trl.modeling.transformers_cache.cache_of], which use the installed version's name.
+[`with_cache`][bebop_trl.modeling.model_inputs.with_cache] and
+[`cache_of`][bebop_trl.modeling.model_inputs.cache_of], which use the installed version's name.
 """
 
 import inspect
 from typing import Any
 
+import torch
 from transformers import LlamaModel
 
 
@@ -23,3 +25,8 @@ def with_cache(cache: Any) -> dict[str, Any]:
 def cache_of(output: Any) -> Any:
     """The KV cache a transformers model's forward returned."""
     return getattr(output, CACHE_KEYWORD)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.LongTensor:
+    """Position ids that skip padding on either side (as `generate` computes them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
