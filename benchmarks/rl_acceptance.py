@@ -66,7 +66,7 @@ def run_config(args, run: str) -> BebopGRPOConfig:
         output_dir=os.path.join(args.work_dir, run),
         mtp_head=args.ce_head if run == "ce-greedy" else args.head,
         draft_sampling="greedy" if run == "ce-greedy" else "probabilistic",
-        mtp_online_update=args.online_loss if run == "probabilistic-online" else None,
+        mtp_online_loss=args.online_loss if run == "probabilistic-online" else None,
         num_speculative_tokens=K,
         per_device_train_batch_size=args.batch_size,
         num_generations=args.num_generations,

@@ -11,7 +11,7 @@ trainer is TRL's GRPOTrainer.
         --output_dir outputs/grpo --mtp_head outputs/smollm2-head --use_cpu
     # LoRA policy, TV updates of the head on the fresh rollouts, rollouts generated while training
     python examples/grpo.py --output_dir outputs/grpo --mtp_head outputs/smollm2-head --use_peft \
-        --mtp_online_update tv --async_rollouts
+        --mtp_online_loss tv --async_rollouts
 """
 
 from dataclasses import dataclass, field

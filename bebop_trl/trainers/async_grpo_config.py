@@ -54,11 +54,11 @@ class BebopAsyncGRPOConfig(AsyncGRPOConfig):
     mtp_head: str | None = field(
         default=None,
         metadata={
-            "help": "With mtp_online_update: the head the server drafts with (the same folder or Hub id as "
+            "help": "With mtp_online_loss: the head the server drafts with (the same folder or Hub id as "
             "`bebop-trl vllm-serve --mtp_head`), which the trainer updates and sends to the server."
         },
     )
-    mtp_online_update: str | None = field(
+    mtp_online_loss: str | None = field(
         default=None,
         metadata={
             "help": "Train the head on each training batch's rollouts with this loss (a loss type of "
@@ -85,16 +85,14 @@ class BebopAsyncGRPOConfig(AsyncGRPOConfig):
             raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {self.draft_sampling!r}.")
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}.")
-        if self.mtp_online_update is not None:
-            if self.mtp_online_update not in LOSS_TYPES:
-                raise ValueError(
-                    f"mtp_online_update must be one of {LOSS_TYPES} or None, got {self.mtp_online_update!r}."
-                )
+        if self.mtp_online_loss is not None:
+            if self.mtp_online_loss not in LOSS_TYPES:
+                raise ValueError(f"mtp_online_loss must be one of {LOSS_TYPES} or None, got {self.mtp_online_loss!r}.")
             if self.mtp_head is None:
-                raise ValueError("mtp_online_update trains the server's head: set mtp_head to the same head.")
+                raise ValueError("mtp_online_loss trains the server's head: set mtp_head to the same head.")
             if self.weight_transfer != "file":
                 raise ValueError(
                     "Online head updates reach the server with weight_transfer='file' only; TRL's NCCL transfer "
                     "carries the policy alone. Set weight_transfer='file' (the server's sync folder must be shared) "
-                    "or mtp_online_update=None."
+                    "or mtp_online_loss=None."
                 )

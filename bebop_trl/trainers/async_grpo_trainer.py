@@ -117,7 +117,7 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
         if self.accelerator.device.type != "cuda":
             # TRL registers its FlashAttention-3 version in __init__ and looks it up at every forward.
             AttentionInterface.register(TREE_ATTENTION, sdpa_tree_attention)
-        self.mtp_head = self._load_head() if args.mtp_online_update else None
+        self.mtp_head = self._load_head() if args.mtp_online_loss else None
         self._head_optimizer = (
             torch.optim.AdamW(self.mtp_head.parameters(), lr=args.mtp_online_learning_rate)
             if self.mtp_head is not None
@@ -155,7 +155,7 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
                 attention_mask.to(policy.device),
                 is_completion.to(policy.device),
                 num_steps=args.num_speculative_tokens,
-                loss_type=args.mtp_online_update,
+                loss_type=args.mtp_online_loss,
                 temperature=args.temperature,
                 max_grad_norm=args.mtp_online_max_grad_norm,
                 average_gradients=functools.partial(average_head_gradients, self.accelerator, head),

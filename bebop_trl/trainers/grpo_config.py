@@ -88,7 +88,7 @@ class BebopGRPOConfig(GRPOConfig):
     )
 
     # Online head updates
-    mtp_online_update: str | None = field(
+    mtp_online_loss: str | None = field(
         default=None,
         metadata={
             "help": "Train the head on every round's fresh rollouts with this loss (a loss type of "
@@ -135,13 +135,11 @@ class BebopGRPOConfig(GRPOConfig):
             raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {self.draft_sampling!r}.")
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}.")
-        if self.mtp_online_update is not None:
-            if self.mtp_online_update not in LOSS_TYPES:
-                raise ValueError(
-                    f"mtp_online_update must be one of {LOSS_TYPES} or None, got {self.mtp_online_update!r}."
-                )
+        if self.mtp_online_loss is not None:
+            if self.mtp_online_loss not in LOSS_TYPES:
+                raise ValueError(f"mtp_online_loss must be one of {LOSS_TYPES} or None, got {self.mtp_online_loss!r}.")
             if self.mtp_head is None:
-                raise ValueError("mtp_online_update trains the draft head: set mtp_head too.")
+                raise ValueError("mtp_online_loss trains the draft head: set mtp_head too.")
         if self.mtp_online_update_interval < 1:
             raise ValueError(f"mtp_online_update_interval must be >= 1, got {self.mtp_online_update_interval}.")
         if self.max_staleness < 1:

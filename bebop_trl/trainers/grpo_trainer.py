@@ -179,7 +179,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         if (
             train
             and self.mtp_head is not None
-            and self.args.mtp_online_update
+            and self.args.mtp_online_loss
             and self._rollout.rounds % self.args.mtp_online_update_interval == 0
         ):
             self._update_head_online(output)
@@ -244,7 +244,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             attention_mask,
             is_completion,
             num_steps=args.num_speculative_tokens,
-            loss_type=args.mtp_online_update,
+            loss_type=args.mtp_online_loss,
             temperature=self.temperature,
             max_grad_norm=args.mtp_online_max_grad_norm,
             average_gradients=functools.partial(average_head_gradients, self.accelerator, head),
@@ -302,7 +302,7 @@ class BebopGRPOTrainer(GRPOTrainer):
                 self._rollout.close()
         if self.args.should_save and self.mtp_head is not None:
             self._save_fit(self.args.output_dir, plot=True)
-            if self.args.mtp_online_update:
+            if self.args.mtp_online_loss:
                 self.mtp_head.save_pretrained(os.path.join(self.args.output_dir, HEAD_DIR))
         return result
 
@@ -313,7 +313,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
         self._save_fit(folder, plot=False)
         state = {**self._rollout.state_dict(), "fit": self._fit.state_dict()}
-        if self.mtp_head is not None and self.args.mtp_online_update:
+        if self.mtp_head is not None and self.args.mtp_online_loss:
             self.mtp_head.save_pretrained(os.path.join(folder, HEAD_DIR))
             if self._head_optimizer is not None:
                 state["head_optimizer"] = self._head_optimizer.state_dict()
@@ -331,7 +331,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         self._rollout.load_state_dict(state)
         self._fit.load_state_dict(state["fit"])
         head_dir = os.path.join(checkpoint, HEAD_DIR)
-        if self.mtp_head is not None and self.args.mtp_online_update and os.path.isdir(head_dir):
+        if self.mtp_head is not None and self.args.mtp_online_loss and os.path.isdir(head_dir):
             saved = MTPHead.from_pretrained(head_dir, dtype=torch.float32)
             self.mtp_head.load_state_dict(saved.state_dict())
             self._rollout.head_updated()

@@ -367,7 +367,7 @@ def test_online_head_updates_reach_the_server_with_the_next_sync(tiny_checkpoint
         vllm_server_base_url=server.url,
         weight_transfer="file",
         mtp_head=head_dir,
-        mtp_online_update="tv",
+        mtp_online_loss="tv",
         mtp_online_learning_rate=1e-2,
         max_steps=2,
         per_device_train_batch_size=2,
@@ -404,9 +404,9 @@ def test_online_head_updates_reach_the_server_with_the_next_sync(tiny_checkpoint
 
 def test_online_head_updates_need_the_head_and_the_file_transfer(tmp_path):
     with pytest.raises(ValueError, match="set mtp_head"):
-        BebopAsyncGRPOConfig(output_dir=str(tmp_path), mtp_online_update="tv", weight_transfer="file")
+        BebopAsyncGRPOConfig(output_dir=str(tmp_path), mtp_online_loss="tv", weight_transfer="file")
     with pytest.raises(ValueError, match="weight_transfer='file'"):
-        BebopAsyncGRPOConfig(output_dir=str(tmp_path), mtp_online_update="tv", mtp_head="head")
+        BebopAsyncGRPOConfig(output_dir=str(tmp_path), mtp_online_loss="tv", mtp_head="head")
 
 
 def test_chatml_templates_trl_does_not_know_get_a_response_parser(tiny_checkpoints):

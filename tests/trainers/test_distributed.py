@@ -55,7 +55,7 @@ def test_grpo_with_a_head_on_two_cpu_processes(tiny_checkpoints, load_tiny, tmp_
         "--main_process_port", "29534",
         os.path.join(ROOT, "examples", "grpo.py"),
         "--model_name_or_path", tiny_checkpoints["llama"], "--mtp_head", str(head_dir),
-        "--mtp_online_update", "tv", "--num_train_prompts", "16", "--output_dir", str(output_dir),
+        "--mtp_online_loss", "tv", "--num_train_prompts", "16", "--output_dir", str(output_dir),
         "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
         "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "2",
         "--use_cpu", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",

@@ -146,7 +146,7 @@ def test_online_update_does_not_change_the_policy_step(tiny_checkpoints, tmp_pat
             tmp_path / str(online),
             head=head_init,
             max_steps=1,
-            mtp_online_update=online,
+            mtp_online_loss=online,
             mtp_online_learning_rate=1e-2,
         )
         head_before = clone_state(trainer.mtp_head)
@@ -165,7 +165,7 @@ def test_online_update_does_not_change_the_policy_step(tiny_checkpoints, tmp_pat
 
 
 def test_update_head_online_changes_only_the_head(tiny_checkpoints, tmp_path):
-    trainer = make_trainer(tiny_checkpoints, tmp_path, mtp_online_update="tv", mtp_online_learning_rate=1e-2)
+    trainer = make_trainer(tiny_checkpoints, tmp_path, mtp_online_loss="tv", mtp_online_learning_rate=1e-2)
     batch = fresh_batch(trainer)
     policy_before, head_before = clone_state(trainer.model), clone_state(trainer.mtp_head)
     trainer.model.train()
@@ -180,7 +180,7 @@ def test_update_head_online_changes_only_the_head(tiny_checkpoints, tmp_path):
 
 
 def test_update_head_online_leaves_policy_gradients_untouched(tiny_checkpoints, tmp_path):
-    trainer = make_trainer(tiny_checkpoints, tmp_path, head="random", mtp_online_update="tv")
+    trainer = make_trainer(tiny_checkpoints, tmp_path, head="random", mtp_online_loss="tv")
     batch = fresh_batch(trainer)
     policy = trainer.model
     # Gradients the policy has accumulated for its own step, as in the middle of gradient accumulation.
@@ -200,7 +200,7 @@ def test_update_head_online_leaves_policy_gradients_untouched(tiny_checkpoints, 
 # oscillations 1e-2 shows; the default 1e-5 is meant for one small step per fresh round and would barely move.
 @pytest.mark.parametrize("loss_type", ["tv", "ce"])
 def test_repeated_online_updates_lower_the_head_loss(tiny_checkpoints, tmp_path, loss_type):
-    trainer = make_trainer(tiny_checkpoints, tmp_path, mtp_online_update=loss_type, mtp_online_learning_rate=3e-3)
+    trainer = make_trainer(tiny_checkpoints, tmp_path, mtp_online_loss=loss_type, mtp_online_learning_rate=3e-3)
     batch = fresh_batch(trainer)
     metrics = trainer._metrics["train"]
     metrics.clear()
@@ -223,7 +223,7 @@ def test_update_interval_updates_on_even_rounds_only(tiny_checkpoints, tmp_path)
         tiny_checkpoints,
         tmp_path,
         max_steps=4,
-        mtp_online_update="tv",
+        mtp_online_loss="tv",
         mtp_online_update_interval=2,
         mtp_online_learning_rate=1e-2,
     )
@@ -253,7 +253,7 @@ def test_resume_restores_head_optimizer_and_rollout_round(tiny_checkpoints, tmp_
         max_steps=4,
         save_strategy="steps",
         save_steps=2,
-        mtp_online_update="tv",
+        mtp_online_loss="tv",
         mtp_online_learning_rate=1e-3,
     )
     straight = make_trainer(tiny_checkpoints, tmp_path / "straight", **settings)
@@ -307,7 +307,7 @@ def test_async_rollouts_continue_after_a_resume(async_resumed_run):
 
 def test_async_rounds_come_from_the_previous_step_snapshot(tiny_checkpoints, load_tiny, tmp_path):
     trainer, recorder, rounds = recording_trainer(
-        tiny_checkpoints, tmp_path, async_rollouts=True, max_steps=4, mtp_online_update="tv"
+        tiny_checkpoints, tmp_path, async_rollouts=True, max_steps=4, mtp_online_loss="tv"
     )
     trainer.train()
     assert [r["step"] for r in rounds] == [0, 1, 2, 3]
@@ -489,7 +489,7 @@ def train_async(tiny_checkpoints, output_dir, **overrides):
 
 
 def test_async_runs_are_reproducible(tiny_checkpoints, tmp_path):
-    settings = dict(max_steps=4, max_staleness=2, mtp_online_update="tv", mtp_online_learning_rate=1e-2)
+    settings = dict(max_steps=4, max_staleness=2, mtp_online_loss="tv", mtp_online_learning_rate=1e-2)
     first, first_calls = train_async(tiny_checkpoints, tmp_path / "a", **settings)
     second, second_calls = train_async(tiny_checkpoints, tmp_path / "b", **settings)
     # A lag of one step is within max_staleness: only the first round is generated on the spot.
@@ -528,7 +528,7 @@ def test_missing_async_rollouts_fall_back_to_synchronous_generation(tiny_checkpo
         return None
 
     monkeypatch.setattr(AsyncRolloutWorker, "take", take_nothing)
-    settings = dict(max_steps=3, mtp_online_update="tv", mtp_online_learning_rate=1e-2)
+    settings = dict(max_steps=3, mtp_online_loss="tv", mtp_online_learning_rate=1e-2)
     fallback, calls = train_async(tiny_checkpoints, tmp_path / "async", **settings)
     assert calls == [0, 1, 2]
     assert sum(rollout is not None for rollout in taken) == 2  # rounds 2 and 3 were generated and dropped

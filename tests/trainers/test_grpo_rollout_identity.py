@@ -25,7 +25,7 @@ CASES = {
     "engine": (True, {}),
     "async": (True, {"async_rollouts": True}),
     "async_without_head": (False, {"async_rollouts": True}),
-    "online_head_updates": (True, {"mtp_online_update": "kl", "mtp_head": "given"}),
+    "online_head_updates": (True, {"mtp_online_loss": "kl", "mtp_head": "given"}),
     "greedy_drafting": (True, {"draft_sampling": "greedy", "num_speculative_tokens": 2}),
 }
 

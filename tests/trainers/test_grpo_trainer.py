@@ -540,9 +540,9 @@ def test_unsupported_options_with_a_head_are_rejected(option, load_tiny, tiny_ch
         (dict(rollout_backend="sglang"), "rollout_backend"),
         (dict(rollout_backend="vllm", async_rollouts=True), "async_rollouts"),
         (dict(rollout_backend="vllm", adaptive_draft_length=True), "adaptive_draft_length"),
-        (dict(mtp_online_update="bogus", mtp_head="my-org/head"), "mtp_online_update"),
-        (dict(mtp_online_update="tv"), "set mtp_head"),
-        (dict(mtp_online_update="tv", mtp_head="my-org/head", mtp_online_update_interval=0), "interval"),
+        (dict(mtp_online_loss="bogus", mtp_head="my-org/head"), "mtp_online_loss"),
+        (dict(mtp_online_loss="tv"), "set mtp_head"),
+        (dict(mtp_online_loss="tv", mtp_head="my-org/head", mtp_online_update_interval=0), "interval"),
     ],
 )
 def test_invalid_config_is_rejected(overrides, message, tmp_path):
@@ -554,10 +554,10 @@ def test_valid_speculative_configs_are_accepted(tmp_path):
     # The counterpart of the rejections above: the same fields with valid values.
     grpo_config(tmp_path, use_vllm=True)
     assert grpo_config(tmp_path, rollout_backend="vllm", mtp_head="my-org/head").use_vllm
-    grpo_config(tmp_path, rollout_backend="vllm", vllm_mode="server", mtp_head="my-org/head", mtp_online_update="tv")
+    grpo_config(tmp_path, rollout_backend="vllm", vllm_mode="server", mtp_head="my-org/head", mtp_online_loss="tv")
     grpo_config(tmp_path, async_rollouts=True, max_staleness=2)
     for loss_type in ("e2e_tv", "tv", "kl", "rkl", "ce"):
-        grpo_config(tmp_path, mtp_head="my-org/head", mtp_online_update=loss_type, mtp_online_update_interval=2)
+        grpo_config(tmp_path, mtp_head="my-org/head", mtp_online_loss=loss_type, mtp_online_update_interval=2)
     config = grpo_config(tmp_path, mtp_head="native", draft_sampling="greedy", num_speculative_tokens=1)
     assert (config.mtp_head, config.draft_sampling, config.num_speculative_tokens) == ("native", "greedy", 1)
 

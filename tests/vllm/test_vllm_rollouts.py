@@ -142,7 +142,7 @@ def test_online_head_updates_and_policy_updates_reach_vllm(tiny_llama_dir, train
         tiny_llama_dir,
         trained_head_dir,
         tmp_path,
-        mtp_online_update="tv",
+        mtp_online_loss="tv",
         learning_rate=0.05,  # policy steps far larger than the bf16 rounding of vLLM's copy
         max_completion_length=16,
     )
