@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from .modeling.vllm_export import DRAFT_SAMPLING_MODES
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bebop-trl` console script."""
@@ -60,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     verify.add_argument(
         "--draft-sampling",
-        choices=("probabilistic", "greedy"),
+        choices=DRAFT_SAMPLING_MODES,
         nargs="+",
-        default=["probabilistic", "greedy"],
+        default=list(DRAFT_SAMPLING_MODES),
         help="Drafting modes to check.",
     )
     verify.add_argument(

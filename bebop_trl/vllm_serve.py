@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .modeling import EAGLE_LAYOUT, MTPHead
-from .modeling.vllm_export import DRAFT_SAMPLE_METHODS, vllm_speculative_config
+from .modeling.vllm_export import DRAFT_SAMPLING_MODES, vllm_speculative_config
 from .rollout.vllm_exactness import guard_vllm_exactness
 from .vllm_plugin import FILE_WEIGHT_TRANSFER, compat
 
@@ -41,7 +41,7 @@ class DraftArguments:
     num_speculative_tokens: int = field(default=3, metadata={"help": "Tokens drafted per cycle (k)."})
     draft_sampling: str = field(
         default="probabilistic",
-        metadata={"help": "'probabilistic' or 'greedy' drafting.", "choices": list(DRAFT_SAMPLE_METHODS)},
+        metadata={"help": "'probabilistic' or 'greedy' drafting.", "choices": list(DRAFT_SAMPLING_MODES)},
     )
     draft_dir: str = field(
         default="outputs/vllm_draft", metadata={"help": "Where to write the head as a vLLM draft checkpoint."}

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from .modeling_mtp_head import MTPHead
 
 
-DRAFT_SAMPLE_METHODS = ("probabilistic", "greedy")
+DRAFT_SAMPLING_MODES = ("probabilistic", "greedy")
+"""The drafting modes of the engine, the vLLM export and `bebop-trl vllm-serve`: drafts sampled from the head's
+distribution, or its argmax (vLLM's `draft_sample_method`)."""
 # The architecture prefix of the plugin's EAGLE-1 drafters with a draft vocabulary (vLLM keeps a name that starts with
 # "Eagle" as is, and prefixes "Eagle" to any other).
 DRAFT_VOCAB_DRAFTER_PREFIX = "EagleDraftVocab"
@@ -89,8 +91,8 @@ def vllm_speculative_config(
     Returns:
         A dict with `method`, `model`, `num_speculative_tokens` and `draft_sample_method`.
     """
-    if draft_sampling not in DRAFT_SAMPLE_METHODS:
-        raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLE_METHODS}, got {draft_sampling!r}.")
+    if draft_sampling not in DRAFT_SAMPLING_MODES:
+        raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {draft_sampling!r}.")
     if num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}.")
     return {

@@ -22,15 +22,12 @@ from transformers.cache_utils import Cache
 
 from ..modeling import MTPHead
 from ..modeling.model_inputs import positions_from_mask, with_cache
+from ..modeling.vllm_export import DRAFT_SAMPLING_MODES
 from .draft_length import AUTO_MAX_DRAFT_TOKENS, AdaptiveDraftLength, calibrate_draft_length
 from .rejection import rejection_sample
 from .sampling import probs_from_logits, sample, validate_sampling_params
 from .small_batch_linear import small_batch_linear
 from .stats import AcceptanceStats
-
-
-DRAFT_SAMPLING_MODES = ("probabilistic", "greedy")
-"""The values of `draft_sampling`: drafts sampled from the head's distribution, or its argmax."""
 
 
 @dataclass
