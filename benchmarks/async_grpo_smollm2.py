@@ -34,7 +34,7 @@ STEP_METRICS = (
     "rollout/acceptance_position_1",
     "rollout/acceptance_position_2",
     "rollout/acceptance_position_3",
-    "rollout/mean_accepted_length",
+    "rollout/accepted_drafts_per_cycle",
     "sample/staleness_mean",
     "sample/staleness_max",
     "perf/step_s",
@@ -166,7 +166,7 @@ def main() -> None:
     for s in steps:
         rates = "/".join(f"{s[f'rollout/acceptance_position_{j}']:.3f}" for j in (1, 2, 3))
         print(
-            f"| {s['step']} | {s['reward']:.3f} | {rates} | {s['rollout/mean_accepted_length']:.3f} | "
+            f"| {s['step']} | {s['reward']:.3f} | {rates} | {s['rollout/accepted_drafts_per_cycle']:.3f} | "
             f"{s['sample/staleness_max']} | {s['perf/step_s'] or float('nan'):.1f} |"
         )
     print(f"log-probs after training: {check}")

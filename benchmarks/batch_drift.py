@@ -61,7 +61,7 @@ def main() -> None:
             "forward_passes": len(cycles),
             "tokens": tokens,
             "tokens_per_pass": tokens / len(cycles),
-            "tokens_per_row_pass": 1 + out.stats.mean_accepted_length if candidate is not None else 1.0,
+            "tokens_per_row_pass": 1 + out.stats.accepted_drafts_per_cycle if candidate is not None else 1.0,
             "mean_active_rows": sum(c[2] for c in cycles) / len(cycles),
             "final_cache_width": cycles[-1][0],
             "final_valid_slots_per_row": cycles[-1][1],

@@ -84,7 +84,7 @@ def main() -> None:
             costs = engines["D auto" if name.startswith("D ") else "auto"].draft_length.costs
             summary = measured[name]
             drafted = summary["num_draft_tokens"] / summary["num_drafts"]
-            tokens_per_cycle = 1.0 + summary["mean_accepted_length"]
+            tokens_per_cycle = 1.0 + summary["accepted_drafts_per_cycle"]
             # drafted_per_position[j - 1] counts the cycles that drafted at least j tokens.
             at_least = [*summary["drafted_per_position"], 0]
             cycles_of_length = {j: at_least[j - 1] - at_least[j] for j in range(1, len(at_least))}

@@ -205,7 +205,7 @@ def main() -> None:
             row.update(
                 acceptance_rate=m.num_accepted / (m.num_drafts * config.k),
                 acceptance_per_position=per_position,
-                mean_accepted_length=m.num_accepted / m.num_drafts,
+                accepted_drafts_per_cycle=m.num_accepted / m.num_drafts,
                 implied_speedup_limit=limit,
                 fraction_of_limit=row["speedup_vs_plain"] / limit,
             )

@@ -118,7 +118,7 @@ def run_sync(name: str, args: argparse.Namespace, dataset, reward) -> dict:
         "completion_length": [entry.get("completions/mean_length") for entry in steps],
         "rollout_share": [entry.get("rollout/share_of_step_time") for entry in steps],
         "acceptance_rate": [entry.get("rollout/acceptance_rate") for entry in steps],
-        "mean_accepted_length": [entry.get("rollout/mean_accepted_length") for entry in steps],
+        "accepted_drafts_per_cycle": [entry.get("rollout/accepted_drafts_per_cycle") for entry in steps],
     }
 
 
@@ -177,7 +177,7 @@ def run_async(args: argparse.Namespace, dataset, reward) -> dict:
         "completion_length": [entry.get("completions/mean_length") for entry in steps],
         "rollout_share": [entry.get("perf/rollout_wait_s", 0.0) / entry["perf/step_s"] for entry in steps],
         "acceptance_rate": [entry.get("rollout/acceptance_rate") for entry in steps],
-        "mean_accepted_length": [entry.get("rollout/mean_accepted_length") for entry in steps],
+        "accepted_drafts_per_cycle": [entry.get("rollout/accepted_drafts_per_cycle") for entry in steps],
     }
 
 
@@ -214,7 +214,7 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     for name, runs in results.items():
         step_times = [t for r in runs for t in r["step_time"][1:]]
         shares = [s for r in runs for s in r["rollout_share"][1:] if s is not None]
-        accepted = [a for r in runs for a in r["mean_accepted_length"][1:] if a is not None]
+        accepted = [a for r in runs for a in r["accepted_drafts_per_cycle"][1:] if a is not None]
         lengths = [n for r in runs for n in r["completion_length"] if n is not None]
         summary[name] = {
             "median_step_seconds": statistics.median(step_times),

@@ -131,7 +131,7 @@ def summarise(args, run: str, history: list[dict]) -> dict:
                 ("reward", "reward"),
                 ("entropy", "entropy"),
                 ("acceptance_position_1", "rollout/acceptance_position_1"),
-                ("accepted_drafts_per_cycle", "rollout/mean_accepted_length"),
+                ("accepted_drafts_per_cycle", "rollout/accepted_drafts_per_cycle"),
             )
             for part, entries in (("start", start), ("end", end))
         },

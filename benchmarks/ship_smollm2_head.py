@@ -33,7 +33,7 @@ def measured(summary: dict) -> dict:
     """The figures of one head and mode that the card and the table show."""
     return {
         "acceptance_per_position": [round(a, 4) for a in summary["acceptance_per_position"]],
-        "accepted_drafts_per_cycle": round(summary["mean_accepted_length"], 4),
+        "accepted_drafts_per_cycle": round(summary["accepted_drafts_per_cycle"], 4),
         "num_drafts": summary["num_drafts"],
         "tokens": summary["tokens"],
         "mean_entropy": round(summary["mean_entropy"], 4),

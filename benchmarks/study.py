@@ -286,7 +286,7 @@ def measure(
         "temperature": temperature,
         "acceptance": stats.acceptance_rate,
         "acceptance_per_position": stats.acceptance_per_position.tolist(),
-        "mean_accepted_length": stats.mean_accepted_length,
+        "accepted_drafts_per_cycle": stats.accepted_drafts_per_cycle,
         "mean_entropy": stats.mean_entropy,
         "num_drafts": stats.num_drafts,
         "generated_tokens": int(out.completion_lengths.sum()),

@@ -127,7 +127,7 @@ def measure(policy, tokenizer, head: MTPHead, prompts, args) -> dict:
         )  # fmt: skip
         figures[f"T={temperature:g} {mode}"] = {
             "acceptance_per_position": summary["acceptance_per_position"],
-            "accepted_drafts_per_cycle": summary["mean_accepted_length"],
+            "accepted_drafts_per_cycle": summary["accepted_drafts_per_cycle"],
             "num_drafts": summary["num_drafts"],
         }
     return figures

@@ -74,7 +74,7 @@ def test_measured_acceptance_is_consistent(policy_and_head, draft_sampling):
     assert len(per_position) == 3 and result["num_drafts"] > 0
     # Position j counts cycles whose first j drafts passed: non-increasing, and summing to the accepted length.
     assert all(a >= b for a, b in itertools.pairwise(per_position))
-    assert result["mean_accepted_length"] == pytest.approx(sum(per_position))
+    assert result["accepted_drafts_per_cycle"] == pytest.approx(sum(per_position))
     assert result["acceptance_rate"] == pytest.approx(sum(per_position) / 3)
     assert 0 < result["tokens"] <= 12 * len(prompts)
     # The same seed gives the same figures: every head and mode is measured on the same random streams.
@@ -136,7 +136,7 @@ def fake_results(with_fit: bool = True) -> dict:
             "num_drafts": 50,
             "acceptance_per_position": [a, a / 2, a / 4],
             "acceptance_rate": 7 * a / 12,
-            "mean_accepted_length": 7 * a / 4,
+            "accepted_drafts_per_cycle": 7 * a / 4,
         }
         for head, a in (("shipped", 0.8), ("ce", 0.4), ("e2e_tv", 0.6))
         for mode in ("probabilistic", "greedy")
@@ -151,7 +151,7 @@ def fake_results(with_fit: bool = True) -> dict:
             "num_drafts": 40,
             "acceptance_per_position": [0.6, 0.36, 0.2],
             "acceptance_rate": 0.3867,
-            "mean_accepted_length": 1.16,
+            "accepted_drafts_per_cycle": 1.16,
         },
         "speedup": 1.37,
         "speedup_per_repeat": [1.31, 1.43],
@@ -209,7 +209,7 @@ def fake_results(with_fit: bool = True) -> dict:
                     "entropy": 1.5,
                     "acceptance_rate": 0.3,
                     "acceptance_per_position": [0.5, 0.25, 0.15],
-                    "mean_accepted_length": 0.9,
+                    "accepted_drafts_per_cycle": 0.9,
                     "rollout_tokens_per_second": 12.5,
                     "mean_completion_length": 30.0,
                     "step_seconds": 20.0,

@@ -60,7 +60,7 @@ class Tally:
                 drafted_per_position=self.drafted_per_position,
                 acceptance_per_position=self.acceptance_per_position,
                 acceptance_rate=accepted / self.num_draft_tokens,
-                mean_accepted_length=accepted / self.num_drafts,
+                accepted_drafts_per_cycle=accepted / self.num_drafts,
             )
         return result
 

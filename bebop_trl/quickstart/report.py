@@ -146,7 +146,7 @@ def _acceptance_section(results: dict[str, Any]) -> str:
             run["draft_sampling"],
             *[_fmt(a, 3) for a in run.get("acceptance_per_position", [None] * k)],
             _fmt(run.get("acceptance_rate"), 3),
-            _fmt(run.get("mean_accepted_length"), 2),
+            _fmt(run.get("accepted_drafts_per_cycle"), 2),
             str(run.get("num_drafts", 0)),
             _fmt(run["mean_entropy"], 2),
         ]
@@ -259,7 +259,7 @@ def _grpo_section(results: dict[str, Any]) -> str:
             _fmt(step["entropy"], 3),
             _fmt(step["acceptance_rate"], 3),
             ", ".join(_fmt(a, 3) for a in step["acceptance_per_position"]),
-            _fmt(step["mean_accepted_length"], 2),
+            _fmt(step["accepted_drafts_per_cycle"], 2),
             _fmt(step["rollout_tokens_per_second"], 1),
             _fmt(step["mean_completion_length"], 1),
             _fmt(step["step_seconds"], 1),

@@ -323,7 +323,7 @@ def _grpo_step(entry: dict[str, Any], k: int) -> dict[str, Any] | None:
         "entropy": entry.get("entropy"),
         "acceptance_rate": entry["rollout/acceptance_rate"],
         "acceptance_per_position": [entry[f"rollout/acceptance_position_{j + 1}"] for j in range(k)],
-        "mean_accepted_length": entry["rollout/mean_accepted_length"],
+        "accepted_drafts_per_cycle": entry["rollout/accepted_drafts_per_cycle"],
         "rollout_tokens_per_second": entry.get("rollout/tokens_per_second"),
         "mean_completion_length": entry.get("completions/mean_length"),
         "step_seconds": entry.get("step_time"),

@@ -63,8 +63,9 @@ class AcceptanceCounts:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
     @property
-    def mean_accepted_length(self) -> float:
-        """Accepted drafts per cycle; a cycle emits this plus one token (0 without drafts)."""
+    def accepted_drafts_per_cycle(self) -> float:
+        """Accepted drafts per cycle (0 without drafts). A cycle emits this plus one token; vLLM reports that sum as
+        its mean acceptance length, one more than this."""
         return self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
     @property
@@ -79,7 +80,7 @@ class AcceptanceCounts:
         metrics = {
             f"{prefix}draft_tokens": float(self.num_draft_tokens),
             f"{prefix}acceptance_rate": self.acceptance_rate,
-            f"{prefix}mean_accepted_length": self.mean_accepted_length,
+            f"{prefix}accepted_drafts_per_cycle": self.accepted_drafts_per_cycle,
         }
         for j, rate in enumerate(self.acceptance_per_position):
             metrics[f"{prefix}acceptance_position_{j + 1}"] = rate

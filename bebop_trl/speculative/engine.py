@@ -257,7 +257,7 @@ class SpeculativeGenerator:
         head = MTPHead.from_pretrained("my-head", policy=model)
         generator = SpeculativeGenerator(model, head, num_speculative_tokens=3)
         out = generator.generate(input_ids, attention_mask, max_new_tokens=256, temperature=1.0)
-        print(out.stats.acceptance_rate, out.stats.mean_accepted_length)
+        print(out.stats.acceptance_rate, out.stats.accepted_drafts_per_cycle)
         ```
     """
 

@@ -76,9 +76,9 @@ class AcceptanceStats:
         return self.num_draft_tokens / self.num_drafts if self.num_drafts else 0.0
 
     @property
-    def mean_accepted_length(self) -> float:
+    def accepted_drafts_per_cycle(self) -> float:
         """Accepted drafts per cycle; a cycle emits this plus one token (0 without drafts)."""
-        return self.counts.mean_accepted_length
+        return self.counts.accepted_drafts_per_cycle
 
     def to_dict(self) -> dict[str, float]:
         """Flat scalar metrics for logging."""
@@ -87,7 +87,7 @@ class AcceptanceStats:
             "num_draft_tokens": float(self.num_draft_tokens),
             "num_accepted_tokens": float(self.num_accepted_tokens),
             "acceptance_rate": self.acceptance_rate,
-            "mean_accepted_length": self.mean_accepted_length,
+            "accepted_drafts_per_cycle": self.accepted_drafts_per_cycle,
             "mean_draft_length": self.mean_draft_length,
             "mean_entropy": self.mean_entropy,
         }

@@ -442,7 +442,7 @@ class MTPTrainer(Trainer):
             )
             stats = out.stats
             results[f"measured_acceptance_{mode}"] = stats.acceptance_rate
-            results[f"measured_accepted_length_{mode}"] = stats.mean_accepted_length
+            results[f"measured_accepted_length_{mode}"] = stats.accepted_drafts_per_cycle
             for position, rate in enumerate(stats.acceptance_per_position.tolist(), 1):
                 results[f"measured_acceptance_{mode}/position_{position}"] = rate
         return results

@@ -31,20 +31,20 @@ def test_rates_and_metrics():
         num_drafts=4, num_draft_tokens=12, num_accepted_tokens=6, accepted_per_position=[3, 2, 1]
     )
     assert counts.acceptance_rate == pytest.approx(0.5)
-    assert counts.mean_accepted_length == pytest.approx(1.5)
+    assert counts.accepted_drafts_per_cycle == pytest.approx(1.5)
     assert counts.acceptance_per_position == pytest.approx([0.75, 0.5, 0.25])
     assert counts.metrics("rollout/") == pytest.approx(
         {
             "rollout/draft_tokens": 12.0,
             "rollout/acceptance_rate": 0.5,
-            "rollout/mean_accepted_length": 1.5,
+            "rollout/accepted_drafts_per_cycle": 1.5,
             "rollout/acceptance_position_1": 0.75,
             "rollout/acceptance_position_2": 0.5,
             "rollout/acceptance_position_3": 0.25,
         }
     )
     empty = AcceptanceCounts()
-    assert empty.acceptance_rate == empty.mean_accepted_length == 0.0 and empty.acceptance_per_position == []
+    assert empty.acceptance_rate == empty.accepted_drafts_per_cycle == 0.0 and empty.acceptance_per_position == []
 
 
 def test_the_engines_statistics_report_the_same_counts(load_tiny):

@@ -168,7 +168,7 @@ def test_statistics_are_consistent(policy, head, prompts):
     assert stats.num_accepted_tokens == int(stats.accepted_per_position.sum())
     assert (stats.accepted_per_position.diff() <= 0).all(), "a draft is verified only if the earlier ones passed"
     assert stats.acceptance_rate == stats.num_accepted_tokens / stats.num_draft_tokens
-    assert stats.mean_accepted_length == stats.num_accepted_tokens / stats.num_drafts
+    assert stats.accepted_drafts_per_cycle == stats.num_accepted_tokens / stats.num_drafts
     # Each cycle emits its accepted drafts plus one token; only the last cycle of a row may be cut short.
     emitted = int(out.completion_lengths.sum()) - len(PROMPTS)
     assert emitted <= stats.num_drafts + stats.num_accepted_tokens
@@ -182,7 +182,7 @@ def test_statistics_are_consistent(policy, head, prompts):
     mask = out.completion_mask.bool()
     for row in range(len(PROMPTS)):
         torch.testing.assert_close(stats.mean_entropy_per_row[row], stats.entropy[row][mask[row]].mean())
-    assert set(stats.to_dict()) >= {"acceptance_rate", "mean_accepted_length", "mean_entropy"}
+    assert set(stats.to_dict()) >= {"acceptance_rate", "accepted_drafts_per_cycle", "mean_entropy"}
 
     plain = SpeculativeGenerator(policy).generate(prompts.input_ids, prompts.attention_mask, max_new_tokens=5)
     assert plain.stats.num_drafts == plain.stats.num_draft_tokens == 0 and plain.stats.acceptance_rate == 0.0

@@ -351,7 +351,7 @@ def test_async_trainer_trains_on_cpu_syncs_through_files_and_logs_server_accepta
     for entry in steps:
         assert entry["rollout/acceptance_position_1"] == pytest.approx(0.6)
         assert entry["rollout/acceptance_position_3"] == pytest.approx(0.1)
-        assert entry["rollout/mean_accepted_length"] == pytest.approx(1.0)
+        assert entry["rollout/accepted_drafts_per_cycle"] == pytest.approx(1.0)
         assert entry["rollout/acceptance_rate"] == pytest.approx(10 / 30)
     # One point of the acceptance-entropy fit per logged step: the step's policy entropy, the window's acceptance.
     fit = json.loads((tmp_path / "acceptance_entropy_fit.json").read_text())

@@ -84,7 +84,7 @@ def completion_logps(model, batch: dict, weights: dict[str, torch.Tensor] | None
 
 ROLLOUT_KEYS = (
     "rollout/acceptance_rate",
-    "rollout/mean_accepted_length",
+    "rollout/accepted_drafts_per_cycle",
     "rollout/draft_tokens",
     "rollout/tokens_per_second",
     "rollout/seconds",
@@ -194,8 +194,8 @@ class TestDropIn:
             assert all(0.0 <= p <= 1.0 for p in positions), positions
             assert positions == sorted(positions, reverse=True), positions
             # Accepted drafts per cycle: the sum over positions, and k times the per-token acceptance rate.
-            assert entry["rollout/mean_accepted_length"] == pytest.approx(sum(positions))
-            assert entry["rollout/mean_accepted_length"] == pytest.approx(k * entry["rollout/acceptance_rate"])
+            assert entry["rollout/accepted_drafts_per_cycle"] == pytest.approx(sum(positions))
+            assert entry["rollout/accepted_drafts_per_cycle"] == pytest.approx(k * entry["rollout/acceptance_rate"])
 
 
 # ------------------------------------------------------------------------------------------- without a head: TRL
