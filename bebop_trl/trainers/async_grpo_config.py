@@ -2,11 +2,11 @@
 
 from dataclasses import dataclass, field
 
-import torch
 from trl.experimental.async_grpo import AsyncGRPOConfig
 
 from ..ops import LOSS_TYPES
 from ..speculative import DRAFT_SAMPLING_MODES
+from .grpo_config import full_precision_without_gpu
 
 
 WEIGHT_TRANSFERS = ("nccl", "file")
@@ -75,9 +75,7 @@ class BebopAsyncGRPOConfig(AsyncGRPOConfig):
     )
 
     def __post_init__(self):
-        # TRL defaults to bf16 mixed precision, which transformers refuses without a GPU.
-        if self.bf16 is None and not self.fp16 and not torch.cuda.is_available():
-            self.bf16 = False
+        full_precision_without_gpu(self)
         super().__post_init__()
         if self.weight_transfer not in WEIGHT_TRANSFERS:
             raise ValueError(f"weight_transfer must be one of {WEIGHT_TRANSFERS}, got {self.weight_transfer!r}.")

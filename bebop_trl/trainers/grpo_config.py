@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+import torch
 from trl import GRPOConfig
 
 from ..ops import LOSS_TYPES
@@ -9,6 +10,13 @@ from ..speculative import DRAFT_SAMPLING_MODES
 
 
 ROLLOUT_BACKENDS = ("torch", "vllm")
+
+
+def full_precision_without_gpu(config: GRPOConfig) -> None:
+    """Leaves bf16 off where it was left unset and there is no GPU: TRL's configs default to bf16 mixed precision,
+    which transformers refuses on a CPU-only machine."""
+    if config.bf16 is None and not config.fp16 and not torch.cuda.is_available():
+        config.bf16 = False
 
 
 @dataclass
@@ -128,6 +136,7 @@ class BebopGRPOConfig(GRPOConfig):
     def __post_init__(self):
         if self.rollout_backend == "vllm":
             self.use_vllm = True
+        full_precision_without_gpu(self)
         super().__post_init__()
         if self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}.")
