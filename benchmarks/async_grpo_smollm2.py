@@ -149,7 +149,7 @@ def main() -> None:
     steps = [
         {"step": entry["step"], **{name: entry.get(name) for name in STEP_METRICS}}
         for entry in trainer.state.log_history
-        if "rollout/acceptance_rate" in entry
+        if "loss" in entry and "rollout/acceptance_rate" in entry
     ]
     result = {
         "command": " ".join(sys.argv),

@@ -111,7 +111,8 @@ def test_async_grpo_drafts_on_the_server_and_the_server_follows_the_trained_poli
     initial = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     trainer.train()
 
-    steps = [entry for entry in trainer.state.log_history if "rollout/acceptance_rate" in entry]
+    # One log per step (the end-of-training summary may carry the requests served since the last step's log).
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(steps) == 4
     for entry in steps:
         assert entry["rollout/draft_tokens"] > 0
