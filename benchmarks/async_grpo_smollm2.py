@@ -72,6 +72,8 @@ def start_server(policy_dir: str, head: str, work_dir: str, port: int) -> subpro
         "--draft_sampling", "probabilistic", "--weight_transfer", "file",
         "--draft_dir", os.path.join(work_dir, "draft"), "--dtype", "float32", "--max_model_len", "1024",
         "--enforce_eager", "true", "--host", "127.0.0.1", "--port", str(port),
+        # Passed on to `vllm serve`: room to prefill every in-flight request in one step (see docs/async_grpo.md).
+        "--max-num-batched-tokens", "16384",
     ]  # fmt: skip
     log = open(os.path.join(work_dir, "server.log"), "w")  # noqa: SIM115 (the server's for its lifetime)
     return subprocess.Popen(
