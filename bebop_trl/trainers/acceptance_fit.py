@@ -150,6 +150,18 @@ class AcceptanceEntropyFit:
         self._points = {field: list(state["points"][field]) for field in _POINT_FIELDS}
         self._generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
 
+    def metrics(self, prefix: str = "acceptance_entropy/") -> dict[str, float]:
+        """The fit's slope, intercept and r as log metrics named with `prefix` (none while the fit is undefined)."""
+        result = self.result()
+        return {} if result is None else {f"{prefix}{name}": result[name] for name in ("slope", "intercept", "r")}
+
+    def save(self, folder: str | os.PathLike, name: str, plot: bool = True, title: str | None = None) -> None:
+        """Writes `folder/name.json` and, with `plot`, `folder/name.png` (see `save_json` and `save_plot`)."""
+        os.makedirs(folder, exist_ok=True)
+        self.save_json(os.path.join(folder, f"{name}.json"))
+        if plot:
+            self.save_plot(os.path.join(folder, f"{name}.png"), title=title)
+
     def save_json(self, path: str | os.PathLike) -> None:
         """Writes the fit (null if undefined) and the kept points as JSON.
 

@@ -227,10 +227,8 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
             torch.tensor([float(window.num_draft_tokens)], dtype=torch.float64),
             step=self.state.global_step,
         )
-        result = self._fit.result()
-        if result is not None:
-            for name in ("slope", "intercept", "r"):
-                self._metrics["train"][f"acceptance_entropy/{name}"].append(result[name])
+        for name, value in self._fit.metrics().items():
+            self._metrics["train"][name].append(value)
 
     def train(self, *args: Any, **kwargs: Any):
         """Checks the server's drafting, runs TRL's training, then writes the acceptance-entropy fit (JSON and PNG)
@@ -241,9 +239,7 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
         if self.args.should_save and self.mtp_head is not None:
             self.mtp_head.save_pretrained(os.path.join(self.args.output_dir, HEAD_DIR))
         if self.args.should_save and self._server_counts is not None:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            self._fit.save_json(os.path.join(self.args.output_dir, f"{FIT_NAME}.json"))
-            self._fit.save_plot(os.path.join(self.args.output_dir, f"{FIT_NAME}.png"), title=self.args.run_name)
+            self._fit.save(self.args.output_dir, FIT_NAME, title=self.args.run_name)
         return result
 
 

@@ -273,10 +273,8 @@ class BebopGRPOTrainer(GRPOTrainer):
         points = torch.stack([entropy, acceptance, weight]).to(self.accelerator.device)
         points = self.accelerator.gather(points.T.contiguous()).cpu()
         self._fit.update(points[:, 0], points[:, 1], points[:, 2], step=self.state.global_step)
-        result = self._fit.result()
-        if result is not None:
-            for name in ("slope", "intercept", "r"):
-                self._metrics["train"][f"acceptance_entropy/{name}"].append(result[name])
+        for name, value in self._fit.metrics().items():
+            self._metrics["train"][name].append(value)
 
     def training_step(self, model, inputs, num_items_in_batch):
         """`GRPOTrainer.training_step`, timed to log the rollout share of the optimizer step's time."""
@@ -301,7 +299,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             if self._rollout is not None:
                 self._rollout.close()
         if self.args.should_save and self.mtp_head is not None:
-            self._save_fit(self.args.output_dir, plot=True)
+            self._fit.save(self.args.output_dir, FIT_NAME, title=self.args.run_name)
             if self.args.mtp_online_loss:
                 self.mtp_head.save_pretrained(os.path.join(self.args.output_dir, HEAD_DIR))
         return result
@@ -311,7 +309,7 @@ class BebopGRPOTrainer(GRPOTrainer):
         if self._rollout is None or not self.args.should_save:
             return
         folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-        self._save_fit(folder, plot=False)
+        self._fit.save(folder, FIT_NAME, plot=False)
         state = {**self._rollout.state_dict(), "fit": self._fit.state_dict()}
         if self.mtp_head is not None and self.args.mtp_online_loss:
             self.mtp_head.save_pretrained(os.path.join(folder, HEAD_DIR))
@@ -340,12 +338,6 @@ class BebopGRPOTrainer(GRPOTrainer):
                     self.mtp_head.parameters(), lr=self.args.mtp_online_learning_rate
                 )
                 self._head_optimizer.load_state_dict(state["head_optimizer"])
-
-    def _save_fit(self, folder: str, plot: bool) -> None:
-        os.makedirs(folder, exist_ok=True)
-        self._fit.save_json(os.path.join(folder, f"{FIT_NAME}.json"))
-        if plot:
-            self._fit.save_plot(os.path.join(folder, f"{FIT_NAME}.png"), title=self.args.run_name)
 
 
 def importance_sampling_ratio(

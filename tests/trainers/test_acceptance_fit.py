@@ -185,3 +185,16 @@ def test_bad_shapes_raise(entropy, acceptance, weight):
     with pytest.raises(ValueError, match=r"entropy|acceptance|weight"):
         fit.update(entropy, acceptance, weight)
     assert fit.result() is None and fit.state_dict()["num_points"] == 0
+
+
+def test_metrics_and_save_into_a_folder(tmp_path):
+    fit = AcceptanceEntropyFit()
+    assert fit.metrics() == {}  # undefined before two points
+    fit.update(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.6, 0.5, 0.3]), step=1)
+    result = fit.result()
+    assert fit.metrics() == {f"acceptance_entropy/{name}": result[name] for name in ("slope", "intercept", "r")}
+    fit.save(tmp_path / "run", "fit", plot=False)
+    assert json.loads((tmp_path / "run" / "fit.json").read_text())["fit"] == result
+    assert not (tmp_path / "run" / "fit.png").exists()
+    fit.save(tmp_path / "run", "fit")
+    assert (tmp_path / "run" / "fit.png").is_file()
