@@ -17,14 +17,15 @@ import subprocess
 import sys
 import time
 
-import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bebop_trl import BebopAsyncGRPOConfig, BebopAsyncGRPOTrainer
 from bebop_trl.embedded import SMOLLM2_HEAD_DIR, smollm2_path
 from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG
+from bebop_trl.speculative.exactness import completion_logprobs
 from bebop_trl.tasks import reasoning_gym_dataset, reasoning_gym_reward
+from bebop_trl.trainers.async_grpo_trainer import sample_with_logprobs
 
 
 K = 3
@@ -85,23 +86,16 @@ def logprob_check(url: str, policy_dir: str, trained, tokenizer, prompt: list[di
     """Largest gap between the server's sampling log-probs and the trained policy's, and how far the initial
     policy's are from them, over 4 sampled completions of `prompt`."""
     initial = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
-    model = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
     error, drift = 0.0, 0.0
     for seed in range(4):
-        body = {
-            "model": model, "prompt": prompt_ids, "max_tokens": 32, "temperature": 1.0, "logprobs": 0,
-            "return_token_ids": True, "seed": seed, "ignore_eos": True,
-        }  # fmt: skip
-        choice = requests.post(f"{url}/v1/completions", json=body, timeout=300).json()["choices"][0]
-        ids = torch.tensor([prompt_ids + choice["token_ids"]])
-        served = torch.tensor(choice["logprobs"]["token_logprobs"])
-        targets = torch.tensor(choice["token_ids"])
-        with torch.no_grad():
-            for policy, name in ((trained, "error"), (initial, "drift")):
-                logps = policy(ids).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)
-                gap = (logps[torch.arange(len(targets)), targets] - served).abs().max().item()
-                error, drift = (max(error, gap), drift) if name == "error" else (error, max(drift, gap))
+        completion, served = sample_with_logprobs(url, prompt_ids, temperature=1.0, max_tokens=32, seed=seed)
+        served = torch.tensor(served)
+        trained_logps, initial_logps = (
+            torch.tensor(completion_logprobs(policy, [prompt_ids], [completion])[0]) for policy in (trained, initial)
+        )
+        error = max(error, (trained_logps - served).abs().max().item())
+        drift = max(drift, (initial_logps - served).abs().max().item())
     return {"max_abs_error_vs_trained_policy": error, "max_abs_gap_vs_initial_policy": drift}
 
 

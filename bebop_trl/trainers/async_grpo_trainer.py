@@ -266,13 +266,19 @@ def with_response_parser(tokenizer: Any) -> Any:
 
 
 def sample_with_logprobs(
-    url: str, prompt_ids: list[int], *, temperature: float, max_tokens: int = 16, timeout: float = 600.0
+    url: str,
+    prompt_ids: list[int],
+    *,
+    temperature: float,
+    max_tokens: int = 16,
+    seed: int = 0,
+    timeout: float = 600.0,
 ) -> tuple[list[int], list[float]]:
     """One completion of `prompt_ids` from the server at `url`, EOS ignored, and its sampling log-probs."""
     model = requests.get(f"{url}/v1/models", timeout=timeout).json()["data"][0]["id"]
     body = {
         "model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": temperature, "logprobs": 0,
-        "return_token_ids": True, "ignore_eos": True, "seed": 0,
+        "return_token_ids": True, "ignore_eos": True, "seed": seed,
     }  # fmt: skip
     response = requests.post(f"{url}/v1/completions", json=body, timeout=timeout)
     response.raise_for_status()

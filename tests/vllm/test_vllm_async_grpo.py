@@ -5,12 +5,13 @@ import os
 import subprocess
 
 import pytest
-import requests
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bebop_trl import BebopAsyncGRPOConfig, BebopAsyncGRPOTrainer
+from bebop_trl.speculative.exactness import completion_logprobs
+from bebop_trl.trainers.async_grpo_trainer import sample_with_logprobs
 from bebop_trl.vllm_serve import DraftArguments, serve_command
 
 from .conftest import PROMPTS
@@ -52,26 +53,6 @@ def file_sync_server(tiny_llama_dir, trained_head_dir, tmp_path):
 def reward_digits(completions, **kwargs):
     """Digits in the completion (module level: TRL's rollout worker runs rewards in a child process)."""
     return [float(sum(ch.isdigit() for ch in messages[-1]["content"])) for messages in completions]
-
-
-def served_logprobs(url: str, model: str, prompt_ids: list[int], n: int = 4) -> list[tuple[list[int], list[float]]]:
-    """Completions the server samples for `prompt_ids`, with their sampling log-probs."""
-    samples = []
-    for seed in range(n):
-        body = {
-            "model": model, "prompt": prompt_ids, "max_tokens": 12, "temperature": 1.0, "logprobs": 0,
-            "return_token_ids": True, "seed": seed, "ignore_eos": True,
-        }  # fmt: skip
-        choice = requests.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]
-        samples.append((choice["token_ids"], choice["logprobs"]["token_logprobs"]))
-    return samples
-
-
-def policy_logprobs(policy, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
-    ids = torch.tensor([prompt_ids + completion_ids])
-    with torch.no_grad():
-        logps = policy(ids).logits[0, len(prompt_ids) - 1 : -1].log_softmax(-1)
-    return logps[torch.arange(len(completion_ids)), torch.tensor(completion_ids)]
 
 
 def test_async_grpo_drafts_on_the_server_and_the_server_follows_the_trained_policy(
@@ -125,13 +106,18 @@ def test_async_grpo_drafts_on_the_server_and_the_server_follows_the_trained_poli
     # (The trainer's copy runs TRL's packed attention; a plain copy of its weights scores single sequences.)
     policy = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     policy.load_state_dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
-    model_name = requests.get(f"{file_sync_server}/v1/models", timeout=30).json()["data"][0]["id"]
     prompt_ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPTS[40]}], add_generation_prompt=True, return_dict=False
     )
     drift = 0.0
-    for completion_ids, logprobs in served_logprobs(file_sync_server, model_name, prompt_ids):
+    for seed in range(4):
+        completion_ids, logprobs = sample_with_logprobs(
+            file_sync_server, prompt_ids, temperature=1.0, max_tokens=12, seed=seed
+        )
         served = torch.tensor(logprobs)
-        torch.testing.assert_close(served, policy_logprobs(policy, prompt_ids, completion_ids), atol=2e-3, rtol=0)
-        drift = max(drift, (served - policy_logprobs(initial, prompt_ids, completion_ids)).abs().max().item())
+        trained, untrained = (
+            torch.tensor(completion_logprobs(model, [prompt_ids], [completion_ids])[0]) for model in (policy, initial)
+        )
+        torch.testing.assert_close(served, trained, atol=2e-3, rtol=0)
+        drift = max(drift, (served - untrained).abs().max().item())
     assert drift > 0.05, drift
