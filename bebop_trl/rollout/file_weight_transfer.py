@@ -55,14 +55,13 @@ class FileWeightTransfer:
         self._session = requests.Session()
         self._version = 0
         self._head_stale = False
-        self.server_info: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ TRL's protocol
 
     def init_weight_transfer(self) -> None:
         """Waits for the server, checks that it loads weights from files, and starts its transfer engine."""
-        self.server_info = self.wait_for_server()
-        backend = (self.server_info.get("weight_transfer_config") or {}).get("backend")
+        # (TRL's VLLMClient waits the same way, but logs through accelerate, which needs a trainer's state.)
+        backend = (self.wait_for_server().get("weight_transfer_config") or {}).get("backend")
         if backend != FILE_WEIGHT_TRANSFER:
             raise ValueError(
                 f"The vLLM server at {self.base_url} transfers weights with {backend!r}, not from files. Start it "
