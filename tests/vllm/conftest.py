@@ -4,6 +4,8 @@ import contextlib
 import gc
 import inspect
 import os
+import socket
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -154,3 +156,29 @@ def recorded_draft_calls(llm, monkeypatch) -> Iterator[list[dict[str, torch.Tens
         yield calls
     finally:
         monkeypatch.undo()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(script_args, draft_args, log_path) -> Iterator[str]:
+    """The server `bebop-trl vllm-serve` starts for `script_args` and `draft_args`, and its URL; its log goes to
+    `log_path` and its tail to the test's output. The lane's fixes for the installed build reach it through the
+    environment, as in `bebop-trl vllm-serve`."""
+    from bebop_trl.vllm_serve import serve_command
+
+    command = serve_command(script_args, draft_args, [])
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield f"http://{script_args.host}:{script_args.port}"
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    with open(log_path) as log:
+        print(log.read()[-3000:])

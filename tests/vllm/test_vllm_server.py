@@ -1,9 +1,5 @@
 """vLLM lane, server mode: `bebop-trl vllm-serve`'s server drafts with the head and exposes its counters."""
 
-import os
-import socket
-import subprocess
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -11,19 +7,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bebop_trl import MTPHead
 from bebop_trl.rollout.torch_engine import generate_from_ids
 from bebop_trl.rollout.vllm_backend import read_server_counters
-from bebop_trl.vllm_serve import DraftArguments, serve_command
+from bebop_trl.vllm_serve import DraftArguments
 
-from .conftest import PROMPTS
+from .conftest import PROMPTS, free_port, running_server
 from .test_vllm_rollouts import K, acceptance_per_position
 
 
 pytestmark = pytest.mark.vllm
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -38,17 +28,8 @@ def server(tiny_checkpoints, trained_head, tmp_path):
     draft_args = DraftArguments(
         mtp_head=trained_head("qwen3"), num_speculative_tokens=K, draft_sampling="greedy", draft_dir=str(tmp_path)
     )
-    command = serve_command(script_args, draft_args, [])
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 (closed after the server stops)
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield f"http://127.0.0.1:{port}", draft_args.mtp_head, policy_dir
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        log.close()
-        print((tmp_path / "server.log").read_text()[-3000:])
+    with running_server(script_args, draft_args, tmp_path / "server.log") as url:
+        yield url, draft_args.mtp_head, policy_dir
 
 
 def test_server_drafts_with_the_head_and_counts_as_the_torch_engine(server):
