@@ -8,7 +8,8 @@ corpus of `build_smollm2_corpus.py` stands in for that native head (`--base-head
 - `scratch`: a head from the layout's identity initialisation trained the same steps with that loss (the
   equal-budget comparison from scratch).
 
-Neither stage uses a KL warm start: every loss is its own schedule. Every head is measured with the real engine at
+Neither stage uses a KL warm start unless a `--losses` entry asks for one (`e2e_tv+kl0.2`, or `default` for
+`MTPConfig`'s default loss and warm start). Every head is measured with the real engine at
 k = 3 on held-out prompts (`--eval-prompts` of the held-out half of `smollm2_task.task_prompt_split`, after the
 first 32 that the learning curves use; the corpus excludes the whole half), at each of `--temperatures`, in both
 drafting modes: acceptance per position and accepted drafts per cycle. The base head is measured the same way.
@@ -68,7 +69,14 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-head", required=True, help="The CE-trained head the fine-tuning starts from.")
     parser.add_argument("--corpus-dir", default="outputs/corpora/smollm2-basic-arithmetic-t1")
-    parser.add_argument("--losses", nargs="+", default=list(LOSS_TYPES), choices=LOSS_TYPES)
+    parser.add_argument(
+        "--losses",
+        nargs="+",
+        type=schedule_name,
+        default=list(LOSS_TYPES),
+        help="Loss types, each optionally with a KL warm start over a fraction of the steps (`e2e_tv+kl0.2`); "
+        "`default` is MTPConfig's default loss and warm start.",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--steps", type=int, default=300, help="Optimizer steps per head.")
@@ -84,15 +92,37 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def schedule_name(name: str) -> str:
+    """Checks a `--losses` entry and spells `default` out as the loss and warm start it stands for today."""
+    if name == "default":
+        name = (
+            f"{MTPConfig.loss_type}+kl{MTPConfig.kl_warm_start:g}" if MTPConfig.kl_warm_start else MTPConfig.loss_type
+        )
+    loss_type_and_warm_start(name)
+    return name
+
+
+def loss_type_and_warm_start(name: str) -> tuple[str, float]:
+    """`"e2e_tv+kl0.2"` -> `("e2e_tv", 0.2)`; a bare loss type has no warm start."""
+    loss, _, warm = name.partition("+kl")
+    if loss not in LOSS_TYPES:
+        raise argparse.ArgumentTypeError(f"unknown loss {loss!r} in {name!r}: use one of {LOSS_TYPES}")
+    try:
+        return loss, float(warm) if warm else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad warm start in {name!r}: write e.g. {loss}+kl0.2") from None
+
+
 def train_head(policy, tokenizer, corpus, base: MTPHead, args, stage: str, loss: str, seed: int) -> str:
     """Trains one head of the study (or finds it trained) and returns its folder."""
     folder = os.path.join(args.work_dir, stage, f"{loss}-seed{seed}")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
         return folder
+    loss_type, warm_start = loss_type_and_warm_start(loss)
     config = MTPConfig(
         output_dir=folder,
-        loss_type=loss,
-        kl_warm_start=0,
+        loss_type=loss_type,
+        kl_warm_start=warm_start,
         num_mtp_steps=K,
         temperature=1.0,
         learning_rate=args.finetune_learning_rate if stage == "finetune" else args.scratch_learning_rate,
@@ -139,7 +169,10 @@ def summarise(runs: dict, args) -> list[dict]:
     settings = [f"T={t:g} {m}" for t, m in product(args.temperatures, MODES)]
     # Every head measured so far, whichever worker trained it.
     seeds = sorted({int(key.split("/")[2]) for key in runs})
-    for stage, loss, setting in product(STAGES, LOSS_TYPES, settings):
+    # Bare loss types in the library's order, then the warm-started schedules.
+    order = {loss: index for index, loss in enumerate(LOSS_TYPES)}
+    schedules = sorted({key.split("/")[1] for key in runs}, key=lambda n: (order.get(n, len(order)), n))
+    for stage, loss, setting in product(STAGES, schedules, settings):
         measured = [runs[key][setting] for seed in seeds if (key := f"{stage}/{loss}/{seed}") in runs]
         if not measured:
             continue
