@@ -19,6 +19,9 @@ trl
       (overridden), `._metrics`; `WeightTransferProtocol.init_weight_transfer`, `.pause`, `.send_weights`, `.resume`,
       `.destroy` (implemented); `DataCollatorForRollout.torch_call` (its padding); module global
       `get_peak_flops_per_device` (patched)
+    - `experimental.async_grpo.weight_transfer.WeightTransferClient`: `__init__` and `send_weights` (called, with
+      its update session opened through `vllm.start_weight_update`), attributes `vllm`, `weight_sync_timeout`,
+      `model_update_group`; `experimental.async_grpo.vllm_client.VLLMClient.server_url`
     - `experimental.async_grpo.packing`: `TREE_ATTENTION`, `tree_attention` (replaced), `TreeRow.pack` (its keys)
     - `chat_template_utils._SUPPORTS_RESPONSE_TEMPLATE`; `scripts.vllm_serve.build_command` (its command line)
 
@@ -111,6 +114,7 @@ _vllm = functools.partial(_member, VLLM)
 _GRPO = "trl.trainer.grpo_trainer.GRPOTrainer"
 _ASYNC = "trl.experimental.async_grpo.async_grpo_trainer"
 _PROTOCOL = f"{_ASYNC}.WeightTransferProtocol"
+_WEIGHT_CLIENT = "trl.experimental.async_grpo.weight_transfer.WeightTransferClient"
 _GENERATION = "trl.generation.vllm_generation.VLLMGeneration"
 _TRAINER = "transformers.trainer.Trainer"
 _RUNNER = "vllm.v1.worker.gpu_model_runner.GPUModelRunner"
@@ -206,6 +210,32 @@ PRIVATE_MEMBERS: tuple[PrivateMember, ...] = (
     _trl(_PROTOCOL, "send_weights", "override", ("self", "iterator"), "rollout.file_weight_transfer"),
     _trl(_PROTOCOL, "resume", "override", _SELF, "rollout.file_weight_transfer"),
     _trl(_PROTOCOL, "destroy", "override", _SELF, "rollout.file_weight_transfer"),
+    # The head's broadcast is a second TRL client on the policy client's NCCL group.
+    _trl(
+        _WEIGHT_CLIENT,
+        "__init__",
+        "call",
+        ("self", "vllm_client", "weight_update_info", "weight_sync_timeout"),
+        "rollout.nccl_draft_transfer",
+    ),
+    _trl(_WEIGHT_CLIENT, "vllm", "attribute", None, "rollout.nccl_draft_transfer"),
+    _trl(_WEIGHT_CLIENT, "weight_sync_timeout", "attribute", None, "rollout.nccl_draft_transfer"),
+    _trl(_WEIGHT_CLIENT, "model_update_group", "attribute", None, "rollout.nccl_draft_transfer"),
+    _trl(
+        _WEIGHT_CLIENT,
+        "send_weights",
+        "call",
+        ("self", "iterator"),
+        "rollout.nccl_draft_transfer",
+        source_contains=("self.vllm.start_weight_update(", "self.vllm.update_weights(self._weight_update_info"),
+    ),
+    _trl(
+        "trl.experimental.async_grpo.vllm_client.VLLMClient",
+        "server_url",
+        "attribute",
+        None,
+        "rollout.nccl_draft_transfer",
+    ),
     # `unpack_tree_row` drops the collator's padding of the tree index tensors by its value.
     _trl(
         f"{_ASYNC}.DataCollatorForRollout",

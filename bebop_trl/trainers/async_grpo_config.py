@@ -63,7 +63,7 @@ class BebopAsyncGRPOConfig(AsyncGRPOConfig):
         metadata={
             "help": "Train the head on each training batch's rollouts with this loss (a loss type of "
             "bebop_trl.ops.mtp_loss) and send it to the server's drafter with the next weight sync; None keeps the "
-            "server's head fixed. Needs mtp_head and weight_transfer='file'.",
+            "server's head fixed. Needs mtp_head; works with either weight_transfer.",
             "choices": [None, *LOSS_TYPES],
         },
     )
@@ -88,9 +88,3 @@ class BebopAsyncGRPOConfig(AsyncGRPOConfig):
                 raise ValueError(f"mtp_online_loss must be one of {LOSS_TYPES} or None, got {self.mtp_online_loss!r}.")
             if self.mtp_head is None:
                 raise ValueError("mtp_online_loss trains the server's head: set mtp_head to the same head.")
-            if self.weight_transfer != "file":
-                raise ValueError(
-                    "Online head updates reach the server with weight_transfer='file' only; TRL's NCCL transfer "
-                    "carries the policy alone. Set weight_transfer='file' (the server's sync folder must be shared) "
-                    "or mtp_online_loss=None."
-                )

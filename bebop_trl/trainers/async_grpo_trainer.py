@@ -14,11 +14,13 @@ from transformers import AttentionInterface, PreTrainedModel, TrainerCallback
 from trl.experimental.async_grpo import AsyncGRPOTrainer
 from trl.experimental.async_grpo import async_grpo_trainer as trl_async_grpo
 from trl.experimental.async_grpo.packing import TREE_ATTENTION
+from trl.experimental.async_grpo.weight_transfer import WeightTransferClient
 
 from .._compat import attn_implementation, trl_supports_response_template
 from ..modeling import MTPHead
 from ..modeling.vllm_export import vllm_draft_weights
 from ..rollout.file_weight_transfer import FileWeightTransfer
+from ..rollout.nccl_draft_transfer import NCCLDraftWeightTransfer
 from ..rollout.vllm_backend import read_server_counters
 from ..speculative import AcceptanceCounts
 from ..speculative.engine import eval_mode
@@ -46,6 +48,8 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
       drafts as `args` says;
     - `args.weight_transfer="file"` pushes the policy through safetensors files instead of NCCL
       ([`FileWeightTransfer`][bebop_trl.rollout.file_weight_transfer.FileWeightTransfer]), which needs no GPU;
+    - `args.mtp_online_loss` trains the head on the rollouts and sends it to the server's drafter with the next weight
+      sync, over TRL's NCCL group or through files;
     - every log reads the server's spec-decode counters from `/metrics`: acceptance per position, accepted drafts per
       cycle, and one point (the window's mean policy entropy, its acceptance) of the acceptance-entropy fit, saved as
       `acceptance_entropy_fit.json` and `.png` in `output_dir` at the end of training;
@@ -118,6 +122,8 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
             # TRL registers its FlashAttention-3 version in __init__ and looks it up at every forward.
             AttentionInterface.register(TREE_ATTENTION, sdpa_tree_attention)
         self.mtp_head = self._load_head() if args.mtp_online_loss else None
+        if self.mtp_head is not None and self.accelerator.is_main_process:
+            self.weight_transfer = self._with_head_transfer(self.weight_transfer)
         self._head_optimizer = (
             torch.optim.AdamW(self.mtp_head.parameters(), lr=args.mtp_online_learning_rate)
             if self.mtp_head is not None
@@ -128,6 +134,19 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
         self.add_callback(_CheckServedLogprobs(self))
         # The server's counters at the last log (main process; read first when training starts).
         self._server_counts: AcceptanceCounts | None = None
+
+    def _with_head_transfer(self, transfer: Any) -> Any:
+        """The main process's weight transfer, able to send the head after an online update."""
+        if isinstance(transfer, WeightTransferClient):
+            # TRL's NCCL client for the policy: the head rides on its group.
+            return NCCLDraftWeightTransfer(transfer, draft_weights=lambda: vllm_draft_weights(self.mtp_head))
+        if not callable(getattr(transfer, "head_updated", None)):
+            raise TypeError(
+                f"mtp_online_loss updates the server's head, but the weight transfer {type(transfer).__name__} cannot "
+                "send it (it has no `head_updated()`; TRL's LoRA sync has none either). Use weight_transfer='nccl' "
+                "or 'file' with a full policy, or set mtp_online_loss=None."
+            )
+        return transfer
 
     def _load_head(self) -> MTPHead:
         """The head the server drafts with, bound to the policy, in float32 (the master weights of the updates)."""

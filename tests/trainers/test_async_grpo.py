@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AttentionInterface, AutoModelForCausalLM
@@ -21,6 +22,7 @@ from trl.experimental.async_grpo.packing import TREE_ATTENTION, TreeRow, registe
 from bebop_trl import BebopAsyncGRPOConfig, BebopAsyncGRPOTrainer, MTPHead
 from bebop_trl.modeling.vllm_export import vllm_draft_weights
 from bebop_trl.rollout.file_weight_transfer import FileWeightTransfer
+from bebop_trl.rollout.nccl_draft_transfer import NCCLDraftWeightTransfer
 from bebop_trl.speculative.exactness import completion_logprobs
 from bebop_trl.trainers.async_grpo_trainer import check_server_drafts, unpack_tree_row, with_response_parser
 from bebop_trl.trainers.tree_attention import sdpa_tree_attention
@@ -188,7 +190,7 @@ class StandInServer:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 route = urlparse(self.path).path
                 server.calls.append((route, body))
-                if route == "/update_weights":
+                if route == "/update_weights" and "path" in body["update_info"]:
                     server.loaded.append(load_file(os.path.join(body["update_info"]["path"], "model.safetensors")))
                 if route == "/v1/completions":
                     self._answer(json.dumps(server.complete(body)))
@@ -260,6 +262,66 @@ def test_file_weight_transfer_refuses_a_server_without_the_file_engine(tmp_path)
             FileWeightTransfer(stand_in.url, tmp_path, timeout=10).init_weight_transfer()
     finally:
         stand_in.close()
+
+
+@pytest.fixture
+def nccl_recorder(monkeypatch):
+    """TRL's NCCL weight transfer with the broadcast recorded instead of sent (no GPU, no vLLM here): every
+    broadcast's group and tensors, in order."""
+    from trl.experimental.async_grpo import weight_transfer as trl_weight_transfer
+
+    broadcasts: list[tuple[object, list[torch.Tensor]]] = []
+
+    def record(iterator, group, src, post_iter_func):
+        assert src == 0
+        broadcasts.append((group, [post_iter_func(item).clone() for item in iterator]))
+
+    monkeypatch.setattr(trl_weight_transfer, "is_vllm_available", lambda *args, **kwargs: True)
+    monkeypatch.setattr(trl_weight_transfer, "_HAS_STATEFUL_TRAINER_ENGINE", True)
+    monkeypatch.setattr(trl_weight_transfer, "packed_nccl_broadcast_producer", record, raising=False)
+    return broadcasts
+
+
+def test_nccl_transfer_sends_an_updated_head_over_the_policy_group(server, nccl_recorder):
+    from trl.experimental.async_grpo.vllm_client import VLLMClient
+    from trl.experimental.async_grpo.weight_transfer import WeightTransferClient
+
+    PartialState()  # TRL's client logs through accelerate, as in a trainer
+    policy = {"model.embed_tokens.weight": torch.arange(6.0).view(3, 2)}
+    head = {"fc.weight": torch.full((2, 4), 7.0), "norm.weight": torch.ones(2, dtype=torch.bfloat16)}
+    policy_transfer = WeightTransferClient(
+        VLLMClient(server.url),
+        {"names": list(policy), "dtype_names": ["float32"], "shapes": [[3, 2]]},
+        weight_sync_timeout=10,
+    )
+    group = object()  # the group `init_weight_transfer` would open with the server
+    policy_transfer.model_update_group = group
+    transfer = NCCLDraftWeightTransfer(policy_transfer, draft_weights=lambda: head)
+
+    transfer.pause()
+    transfer.send_weights(iter(policy.items()))
+    transfer.resume()
+    transfer.head_updated()
+    transfer.pause()
+    transfer.send_weights(iter(policy.items()))
+    transfer.resume()
+
+    assert server.routes() == [
+        "/pause", "/start_weight_update", "/update_weights", "/finish_weight_update", "/resume",
+        "/pause", "/start_weight_update", "/update_weights", "/finish_weight_update",
+        "/start_draft_weight_update", "/update_weights", "/finish_weight_update",
+        "/resume",
+    ]  # fmt: skip
+    draft_info = [body for route, body in server.calls if route == "/update_weights"][-1]["update_info"]
+    assert draft_info == {"names": ["fc.weight", "norm.weight"], "dtype_names": ["float32", "bfloat16"],
+                          "shapes": [[2, 4], [2]]}  # fmt: skip
+    assert [sent_group for sent_group, _ in nccl_recorder] == [group, group, group]
+    for sent, expected in zip(nccl_recorder[2][1], head.values(), strict=True):
+        torch.testing.assert_close(sent, expected)
+    # A head pushed once is not sent again until it changes.
+    transfer.pause()
+    transfer.send_weights(iter(policy.items()))
+    assert server.routes().count("/start_draft_weight_update") == 1
 
 
 def test_a_server_that_drafts_otherwise_is_refused():
@@ -402,11 +464,59 @@ def test_online_head_updates_reach_the_server_with_the_next_sync(tiny_checkpoint
     torch.testing.assert_close(saved.fc.weight.float(), trainer.mtp_head.fc.weight)
 
 
-def test_online_head_updates_need_the_head_and_the_file_transfer(tmp_path):
+def test_online_head_updates_need_the_head(tmp_path):
     with pytest.raises(ValueError, match="set mtp_head"):
         BebopAsyncGRPOConfig(output_dir=str(tmp_path), mtp_online_loss="tv", weight_transfer="file")
-    with pytest.raises(ValueError, match="weight_transfer='file'"):
-        BebopAsyncGRPOConfig(output_dir=str(tmp_path), mtp_online_loss="tv", mtp_head="head")
+
+
+def test_online_head_updates_ride_on_trls_nccl_transfer(tiny_checkpoints, load_tiny, server, nccl_recorder, tmp_path):
+    head_dir = str(tmp_path / "head")
+    MTPHead.from_model(load_tiny("llama")).save_pretrained(head_dir)
+    args = BebopAsyncGRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        vllm_server_base_url=server.url,
+        mtp_head=head_dir,
+        mtp_online_loss="tv",
+        report_to="none",
+    )
+    trainer = BebopAsyncGRPOTrainer(
+        tiny_checkpoints["llama"],
+        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 8}),
+        rollout_worker=StandInWorker(server),
+    )
+    assert isinstance(trainer.weight_transfer, NCCLDraftWeightTransfer)
+    assert trainer.weight_transfer.policy_transfer.vllm.server_url == server.url
+    final = vllm_draft_weights(trainer.mtp_head)
+    assert trainer.weight_transfer._draft_weights().keys() == final.keys()
+
+
+def test_online_head_updates_refuse_a_transfer_that_cannot_send_the_head(
+    tiny_checkpoints, load_tiny, server, tmp_path
+):
+    head_dir = str(tmp_path / "head")
+    MTPHead.from_model(load_tiny("llama")).save_pretrained(head_dir)
+
+    class PolicyOnly:
+        def init_weight_transfer(self): ...
+        def pause(self): ...
+        def send_weights(self, iterator): ...
+        def resume(self): ...
+        def destroy(self): ...
+
+    args = BebopAsyncGRPOConfig(
+        output_dir=str(tmp_path / "run"), vllm_server_base_url=server.url, mtp_head=head_dir, mtp_online_loss="tv"
+    )
+    with pytest.raises(TypeError, match="PolicyOnly cannot send it"):
+        BebopAsyncGRPOTrainer(
+            tiny_checkpoints["llama"],
+            reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 8}),
+            rollout_worker=StandInWorker(server),
+            weight_transfer=PolicyOnly(),
+        )
 
 
 def test_chatml_templates_trl_does_not_know_get_a_response_parser(tiny_checkpoints):
