@@ -25,6 +25,8 @@ from .hub import (
     save_tensors,
 )
 from .model_inputs import cache_of, with_cache
+from .native import read_native_head, save_native_weights
+from .vllm_export import export_vllm
 
 
 logger = logging.getLogger(__name__)
@@ -645,17 +647,38 @@ class MTPHead(nn.Module):
     # ------------------------------------------------------------------------------------------------ native MTP
 
     @classmethod
-    def from_native(cls, policy_name_or_path: str | os.PathLike, **kwargs: Any) -> "MTPHead":
+    def from_native(
+        cls,
+        policy_name_or_path: str | os.PathLike,
+        *,
+        policy: nn.Module | None = None,
+        check_base_model: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+    ) -> "MTPHead":
         """Imports the MTP weights a checkpoint ships (Qwen3.5 / Qwen3-Next `mtp.*` tensors) as a head.
 
         Args:
             policy_name_or_path: Folder or Hub id of the policy checkpoint.
-            **kwargs: `policy`, `dtype`, `device`, and the Hub arguments of
-                [`from_pretrained`][bebop_trl.MTPHead.from_pretrained].
+            policy: The policy to bind the head to, as in [`from_pretrained`][bebop_trl.MTPHead.from_pretrained].
+            check_base_model: As in `from_pretrained`.
+            dtype: As in `from_pretrained`.
+            device: As in `from_pretrained`.
+            revision: Hub revision.
+            token: Hub token.
+            cache_dir: Hub cache folder.
+            local_files_only: Do not download.
         """
-        from .native import load_native_head
-
-        return load_native_head(cls, policy_name_or_path, **kwargs)
+        config, state, source = read_native_head(
+            policy_name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        head = cls(config)
+        head.load_head_state_dict(state, source=source)
+        return head.place(policy, dtype=dtype, device=device, check_base_model=check_base_model)
 
     def save_native(self, save_directory: str | os.PathLike) -> str:
         """Writes the head's weights under the checkpoint's native `mtp.*` names (inverse of `from_native`).
@@ -666,8 +689,6 @@ class MTPHead(nn.Module):
         Returns:
             The path of the written file.
         """
-        from .native import save_native_weights
-
         return save_native_weights(self, save_directory)
 
     def export_vllm(self, save_directory: str | os.PathLike, *, target_config: Any = None) -> str:
@@ -680,8 +701,6 @@ class MTPHead(nn.Module):
         Returns:
             The folder, to use as the `model` of [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config].
         """
-        from .vllm_export import export_vllm
-
         return export_vllm(self, save_directory, target_config=target_config)
 
 

@@ -2,6 +2,7 @@
 
 import os
 import re
+from typing import Any
 
 import torch
 from transformers import AutoConfig
@@ -81,22 +82,20 @@ def head_to_native_key(key: str) -> str:
     return NATIVE_PREFIX + key.removeprefix("model.")
 
 
-def load_native_head(
-    head_cls,
-    policy_name_or_path: str | os.PathLike,
-    *,
-    policy=None,
-    check_base_model: bool = True,
-    dtype=None,
-    device=None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool | None = None,
-):
-    """Builds a head from the `mtp.*` tensors of a policy checkpoint (see `MTPHead.from_native`)."""
-    hub_kwargs = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-    policy_config = AutoConfig.from_pretrained(policy_name_or_path, **{k: v for k, v in hub_kwargs.items() if v})
+def read_native_head(
+    policy_name_or_path: str | os.PathLike, **hub_kwargs: Any
+) -> tuple[MTPHeadConfig, dict[str, torch.Tensor], str]:
+    """The head config and weights (under the head's names) of the `mtp.*` tensors a policy checkpoint ships.
+
+    Args:
+        policy_name_or_path: Folder or Hub id of the policy checkpoint.
+        **hub_kwargs: `revision`, `token`, `cache_dir`, `local_files_only` (unset ones left out).
+
+    Returns:
+        `(config, state_dict, source)`, `source` naming where the weights came from for error messages.
+    """
+    hub_kwargs = {key: value for key, value in hub_kwargs.items() if value is not None}
+    policy_config = AutoConfig.from_pretrained(policy_name_or_path, **hub_kwargs)
     text_config = policy_config.get_text_config()
     if text_config.model_type not in NATIVE_MTP_MODEL_TYPES:
         raise ValueError(
@@ -108,12 +107,8 @@ def load_native_head(
     num_layers = getattr(text_config, "mtp_num_hidden_layers", None) or len(layer_ids)
     config = MTPHeadConfig.from_policy_config(policy_config, num_layers=num_layers, layout=MTP_LAYOUT)
     config.base_model_name_or_path = str(policy_name_or_path)
-    head = head_cls(config)
-    head.load_head_state_dict(
-        {native_to_head_key(k): v for k, v in fuse_experts(native).items()},
-        source=f"the mtp.* tensors of {policy_name_or_path}",
-    )
-    return head.place(policy, dtype=dtype, device=device, check_base_model=check_base_model)
+    state = {native_to_head_key(k): v for k, v in fuse_experts(native).items()}
+    return config, state, f"the mtp.* tensors of {policy_name_or_path}"
 
 
 def _read_native_tensors(path_or_repo, hub_kwargs) -> dict:
