@@ -208,7 +208,7 @@ class MTPHead(nn.Module):
 
         It scores the policy's side of a head loss. A head with a draft vocabulary drafts with its own rows
         `draft_lm_head_weight` [|D|, H] for the target ids `draft_vocab` [|D|] (both None otherwise), which
-        [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] takes as its `draft_lm_head_weight` and `draft_vocab`.
+        [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss] takes as its `draft_lm_head_weight` and `draft_vocab`.
         """
         return self._bound_io()[1].weight
 

@@ -1,4 +1,4 @@
-"""Tiled engine behind [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss]: per-slot divergences without [slots, V] logits.
+"""Tiled engine behind [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss]: per-slot divergences without [slots, V] logits.
 
 The engine owns the tiling, the two vocabulary sweeps and the gradient bookkeeping. Each divergence only states,
 per logits tile, the statistic it accumulates and the coefficients `c` whose products `c @ W` build its gradient,
@@ -304,7 +304,7 @@ def policy_log_normalizer(
     tile, without materialising the logits.
 
     A policy position is the target of up to S draft slots (one per draft step), so computing its normaliser once
-    here and passing it to [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] as `target_lse` spares the loss one sweep
+    here and passing it to [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss] as `target_lse` spares the loss one sweep
     of the whole vocabulary per slot.
 
     Args:

@@ -1,4 +1,4 @@
-"""Naive reference for [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss]: full logits and plain autograd.
+"""Naive reference for [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss]: full logits and plain autograd.
 
 It materialises both models' [S, N, V] logits and lets autograd differentiate through softmax, so it needs
 memory proportional to S * N * V. It exists to check the tiled implementation and to benchmark against it, and
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mtp_loss import LossType, MTPLossOutput, draft_indices, validate_inputs
+from .fused_mtp_loss import LossType, MTPLossOutput, draft_indices, validate_inputs
 
 
 def mtp_loss_reference(
@@ -26,7 +26,7 @@ def mtp_loss_reference(
     kl_scale: float = 1.0,
     kl_decay: float = 1.0,
 ) -> MTPLossOutput:
-    """Same contract as [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss], minus the tiling and backend options.
+    """Same contract as [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss], minus the tiling and backend options.
 
     With a draft vocabulary, the head's distribution is scattered into a full-vocabulary `q` that is 0 outside it,
     and compared with the policy's full-vocabulary `p` as it is.
@@ -35,7 +35,7 @@ def mtp_loss_reference(
         draft_hidden: [S, N, H] the head's final hidden states.
         target_hidden: [S, N, H] the policy's final hidden states for the same slots (no gradient).
         lm_head_weight: [V, H] the policy's lm_head weight (no gradient).
-        loss_type: A loss type of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
+        loss_type: A loss type of [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss].
         mask: [S, N] bool prefix-closed validity mask; `None` means all valid.
         labels: [S, N] token ids, required for `"ce"`.
         temperature: Softmax temperature.

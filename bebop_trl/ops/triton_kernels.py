@@ -1,8 +1,8 @@
-"""Triton tile math for [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] on CUDA.
+"""Triton tile math for [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss] on CUDA.
 
 The tiled engine, the autograd function and the matmuls (cuBLAS) are the PyTorch path's; this module only fuses the
 element-wise work on each [t, v] float32 logits tile into one kernel per sweep, one program per row. Only
-`bebop_trl.ops.mtp_loss` imports it: for CUDA inputs, or for CPU inputs with `backend="triton"` under Triton's
+`bebop_trl.ops.fused_mtp_loss` imports it: for CUDA inputs, or for CPU inputs with `backend="triton"` under Triton's
 interpreter (`TRITON_INTERPRET=1`, read when this module defines the kernels), so CPU installs never need Triton.
 """
 

@@ -48,7 +48,7 @@ def teacher_forced_head_loss(
         policy_hidden: [B, T, H] the policy's final hidden states of `input_ids`.
         attention_mask: [B, T] padding mask.
         num_steps: Draft steps S.
-        loss_type: A loss type of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
+        loss_type: A loss type of [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss].
         temperature: Softmax temperature of both models.
         slot_mask: [S, B(T-1)] slots allowed to count (e.g. only those a rollout drafts), or None for all.
         token_tile: Slots per tile of the loss (None: its default).
@@ -120,7 +120,7 @@ def online_head_step(
         attention_mask: [B, T] padding mask.
         is_completion: [B, T] True at completion tokens.
         num_steps: Draft steps (the rollouts' tokens per cycle).
-        loss_type: A loss type of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
+        loss_type: A loss type of [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss].
         temperature: The rollouts' sampling temperature.
         max_grad_norm: Gradient clipping of the head.
         average_gradients: Averages the head's gradients over processes (several processes keep one head).

@@ -54,7 +54,7 @@ class MTPTrainingModule(nn.Module):
 
     Its forward scores one batch: a policy forward for the hidden states (no gradient; none when the batch brings
     them from a self-distilled corpus), the head unrolled over
-    `num_mtp_steps` steps with teacher forcing, and [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] on every valid slot.
+    `num_mtp_steps` steps with teacher forcing, and [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss] on every valid slot.
     """
 
     def __init__(self, policy: PreTrainedModel, head: MTPHead, args: MTPConfig):
@@ -153,7 +153,7 @@ class MTPTrainer(Trainer):
 
     The policy is frozen (eval mode, no gradients) and only the head is optimised. Each batch takes one policy
     forward for the hidden states; the head is unrolled `num_mtp_steps` steps along the sequence with teacher
-    forcing, and [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] gives the loss and the per-step acceptance 1 - TV. Evaluation
+    forcing, and [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss] gives the loss and the per-step acceptance 1 - TV. Evaluation
     adds the acceptance measured with the real [`SpeculativeGenerator`][bebop_trl.SpeculativeGenerator] on held-out
     prompts, in both drafting modes. `save_model` writes the head only, as an adapter repo (`config.json`,
     `model.safetensors`, `README.md`, `training_args.json`; no pickle), and `push_to_hub` uploads just these files;

@@ -9,12 +9,12 @@ from torch.overrides import TorchFunctionMode
 
 from bebop_trl.ops import MTPLoss, MTPLossOutput, mtp_loss
 from bebop_trl.ops.chunked import compute_dtype
-from bebop_trl.ops.mtp_loss import LOSS_TYPES
+from bebop_trl.ops.fused_mtp_loss import LOSS_TYPES
 from bebop_trl.ops.reference import mtp_loss_reference
 
 
 # The module, not the function of the same name that `bebop_trl.ops` exports.
-mtp_loss_module = importlib.import_module("bebop_trl.ops.mtp_loss")
+mtp_loss_module = importlib.import_module("bebop_trl.ops.fused_mtp_loss")
 
 
 def make_inputs(

@@ -2,7 +2,7 @@
 
 The draft head and the policy share the policy's frozen lm_head `W` [V, H]. For a token slot (draft step `j`,
 start position `t`) the head's distribution is `q = softmax(draft_hidden @ W^T / T)` and the policy's is
-`p = softmax(target_hidden @ W^T / T)`. [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] trains `q` towards `p`
+`p = softmax(target_hidden @ W^T / T)`. [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss] trains `q` towards `p`
 and reports how often a speculative verifier would accept the draft, tiling over slots and vocabulary so that no
 [slots, V] logits tensor ever exists.
 
@@ -26,7 +26,7 @@ from .chunked import KL_AND_TV, MTPDivergenceFunction, TileMath, TorchTileMath, 
 
 LossType = Literal["ce", "kl", "rkl", "tv", "e2e_tv", "lk_alpha", "lk_lambda", "e2e_lk_alpha", "e2e_lk_lambda"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
-"""Every loss type of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss], the one list the configs offer."""
+"""Every loss type of [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss], the one list the configs offer."""
 Backend = Literal["auto", "torch", "triton"]
 
 # The per-slot divergence each loss type reduces: the LK and chain losses are functions of per-slot TVs (and KLs).
@@ -48,7 +48,7 @@ DEFAULT_VOCAB_TILE = 65536
 
 @dataclass
 class MTPLossOutput:
-    """Loss and acceptance statistics of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
+    """Loss and acceptance statistics of [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss].
 
     All fields are float32 (float64 for float64 inputs). A draft step without any valid slot has NaN `tv` and
     `acceptance`, since there is nothing to average.
@@ -303,10 +303,10 @@ def draft_indices(labels: Tensor, draft_vocab: Tensor, vocab_size: int) -> tuple
 
 
 class MTPLoss(nn.Module):
-    """Module form of [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss], holding its options.
+    """Module form of [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss], holding its options.
 
     Args:
-        loss_type: Which divergence to train on, see [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss].
+        loss_type: Which divergence to train on, see [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss].
         temperature: Softmax temperature applied to both models' logits.
         token_tile: Slots per tile.
         vocab_tile: Vocabulary entries per tile.
@@ -351,7 +351,7 @@ class MTPLoss(nn.Module):
         draft_vocab: Tensor | None = None,
         target_lse: Tensor | None = None,
     ) -> MTPLossOutput:
-        """Computes the loss, see [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] for the arguments."""
+        """Computes the loss, see [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss] for the arguments."""
         return mtp_loss(
             draft_hidden,
             target_hidden,
@@ -390,7 +390,7 @@ def validate_inputs(
     kl_scale: float = 1.0,
     kl_decay: float = 1.0,
 ) -> Tensor:
-    """Checks the arguments shared by [`mtp_loss`][bebop_trl.ops.mtp_loss.mtp_loss] and its reference implementation.
+    """Checks the arguments shared by [`mtp_loss`][bebop_trl.ops.fused_mtp_loss.mtp_loss] and its reference implementation.
 
     Returns:
         The [S, N] bool validity mask, all True when `mask` is None.
