@@ -23,7 +23,7 @@ from smollm2_task import draft_vocab_from_samples, policy_samples, task_prompt_s
 from bebop_trl import SpeculativeGenerator
 from bebop_trl.embedded import load_smollm2, load_smollm2_head
 from bebop_trl.modeling import MTPHead
-from bebop_trl.quickstart.measure import compare_engine_speeds
+from bebop_trl.rollout.measure import compare_engine_speeds
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from smollm2_task import draft_vocab_from_samples, policy_samples, task_prompt_s
 
 from bebop_trl.embedded import load_smollm2, load_smollm2_head
 from bebop_trl.modeling import draft_vocab_mass
-from bebop_trl.quickstart.measure import measure_acceptance, measure_step_costs, relative_step_costs
+from bebop_trl.rollout.measure import measure_acceptance, measure_step_costs, relative_step_costs
 
 
 def main() -> None:

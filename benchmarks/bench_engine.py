@@ -8,7 +8,7 @@ noise hits every configuration alike):
 - `spec`: the engine with an MTP head, for k = 1..4 and both drafting modes.
 
 It also measures the cost of a decode step, a draft step and a (k + 1)-token verify pass (as `make quickstart` does,
-with `bebop_trl.quickstart.measure`), and prints the speed-up that the measured acceptance allows with those costs:
+with `bebop_trl.rollout.measure`), and prints the speed-up that the measured acceptance allows with those costs:
 a cycle emits `1 + sum_j P(first j drafts accepted)` tokens for `k * c_draft + c_verify(k + 1)`, against `c_decode`
 per token without a head.
 
@@ -27,7 +27,7 @@ import torch
 
 from bebop_trl.embedded import load_smollm2
 from bebop_trl.modeling import MTPHead
-from bebop_trl.quickstart.measure import implied_speedup_limit, measure_step_costs, relative_step_costs
+from bebop_trl.rollout.measure import implied_speedup_limit, measure_step_costs, relative_step_costs
 from bebop_trl.speculative import SpeculativeGenerator
 
 

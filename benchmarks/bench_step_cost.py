@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from bebop_trl.embedded import load_smollm2, load_smollm2_head
-from bebop_trl.quickstart.measure import implied_speedup_limit
+from bebop_trl.rollout.measure import implied_speedup_limit
 from bebop_trl.speculative import SpeculativeGenerator
 from bebop_trl.speculative.engine import _DecodeState, _SamplingParams
 from bebop_trl.speculative.small_batch_linear import small_batch_linear

@@ -19,7 +19,7 @@ from smollm2_task import task_prompt_split
 
 from bebop_trl.embedded import SMOLLM2_HEAD_DIR, load_smollm2, load_smollm2_head
 from bebop_trl.modeling import MTPHead
-from bebop_trl.quickstart.measure import measure_acceptance
+from bebop_trl.rollout.measure import measure_acceptance
 
 
 K = 3

@@ -44,7 +44,7 @@ from smollm2_task import task_prompt_split
 from bebop_trl import MTPConfig, MTPHead, MTPTrainer
 from bebop_trl.embedded import load_smollm2
 from bebop_trl.ops import LOSS_TYPES
-from bebop_trl.quickstart.measure import measure_acceptance
+from bebop_trl.rollout.measure import measure_acceptance
 from bebop_trl.trainers.distill_corpus import load_distill_corpus
 
 

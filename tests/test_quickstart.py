@@ -11,7 +11,8 @@ import torch
 from bebop_trl import MTPHead
 from bebop_trl.cli import main
 from bebop_trl.quickstart import QuickstartSettings, run_quickstart, write_report
-from bebop_trl.quickstart.measure import (
+from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG, FAST_BUDGETS
+from bebop_trl.rollout.measure import (
     expected_tokens_per_cycle,
     implied_speedup_limit,
     measure_acceptance,
@@ -19,7 +20,6 @@ from bebop_trl.quickstart.measure import (
     measure_step_costs,
     relative_step_costs,
 )
-from bebop_trl.quickstart.settings import DEFAULT_TASK_CONFIG, FAST_BUDGETS
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,12 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..embedded import SMOLLM2_HEAD_DIR, load_smollm2, load_smollm2_head
 from ..modeling import MTPHead
-from ..speculative import DRAFT_SAMPLING_MODES
-from ..tasks import distinct_prompt_split, reasoning_gym_dataset, reasoning_gym_reward, reasoning_gym_split
-from ..trainers import BebopGRPOConfig, BebopGRPOTrainer, MTPConfig, MTPTrainer
-from ..trainers.grpo_trainer import FIT_NAME
-from ..trainers.mtp_data import prompt_ids_of, self_distill
-from .measure import (
+from ..rollout.measure import (
     expected_tokens_per_cycle,
     implied_speedup_limit,
     measure_acceptance,
@@ -25,6 +20,11 @@ from .measure import (
     measure_step_costs,
     relative_step_costs,
 )
+from ..speculative import DRAFT_SAMPLING_MODES
+from ..tasks import distinct_prompt_split, reasoning_gym_dataset, reasoning_gym_reward, reasoning_gym_split
+from ..trainers import BebopGRPOConfig, BebopGRPOTrainer, MTPConfig, MTPTrainer
+from ..trainers.grpo_trainer import FIT_NAME
+from ..trainers.mtp_data import prompt_ids_of, self_distill
 from .settings import DEFAULT_TASK, QuickstartSettings
 
 

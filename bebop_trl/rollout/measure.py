@@ -10,22 +10,21 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..modeling import MTPHead
-from ..rollout.torch_engine import left_pad
-from ..speculative import GenerationOutput, SpeculativeGenerator
+from ..speculative import AcceptanceCounts, GenerationOutput, SpeculativeGenerator
 from ..speculative.step_costs import time_cycle_steps, timed
+from .torch_engine import left_pad, padded_prompts
 
 
 @dataclass
 class Tally:
-    """Generated tokens, time and acceptance counts summed over several `generate` calls."""
+    """Generated tokens, time, policy entropy and acceptance counts summed over several `generate` calls."""
 
     tokens: int = 0
     seconds: float = 0.0
-    num_drafts: int = 0
-    num_draft_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-    drafted_per_position: list[int] = field(default_factory=list)
     entropy_sum: float = 0.0
+    counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
+    # How often a cycle drafted a j-th token: below `num_drafts` at later positions with a varying draft length.
+    drafted_per_position: list[int] = field(default_factory=list)
 
     def add(self, output: GenerationOutput, seconds: float = 0.0) -> None:
         """Adds one call's output (and its wall time)."""
@@ -34,15 +33,10 @@ class Tally:
         self.tokens += tokens
         self.seconds += seconds
         self.entropy_sum += stats.mean_entropy * tokens
-        self.num_drafts += stats.num_drafts
-        self.num_draft_tokens += stats.num_draft_tokens
-        self.accepted_per_position = _added(self.accepted_per_position, stats.accepted_per_position.tolist())
-        self.drafted_per_position = _added(self.drafted_per_position, stats.drafted_per_position.tolist())
-
-    @property
-    def acceptance_per_position(self) -> list[float]:
-        """Fraction of cycles whose j-th draft was accepted (so the first j drafts all were)."""
-        return [count / max(self.num_drafts, 1) for count in self.accepted_per_position]
+        self.counts += stats.counts
+        drafted = stats.drafted_per_position.tolist()
+        earlier = self.drafted_per_position or [0] * len(drafted)
+        self.drafted_per_position = [a + b for a, b in zip(earlier, drafted, strict=True)]
 
     def summary(self) -> dict[str, Any]:
         """JSON figures: tokens, seconds, tokens/s, mean entropy and, with drafts, the acceptance figures."""
@@ -52,15 +46,15 @@ class Tally:
             "tokens_per_second": self.tokens / self.seconds if self.seconds else None,
             "mean_entropy": self.entropy_sum / max(self.tokens, 1),
         }
-        if self.num_drafts:
-            accepted = sum(self.accepted_per_position)
+        counts = self.counts
+        if counts.num_drafts:
             result.update(
-                num_drafts=self.num_drafts,
-                num_draft_tokens=self.num_draft_tokens,
+                num_drafts=counts.num_drafts,
+                num_draft_tokens=counts.num_draft_tokens,
                 drafted_per_position=self.drafted_per_position,
-                acceptance_per_position=self.acceptance_per_position,
-                acceptance_rate=accepted / self.num_draft_tokens,
-                accepted_drafts_per_cycle=accepted / self.num_drafts,
+                acceptance_per_position=counts.acceptance_per_position,
+                acceptance_rate=counts.acceptance_rate,
+                accepted_drafts_per_cycle=counts.accepted_drafts_per_cycle,
             )
         return result
 
@@ -82,7 +76,7 @@ def implied_speedup_limit(acceptance_per_position: Sequence[float], relative_cos
     decode step. With costs in units of that decode step, the limit is E[tokens per cycle] / cycle cost.
 
     Args:
-        acceptance_per_position: [k] as for [`expected_tokens_per_cycle`][bebop_trl.quickstart.measure.expected_tokens_per_cycle].
+        acceptance_per_position: [k] as for [`expected_tokens_per_cycle`][bebop_trl.rollout.measure.expected_tokens_per_cycle].
         relative_costs: `draft` (one head step) and `verify` (one (k + 1)-token policy pass), each divided by the
             cost of a 1-token decode step at the same batch size.
     """
@@ -109,7 +103,7 @@ def measure_acceptance(
     Batch i is sampled with seed `seed + i`, so every head and mode sees the same prompts and random streams.
 
     Returns:
-        The [`Tally.summary`][bebop_trl.quickstart.measure.Tally.summary] of the run.
+        The [`Tally.summary`][bebop_trl.rollout.measure.Tally.summary] of the run.
     """
     engine = SpeculativeGenerator(policy, head, num_speculative_tokens, draft_sampling)
     tally = Tally()
@@ -137,7 +131,7 @@ def measure_engine_speed(
 
     Returns:
         `plain` and `speculative` tallies (summaries), `speedup` (ratio of their tokens/s) and
-        `speedup_per_repeat`; see [`compare_engine_speeds`][bebop_trl.quickstart.measure.compare_engine_speeds].
+        `speedup_per_repeat`; see [`compare_engine_speeds`][bebop_trl.rollout.measure.compare_engine_speeds].
     """
     engines = {
         "plain": SpeculativeGenerator(policy, None, num_speculative_tokens),
@@ -246,17 +240,11 @@ def _generate(
     temperature: float,
     seed: int,
 ) -> GenerationOutput:
-    device = engine.model.device
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    input_ids, attention_mask = padded_prompts(engine.model, tokenizer, prompts)
+    generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     return engine.generate(
         input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator
     )
-
-
-def _added(total: list[int], counts: list[int]) -> list[int]:
-    return [a + b for a, b in zip(total or [0] * len(counts), counts, strict=True)]
 
 
 def _ratio(tally: Tally, baseline: Tally) -> float:
