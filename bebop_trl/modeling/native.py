@@ -23,6 +23,10 @@ _DECODER_NAMES = ("layers.", "norm.")
 _EXPERT_KEY = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
+NATIVE_HEAD = "native"
+"""The `mtp_head` value of the trainer configs that names the MTP weights the policy's own checkpoint ships."""
+
+
 def fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-expert checkpoint tensors -> transformers' fused `gate_up_proj` / `down_proj` (others pass through)."""
     fused, experts = {}, {}

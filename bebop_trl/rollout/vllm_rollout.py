@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..modeling import MTP_LAYOUT, MTPHead, MTPHeadConfig
+from ..modeling.native import NATIVE_HEAD
 from ..modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
 from ..speculative import AcceptanceCounts
 from ..speculative.engine import eval_mode
@@ -172,7 +173,7 @@ def export_draft_for_vllm(policy: Any, args: Any, head: MTPHead | None) -> dict[
 
     policy_path = policy if isinstance(policy, str) else policy.config.name_or_path
     draft = dict(num_speculative_tokens=args.num_speculative_tokens, draft_sampling=args.draft_sampling)
-    if head is None and args.mtp_head == "native":
+    if head is None and args.mtp_head == NATIVE_HEAD:
         # vLLM reads the native mtp.* weights from the policy itself.
         return vllm_speculative_config(MTPHeadConfig(layout=MTP_LAYOUT), policy_path, **draft)
     if head is None:

@@ -28,7 +28,7 @@ from ..speculative.exactness import completion_logprobs
 from .acceptance_fit import AcceptanceEntropyFit
 from .async_grpo_config import BebopAsyncGRPOConfig
 from .grpo_trainer import FIT_NAME, HEAD_DIR
-from .head_loss import as_master_head, average_head_gradients, log_online_head_step, online_head_step
+from .head_loss import as_master_head, average_head_gradients, load_head, log_online_head_step, online_head_step
 from .tree_attention import sdpa_tree_attention
 
 
@@ -151,7 +151,7 @@ class BebopAsyncGRPOTrainer(AsyncGRPOTrainer):
     def _load_head(self) -> MTPHead:
         """The head the server drafts with, bound to the policy, in float32 (the master weights of the updates)."""
         policy = self.accelerator.unwrap_model(self.model)
-        return as_master_head(MTPHead.from_pretrained(self.args.mtp_head, policy=policy), policy)
+        return as_master_head(load_head(policy, self.args.mtp_head), policy)
 
     def training_step(self, model, inputs, num_items_in_batch):
         loss = super().training_step(model, inputs, num_items_in_batch)

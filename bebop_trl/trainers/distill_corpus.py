@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -367,7 +368,10 @@ class CorpusCollator:
             input_ids[row, :length] = torch.as_tensor(feature["input_ids"][:length])
             attention_mask[row, :length] = 1
             for name in arrays:
-                values = torch.from_numpy(feature[name][:length])
+                with warnings.catch_warnings():
+                    # Arrow's arrays are read-only; the view is only read, copied into the batch at once.
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    values = torch.from_numpy(feature[name][:length])
                 states[name][row, :length] = values if name == POLICY_LOG_NORMALIZER else hidden_states_of(values)
         prompt_length = torch.tensor(
             [min(int(f.get(PROMPT_LENGTH, 0)), length) for f, length in zip(features, lengths, strict=True)],

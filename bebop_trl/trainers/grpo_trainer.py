@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer
 
 from ..modeling import MTPHead
+from ..modeling.native import NATIVE_HEAD
 from ..rollout.base import RolloutBackend, RolloutResult
 from ..rollout.engine_backend import BackgroundEngineRollout, EngineRollout
 from ..rollout.vllm_backend import route_policy_sync_through_reload, speculative_llm
@@ -19,7 +20,13 @@ from ..rollout.vllm_rollout import export_draft_for_vllm, guard_colocated_vllm, 
 from ..speculative import AcceptanceCounts
 from .acceptance_fit import AcceptanceEntropyFit
 from .grpo_config import BebopGRPOConfig
-from .head_loss import as_master_head, average_head_gradients, log_online_head_step, online_head_step
+from .head_loss import (
+    as_master_head,
+    average_head_gradients,
+    load_head,
+    log_online_head_step,
+    online_head_step,
+)
 
 
 FIT_NAME = "acceptance_entropy_fit"
@@ -74,9 +81,12 @@ class BebopGRPOTrainer(GRPOTrainer):
             args = BebopGRPOConfig(f"{os.path.basename(str(name).rstrip('/')) or 'policy'}-GRPO")
         vllm_rollouts = getattr(args, "rollout_backend", "torch") == "vllm"
         exactness = guard_colocated_vllm(args) if vllm_rollouts and isinstance(args, BebopGRPOConfig) else None
-        speculative_config = None
+        speculative_config, loaded_head = None, None
         if vllm_rollouts and (head is not None or args.mtp_head is not None):
-            speculative_config = export_draft_for_vllm(model, args, head)
+            if head is None and args.mtp_head != NATIVE_HEAD:
+                # Read once: exported for vLLM before TRL builds its engine, bound to the policy after.
+                loaded_head = MTPHead.from_pretrained(args.mtp_head)
+            speculative_config = export_draft_for_vllm(model, args, head or loaded_head)
         with (
             speculative_llm(speculative_config)
             if speculative_config and args.vllm_mode == "colocate"
@@ -84,7 +94,9 @@ class BebopGRPOTrainer(GRPOTrainer):
         ):
             super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
         # A plain GRPOConfig has none of the speculative settings: the trainer is then GRPOTrainer.
-        self.mtp_head = self._load_head(head) if isinstance(args, BebopGRPOConfig) or head is not None else None
+        self.mtp_head = (
+            self._load_head(head, loaded_head) if isinstance(args, BebopGRPOConfig) or head is not None else None
+        )
         self._rollout: RolloutBackend | None = None
         if vllm_rollouts:
             if args.vllm_mode == "colocate":
@@ -106,7 +118,9 @@ class BebopGRPOTrainer(GRPOTrainer):
 
     # ----------------------------------------------------------------------------------------------- set-up
 
-    def _load_head(self, head: MTPHead | None) -> MTPHead | None:
+    def _load_head(self, head: MTPHead | None, loaded_head: MTPHead | None) -> MTPHead | None:
+        """The head given to the trainer or named by `args.mtp_head` (`loaded_head` if already read), bound to the
+        policy as the master weights of online updates."""
         policy = self.accelerator.unwrap_model(self.model)
         if head is None and getattr(self.args, "mtp_head", None) is None:
             return None
@@ -114,10 +128,8 @@ class BebopGRPOTrainer(GRPOTrainer):
             raise ValueError("A draft head needs a BebopGRPOConfig (it holds the speculative settings).")
         if head is not None:
             head.bind(policy, check_base_model=False)
-        elif self.args.mtp_head == "native":
-            head = MTPHead.from_native(policy.config.name_or_path, policy=policy)
         else:
-            head = MTPHead.from_pretrained(self.args.mtp_head, policy=policy)
+            head = load_head(policy, self.args.mtp_head, loaded=loaded_head)
         return as_master_head(head, policy)
 
     def _check_supported(self) -> None:

@@ -1,4 +1,5 @@
-"""The head's teacher-forced loss on a batch, shared by the MTP trainer and the GRPO trainers' online updates."""
+"""What the trainers share about the head: loading the head a config names, and its teacher-forced loss on a batch
+(the MTP trainer's loss and the GRPO trainers' online updates)."""
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -6,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..modeling import MTPHead
+from ..modeling.native import NATIVE_HEAD
 from ..modeling.teacher_forcing import drafting_slots, policy_hidden_states, slot_targets, unroll_teacher_forced
 from ..ops import MTPLossOutput, mtp_loss
 from ..ops.chunked import policy_log_normalizer as log_normalizer
@@ -179,6 +181,25 @@ def log_online_head_step(
     metrics["mtp_online/grad_norm"].append(float(grad_norm))
     for j, acceptance in enumerate(accelerator.gather(result.acceptance.unsqueeze(0)).mean(0).tolist()):
         metrics[f"mtp_online/acceptance_step_{j + 1}"].append(acceptance)
+
+
+def load_head(policy: torch.nn.Module, mtp_head: str, *, loaded: MTPHead | None = None) -> MTPHead:
+    """The head a trainer config's `mtp_head` names, checked against `policy` and bound to it.
+
+    Args:
+        policy: The policy the head drafts for.
+        mtp_head: A saved head's folder or Hub id, or `"native"` for the policy checkpoint's own MTP weights.
+        loaded: The same head, already read without a policy (e.g. to export it for vLLM before the policy was
+            built): bound instead of read again.
+
+    Raises:
+        ValueError: If the head does not match the policy (hidden size, vocabulary, architecture, base model).
+    """
+    if loaded is not None:
+        return loaded.bind(policy)
+    if mtp_head == NATIVE_HEAD:
+        return MTPHead.from_native(policy.config.name_or_path, policy=policy)
+    return MTPHead.from_pretrained(mtp_head, policy=policy)
 
 
 def as_master_head(head: MTPHead, policy: torch.nn.Module) -> MTPHead:

@@ -39,7 +39,7 @@ from .distill_corpus import (
     is_distill_corpus,
     prepare_corpus,
 )
-from .head_loss import teacher_forced_head_loss
+from .head_loss import load_head, teacher_forced_head_loss
 from .mtp_config import MTPConfig
 from .mtp_data import PROMPT_LENGTH, needs_self_distillation, prompt_ids_of, self_distill, tokenize_dataset
 
@@ -255,10 +255,8 @@ class MTPTrainer(Trainer):
     ) -> MTPHead:
         if head is not None:
             head = head.bind(policy)
-        elif args.mtp_head == "native":
-            head = MTPHead.from_native(policy.config.name_or_path, policy=policy).float()
         elif args.mtp_head:
-            head = MTPHead.from_pretrained(args.mtp_head, policy=policy).float()
+            head = load_head(policy, args.mtp_head).float()
         else:
             draft_vocab = None
             if args.draft_vocab_size is not None:
