@@ -23,7 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .modeling import EAGLE_LAYOUT, MTPHead
+from .modeling import EAGLE_LAYOUT, MTP_LAYOUT, MTPHead, MTPHeadConfig
+from .modeling.native import NATIVE_HEAD
 from .modeling.vllm_export import DRAFT_SAMPLING_MODES, vllm_speculative_config
 from .rollout.vllm_exactness import guard_vllm_exactness
 from .vllm_plugin import FILE_WEIGHT_TRANSFER, compat
@@ -37,7 +38,12 @@ WEIGHT_TRANSFERS = {"nccl": "nccl", "file": FILE_WEIGHT_TRANSFER}
 class DraftArguments:
     """The draft head of `bebop-trl vllm-serve`."""
 
-    mtp_head: str = field(metadata={"help": "Folder or Hub id of the MTP head (saved with save_pretrained)."})
+    mtp_head: str = field(
+        metadata={
+            "help": "Folder or Hub id of the MTP head (saved with save_pretrained), or 'native' for the MTP weights "
+            "the served checkpoint ships (Qwen3.5, Qwen3-Next), which vLLM reads from the checkpoint itself."
+        }
+    )
     num_speculative_tokens: int = field(default=3, metadata={"help": "Tokens drafted per cycle (k)."})
     draft_sampling: str = field(
         default="probabilistic",
@@ -84,12 +90,16 @@ def serve_command(script_args: Any, draft_args: DraftArguments, extra_args: list
     from transformers import AutoConfig
     from trl.scripts.vllm_serve import build_command
 
-    head = MTPHead.from_pretrained(draft_args.mtp_head)
-    target_config = None if head.config.layout == EAGLE_LAYOUT else AutoConfig.from_pretrained(script_args.model)
-    folder = head.export_vllm(draft_args.draft_dir, target_config=target_config)
+    if draft_args.mtp_head == NATIVE_HEAD:
+        head_config, folder = MTPHeadConfig(layout=MTP_LAYOUT), script_args.model
+    else:
+        head = MTPHead.from_pretrained(draft_args.mtp_head)
+        target_config = None if head.config.layout == EAGLE_LAYOUT else AutoConfig.from_pretrained(script_args.model)
+        head_config = head.config
+        folder = os.path.abspath(head.export_vllm(draft_args.draft_dir, target_config=target_config))
     speculative = vllm_speculative_config(
-        head.config,
-        os.path.abspath(folder),
+        head_config,
+        folder,
         num_speculative_tokens=draft_args.num_speculative_tokens,
         draft_sampling=draft_args.draft_sampling,
     )

@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="Completions per step.")
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=96)
-    parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--save-steps", type=int, default=10)
     parser.add_argument("--window", type=int, default=10, help="Steps averaged at the start and the end of a run.")
     parser.add_argument("--seed", type=int, default=0)

@@ -14,7 +14,7 @@ completions self-distilled from the policy at the RL temperature, and the end-to
         --output_dir outputs/smollm2-head --use_cpu
     # any Hub model and dataset on GPUs
     accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml examples/train_mtp.py \
-        --model_name_or_path Qwen/Qwen3-8B --dataset_name my-org/prompts --bf16 --output_dir qwen3-8b-head
+        --model_name_or_path Qwen/Qwen3-8B --dataset_name my-org/prompts --dtype bfloat16 --bf16 --output_dir qwen3-8b-head
 """
 
 from dataclasses import dataclass, field
@@ -39,7 +39,11 @@ class TrainMTPArguments:
         default=None, metadata={"help": "Policy to train a head for (default: the embedded SmolLM2-135M-Instruct)."}
     )
     dtype: str = field(
-        default="float32", metadata={"help": "Dtype of the frozen policy.", "choices": ["float32", "bfloat16"]}
+        default="float32",
+        metadata={
+            "help": "Dtype of the frozen policy ('auto': the checkpoint's). The head trains in float32 whatever it is.",
+            "choices": ["float32", "bfloat16", "auto"],
+        },
     )
     dataset_name: str | None = field(
         default=None,
@@ -69,7 +73,8 @@ class TrainMTPArguments:
 
 def main(script_args: TrainMTPArguments, training_args: MTPConfig) -> None:
     model_path = script_args.model_name_or_path or smollm2_path()
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, script_args.dtype))
+    dtype = "auto" if script_args.dtype == "auto" else getattr(torch, script_args.dtype)
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if script_args.dataset_name:
         data = load_dataset(script_args.dataset_name, script_args.dataset_config)

@@ -103,6 +103,7 @@ class BackgroundEngineRollout(EngineRollout):
     """
 
     def __init__(self, trainer: Any, head: MTPHead | None):
+        check_unsharded(trainer)
         super().__init__(trainer, head)
         args = trainer.args
         # Remember enough batches to find the current generation batch after gradient accumulation prefetch.
@@ -176,3 +177,17 @@ def _result(output: GenerationOutput, seconds: float, staleness: int | None, tra
         staleness=staleness,
         fit_points=fit_points,
     )
+
+
+def check_unsharded(trainer: Any) -> None:
+    """Raises if the trainer shards the policy's weights (DeepSpeed ZeRO-3, FSDP): the background worker snapshots
+    the whole policy from this process's copy, which then holds a shard."""
+    zero_stage = None
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+    if zero_stage == 3 or getattr(trainer, "is_fsdp_enabled", False):
+        sharding = "DeepSpeed ZeRO-3" if zero_stage == 3 else "FSDP"
+        raise ValueError(
+            f"async_rollouts snapshots the whole policy on every process, which {sharding} shards. Use DDP or "
+            "DeepSpeed ZeRO-1/2, or async_rollouts=False, or BebopAsyncGRPOTrainer (a vLLM server generates)."
+        )

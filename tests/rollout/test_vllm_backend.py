@@ -111,6 +111,25 @@ def test_vllm_serve_selects_the_file_weight_transfer(load_tiny, tiny_checkpoints
     assert json.loads(command[command.index("--weight-transfer-config") + 1]) == {"backend": "bebop_file"}
 
 
+def test_vllm_serve_drafts_with_a_checkpoints_native_mtp_weights(tmp_path, capsys):
+    argv = [
+        "--model",
+        "Qwen/Qwen3.5-0.8B",
+        "--mtp_head",
+        "native",
+        "--draft_dir",
+        str(tmp_path / "d"),
+        "--dry_run",
+        "true",
+    ]
+    vllm_serve(argv)
+    command = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    spec = json.loads(command[command.index("--speculative-config") + 1])
+    # vLLM reads the mtp.* weights from the served checkpoint: nothing is exported.
+    assert spec["method"] == "mtp" and spec["model"] == "Qwen/Qwen3.5-0.8B"
+    assert not (tmp_path / "d").exists()
+
+
 def test_api_server_command_starts_the_same_server_without_the_command_line():
     command = ["python", "-m", "vllm.entrypoints.cli.main", "serve", "my/model", "--port", "8000"]
     assert api_server_command(command) == [
