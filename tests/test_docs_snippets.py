@@ -74,3 +74,30 @@ def test_documented_snippet_runs(path, index, snippet_namespace, tiny_checkpoint
             head.save_pretrained(folder)
     torch.manual_seed(0)
     exec(compile(code, f"{path}[{index}]", "exec"), dict(snippet_namespace))
+
+
+def test_documented_head_config_is_the_shipped_one():
+    """`docs/hub_adapters.md` shows the shipped head's config.json, abridged ("..."): every value shown is the
+    shipped one."""
+    import json
+
+    from bebop_trl.embedded import SMOLLM2_HEAD_DIR
+
+    with open(os.path.join(ROOT, "docs/hub_adapters.md"), encoding="utf-8") as f:
+        (shown,) = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", f.read(), re.S)]
+    with open(os.path.join(SMOLLM2_HEAD_DIR, "config.json"), encoding="utf-8") as f:
+        shipped = json.load(f)
+
+    def check(shown_value, shipped_value, where):
+        if isinstance(shown_value, dict):
+            assert isinstance(shipped_value, dict), where
+            for key, value in shown_value.items():
+                if key != "...":
+                    assert key in shipped_value, f"{where}.{key} is not in the shipped config"
+                    check(value, shipped_value[key], f"{where}.{key}")
+        else:
+            assert shown_value == shipped_value, (
+                f"{where}: the docs show {shown_value!r}, the head has {shipped_value!r}"
+            )
+
+    check(shown, shipped, "config")
