@@ -691,17 +691,34 @@ class MTPHead(nn.Module):
         """
         return save_native_weights(self, save_directory)
 
-    def export_vllm(self, save_directory: str | os.PathLike, *, target_config: Any = None) -> str:
+    def export_vllm(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        target_config: Any = None,
+        speculators_verifier: str | None = None,
+        num_speculative_tokens: int = 3,
+    ) -> str:
         """Writes the head as a vLLM draft checkpoint (see [`export_vllm`][bebop_trl.modeling.vllm_export.export_vllm]).
 
         Args:
             save_directory: Folder to write.
             target_config: The policy's config; needed for the `mtp` layout.
+            speculators_verifier: `eagle3` heads: the policy to name in the `speculators` format, which
+                `vllm serve <folder>` runs without this package.
+            num_speculative_tokens: With `speculators_verifier`, the draft length the format proposes.
 
         Returns:
-            The folder, to use as the `model` of [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config].
+            The folder, to use as the `model` of [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config]
+            (or, in the `speculators` format, as the model vLLM serves).
         """
-        return export_vllm(self, save_directory, target_config=target_config)
+        return export_vllm(
+            self,
+            save_directory,
+            target_config=target_config,
+            speculators_verifier=speculators_verifier,
+            num_speculative_tokens=num_speculative_tokens,
+        )
 
 
 # The last linear map of each residual branch of a decoder layer (attention, MLP or experts), by its usual name.

@@ -132,7 +132,14 @@ def vllm_draft_weights(head: "MTPHead") -> dict[str, Any]:
     return weights
 
 
-def export_vllm(head: "MTPHead", save_directory: str | os.PathLike, *, target_config: Any = None) -> str:
+def export_vllm(
+    head: "MTPHead",
+    save_directory: str | os.PathLike,
+    *,
+    target_config: Any = None,
+    speculators_verifier: str | None = None,
+    num_speculative_tokens: int = 3,
+) -> str:
     """Writes `head` as a draft checkpoint that vLLM loads as is.
 
     `eagle` layout: `config.json` (the policy's architecture with `num_hidden_layers` = the head's layers) and
@@ -144,17 +151,32 @@ def export_vllm(head: "MTPHead", save_directory: str | os.PathLike, *, target_co
     `model.safetensors` with `fc.weight`, `layers.N.*`, `norm.weight`, `lm_head.weight` and, with a draft
     vocabulary, `d2t`.
 
+    With `speculators_verifier`, an `eagle3` head's `config.json` is written in the `speculators` format, which vLLM
+    reads by itself: `vllm serve <folder>` then serves the verifier named in it with the head as its EAGLE-3 drafter,
+    without this package (`--speculative-config '{"draft_sample_method": "probabilistic"}'` selects probabilistic
+    drafting; without this package's vLLM plugin the build's exactness is not checked).
+
     Args:
         head: The [`MTPHead`][bebop_trl.MTPHead] to export (its dtype is kept).
         save_directory: Folder to write.
         target_config: For the `mtp` layout, the policy's config (`policy.config`), whose `config.json` vLLM
             needs next to the weights.
+        speculators_verifier: `eagle3` layout only: the Hub id or folder of the policy that vLLM should serve with
+            the head, to write the `speculators` format.
+        num_speculative_tokens: With `speculators_verifier`, the draft length the format proposes.
 
     Returns:
         The folder, for the `model` entry of [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config].
     """
     build_config = {EAGLE_LAYOUT: _eagle_draft_config, EAGLE3_LAYOUT: _eagle3_draft_config}.get(head.config.layout)
     draft_config = build_config(head.config) if build_config else None  # validated before anything is written
+    if speculators_verifier is not None:
+        if head.config.layout != EAGLE3_LAYOUT:
+            raise ValueError(
+                f"The speculators format holds EAGLE-3 drafters; this head's layout is {head.config.layout!r}. Export "
+                "it without speculators_verifier and pass vllm_speculative_config(...) to vLLM."
+            )
+        draft_config = _speculators_config(head.config, draft_config, speculators_verifier, num_speculative_tokens)
     weights = vllm_draft_weights(head)
     if draft_config is not None:
         os.makedirs(save_directory, exist_ok=True)
@@ -218,6 +240,32 @@ def _eagle3_draft_config(config: MTPHeadConfig) -> dict[str, Any]:
         eagle_config={"use_aux_hidden_state": True, "eagle_aux_hidden_state_layer_ids": list(config.aux_layers)},
     )
     return draft
+
+
+def _speculators_config(
+    config: MTPHeadConfig, draft_config: dict[str, Any], verifier: str, num_speculative_tokens: int
+) -> dict[str, Any]:
+    """The `speculators` form of an eagle3 draft config: vLLM rebuilds the same `Eagle3LlamaForCausalLM` config from
+    it (`transformer_layer_config` plus the EAGLE-3 fields) and its speculative config from `speculators_config`."""
+    return {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": EAGLE3_LAYOUT,
+        "transformer_layer_config": draft_config,
+        "draft_vocab_size": draft_config["draft_vocab_size"],
+        "target_hidden_size": draft_config["target_hidden_size"],
+        "eagle_aux_hidden_state_layer_ids": draft_config["eagle_aux_hidden_state_layer_ids"],
+        # The format's default for a missing field is True; the exported drafter is vLLM's default, False.
+        "norm_before_residual": False,
+        "norm_before_fc": False,
+        "fc_norm": False,
+        "norm_output": False,
+        "speculators_config": {
+            "algorithm": EAGLE3_LAYOUT,
+            "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens}],
+            "verifier": {"name_or_path": os.fspath(verifier), "architectures": [config.base_architecture]},
+        },
+    }
 
 
 def _write_json(data: dict[str, Any], path: str) -> None:

@@ -76,6 +76,33 @@ def test_mtp_export_needs_the_target_config(load_tiny, tmp_path):
         head.export_vllm(tmp_path)
 
 
+def test_eagle3_export_in_the_speculators_format_wraps_the_same_drafter_config(load_tiny, tmp_path):
+    head = MTPHead.from_model(load_tiny("llama"), layout="eagle3", aux_layers=[0, 1]).with_draft_vocab([0, 2, 5])
+    with open(f"{head.export_vllm(tmp_path / 'plain')}/config.json", encoding="utf-8") as f:
+        plain = json.load(f)
+    folder = head.export_vllm(tmp_path / "speculators", speculators_verifier="my-org/policy", num_speculative_tokens=4)
+    with open(f"{folder}/config.json", encoding="utf-8") as f:
+        config = json.load(f)
+
+    assert config["speculators_model_type"] == "eagle3" and config["transformer_layer_config"] == plain
+    assert (config["draft_vocab_size"], config["eagle_aux_hidden_state_layer_ids"]) == (3, [0, 1])
+    assert config["norm_before_residual"] is False  # the format's default would be True
+    speculators = config["speculators_config"]
+    assert speculators["verifier"] == {"name_or_path": "my-org/policy", "architectures": ["LlamaForCausalLM"]}
+    assert speculators["proposal_methods"][0]["speculative_tokens"] == 4
+    plain_weights, weights = (
+        load_tensors(f"{tmp_path}/plain/model.safetensors"),
+        load_tensors(f"{folder}/model.safetensors"),
+    )
+    assert plain_weights.keys() == weights.keys()
+
+
+def test_only_eagle3_heads_export_in_the_speculators_format(load_tiny, tmp_path):
+    head = MTPHead.from_model(load_tiny("llama"), layout="eagle")
+    with pytest.raises(ValueError, match="speculators format holds EAGLE-3"):
+        head.export_vllm(tmp_path, speculators_verifier="my-org/policy")
+
+
 @pytest.mark.parametrize(
     ("architecture", "layout", "method"), [("llama", "eagle", "eagle"), ("qwen3_5", "mtp", "mtp")]
 )

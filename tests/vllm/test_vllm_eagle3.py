@@ -59,3 +59,24 @@ def test_eagle3_heads_draft_in_vllm_as_in_the_torch_engine(
     assert draft_model.lm_head.weight.shape[0] >= (head.config.draft_vocab_size or policy.config.vocab_size)
 
     assert_greedy_drafts_match_the_engine(llm, policy, tokenizer, head, held_out, max_tokens)
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_eagle3_heads_in_the_speculators_format_run_in_vllm_by_themselves(
+    trained_eagle3, tiny_llama_dir, make_llm, tmp_path, restricted
+):
+    """`vllm serve <folder>` needs nothing but the folder: vLLM finds the verifier and the drafter in its config,
+    and drafts as the torch engine does."""
+    policy, tokenizer, head = trained_eagle3
+    held_out = [tokenizer(p)["input_ids"] for p in PROMPTS[128:]]
+    max_tokens = 32
+    if restricted:
+        head = head.with_draft_vocab(half_of_the_emitted_tokens(policy, tokenizer, held_out, max_tokens)).eval()
+    folder = head.export_vllm(tmp_path / "speculator", speculators_verifier=tiny_llama_dir, num_speculative_tokens=3)
+
+    llm = make_llm(model=folder)
+    speculative = llm.llm_engine.vllm_config.speculative_config
+    assert llm.llm_engine.vllm_config.model_config.model == tiny_llama_dir
+    assert (speculative.method, speculative.num_speculative_tokens) == ("eagle3", 3)
+    assert speculative.draft_model_config.hf_config.architectures == [VLLM_EAGLE3_ARCHITECTURE]
+    assert_greedy_drafts_match_the_engine(llm, policy, tokenizer, head, held_out, max_tokens)
