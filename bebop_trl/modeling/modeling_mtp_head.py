@@ -3,12 +3,12 @@
 import copy
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import nn
 from transformers import AutoConfig, AutoModel, DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -16,7 +16,7 @@ from transformers.cache_utils import Cache
 from .configuration_mtp_head import EAGLE3_LAYOUT, MTP_LAYOUT, MTPHeadConfig
 from .hub import (
     CONFIG_NAME,
-    MODEL_CARD_NAME,
+    LIBRARY_NAME,
     WEIGHTS_NAME,
     head_model_card,
     load_tensors,
@@ -47,7 +47,7 @@ class MTPHeadOutput:
     past_key_values: Cache | None = None
 
 
-class MTPHead(nn.Module):
+class MTPHead(nn.Module, ModelHubMixin, library_name=LIBRARY_NAME):
     """Multi-token-prediction draft head, stored as an adapter of its policy.
 
     Step 1 reads the policy's final hidden state `h_t` (after its final norm) and the embedding of token
@@ -594,20 +594,31 @@ class MTPHead(nn.Module):
             _checked_draft_vocab(state["draft_vocab"], self.config.vocab_size, source=f"the draft_vocab of {source}")
         self.load_state_dict(state, strict=True)
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
         """Saves the head as an adapter repo: `config.json`, `model.safetensors` and a `README.md` model card.
 
         Only the head's own weights are saved (never the policy's embedding or lm_head), always as safetensors. A
         head with a draft vocabulary also saves its lm_head rows and their target ids (`draft_lm_head_weight`,
-        `draft_vocab`): they are the head's, no longer the policy's.
+        `draft_vocab`): they are the head's, no longer the policy's. The Hub side (this method's `push_to_hub`,
+        and [`push_to_hub`][bebop_trl.MTPHead.push_to_hub] itself) is `huggingface_hub`'s `ModelHubMixin`.
 
         Args:
             save_directory: Folder to write (created if needed).
+            push_to_hub: Also upload the folder to the Hub repo `repo_id`.
+            repo_id: The Hub repo (default: the folder's name).
+            **push_to_hub_kwargs: Passed to `push_to_hub` (`private`, `token`, `branch`, `create_pr`, ...).
+
+        Returns:
+            The commit's URL with `push_to_hub`, else None.
         """
-        os.makedirs(save_directory, exist_ok=True)
-        self.config.save_pretrained(save_directory)
-        save_tensors(self.state_dict(), os.path.join(save_directory, WEIGHTS_NAME))
-        head_model_card(self.config).save(os.path.join(save_directory, MODEL_CARD_NAME))
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, repo_id=repo_id, **push_to_hub_kwargs)
 
     def push_to_hub(
         self,
@@ -615,34 +626,47 @@ class MTPHead(nn.Module):
         *,
         commit_message: str = "Upload MTP head",
         private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-    ) -> CommitInfo:
-        """Uploads the head (the files of [`save_pretrained`][bebop_trl.MTPHead.save_pretrained]) to a Hub repo.
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+        delete_patterns: list[str] | str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Uploads the head (the files of [`save_pretrained`][bebop_trl.MTPHead.save_pretrained]) to a Hub repo in one
+        commit, creating the repo if needed (`huggingface_hub`'s `ModelHubMixin.push_to_hub`).
 
         Args:
-            repo_id: The repo to create or update, e.g. `"my-org/SmolLM2-135M-Instruct-mtp-head"`.
+            repo_id: The repo, e.g. `"my-org/SmolLM2-135M-Instruct-mtp-head"`.
             commit_message: Message of the commit.
             private: Create the repo as private (ignored if it exists).
             token: Hub token (default: the logged-in user's).
-            revision: Branch to push to.
+            branch: Branch to push to (default: `main`).
             create_pr: Open a pull request instead of committing to the branch.
+            delete_patterns: Remote files to delete in the same commit (e.g. a stale `*.bin`).
+            **kwargs: Other arguments of `ModelHubMixin.push_to_hub` (`allow_patterns`, `ignore_patterns`).
 
         Returns:
-            The commit on the Hub.
+            The commit's URL.
         """
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message,
-                revision=revision,
-                create_pr=create_pr,
-            )
+        return super().push_to_hub(
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=token,
+            branch=branch,
+            create_pr=create_pr,
+            delete_patterns=delete_patterns,
+            **kwargs,
+        )
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # The mixin writes the model card (generate_model_card) and uploads; config and weights are the head's.
+        self.config.save_pretrained(save_directory)
+        save_tensors(self.state_dict(), os.path.join(save_directory, WEIGHTS_NAME))
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The head's model card: Hub metadata (base model, tags), usage, the head's table, recipe and metrics."""
+        return head_model_card(self.config)
 
     # ------------------------------------------------------------------------------------------------ native MTP
 

@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,7 +170,7 @@ def test_model_card_has_hub_metadata_and_recipe(load_tiny, tmp_path):
     assert "| loss_type | tv |" in card and "| acceptance@1 | 0.61 |" in card
 
 
-def test_push_to_hub_uploads_the_saved_folder(load_tiny, monkeypatch):
+def test_push_to_hub_uploads_the_saved_folder(load_tiny, monkeypatch, tmp_path):
     uploaded = {}
 
     class FakeApi:
@@ -183,14 +184,21 @@ def test_push_to_hub_uploads_the_saved_folder(load_tiny, monkeypatch):
         def upload_folder(self, *, repo_id, folder_path, **kwargs):
             uploaded["files"] = sorted(os.listdir(folder_path))
             uploaded["weights"] = load_file(os.path.join(folder_path, "model.safetensors"))
+            uploaded["card"] = Path(folder_path, "README.md").read_text(encoding="utf-8")
+            uploaded["revision"] = kwargs.get("revision")
             return "commit"
 
-    monkeypatch.setattr("bebop_trl.modeling.modeling_mtp_head.HfApi", FakeApi)
+    # The head's Hub upload is huggingface_hub's ModelHubMixin.
+    monkeypatch.setattr("huggingface_hub.hub_mixin.HfApi", FakeApi)
     head = MTPHead.from_model(load_tiny("llama"))
-    assert head.push_to_hub("org/tiny-head", private=True, token="t") == "commit"
+    assert head.push_to_hub("org/tiny-head", private=True, token="t", branch="dev") == "commit"
     assert uploaded["created"] == ("org/tiny-head", True, True) and uploaded["token"] == "t"
-    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"] and uploaded["revision"] == "dev"
     assert uploaded["weights"].keys() == head.state_dict().keys()
+    assert "library_name: bebop-trl" in uploaded["card"]  # the head's own card, not the mixin's template
+    uploaded.clear()
+    assert head.save_pretrained(tmp_path, push_to_hub=True, repo_id="org/tiny-head") == "commit"
+    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_bound_head_shares_policy_embedding_and_lm_head(load_tiny, tokens):
