@@ -371,6 +371,28 @@ class StandInWorker:
         pass
 
 
+def online_head_trainer(tiny_checkpoints, load_tiny, server, tmp_path, transfer=None, **config):
+    """A BebopAsyncGRPOTrainer on the tiny Llama with online updates of a new head, against the stand-in server."""
+    head_dir = str(tmp_path / "head")
+    MTPHead.from_model(load_tiny("llama")).save_pretrained(head_dir)
+    args = BebopAsyncGRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        vllm_server_base_url=server.url,
+        mtp_head=head_dir,
+        mtp_online_loss="tv",
+        report_to="none",
+        **config,
+    )
+    return BebopAsyncGRPOTrainer(
+        tiny_checkpoints["llama"],
+        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 8}),
+        rollout_worker=StandInWorker(server),
+        weight_transfer=transfer,
+    )
+
+
 def test_async_trainer_trains_on_cpu_syncs_through_files_and_logs_server_acceptance(
     tiny_checkpoints, server, tmp_path
 ):
@@ -422,29 +444,10 @@ def test_async_trainer_trains_on_cpu_syncs_through_files_and_logs_server_accepta
 
 
 def test_online_head_updates_reach_the_server_with_the_next_sync(tiny_checkpoints, load_tiny, server, tmp_path):
-    head_dir = str(tmp_path / "head")
-    MTPHead.from_model(load_tiny("llama")).save_pretrained(head_dir)
-    args = BebopAsyncGRPOConfig(
-        output_dir=str(tmp_path / "run"),
-        vllm_server_base_url=server.url,
-        weight_transfer="file",
-        mtp_head=head_dir,
-        mtp_online_loss="tv",
-        mtp_online_learning_rate=1e-2,
-        max_steps=2,
-        per_device_train_batch_size=2,
-        token_budget=64,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-    )
-    trainer = BebopAsyncGRPOTrainer(
-        tiny_checkpoints["llama"],
-        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 8}),
-        rollout_worker=StandInWorker(server),
-    )
+    trainer = online_head_trainer(
+        tiny_checkpoints, load_tiny, server, tmp_path, weight_transfer="file", mtp_online_learning_rate=1e-2,
+        max_steps=2, per_device_train_batch_size=2, token_budget=64, logging_steps=1, save_strategy="no",
+    )  # fmt: skip
     initial = {name: value.clone() for name, value in vllm_draft_weights(trainer.mtp_head).items()}
     trainer.train()
 
@@ -470,22 +473,7 @@ def test_online_head_updates_need_the_head(tmp_path):
 
 
 def test_online_head_updates_ride_on_trls_nccl_transfer(tiny_checkpoints, load_tiny, server, nccl_recorder, tmp_path):
-    head_dir = str(tmp_path / "head")
-    MTPHead.from_model(load_tiny("llama")).save_pretrained(head_dir)
-    args = BebopAsyncGRPOConfig(
-        output_dir=str(tmp_path / "run"),
-        vllm_server_base_url=server.url,
-        mtp_head=head_dir,
-        mtp_online_loss="tv",
-        report_to="none",
-    )
-    trainer = BebopAsyncGRPOTrainer(
-        tiny_checkpoints["llama"],
-        reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 8}),
-        rollout_worker=StandInWorker(server),
-    )
+    trainer = online_head_trainer(tiny_checkpoints, load_tiny, server, tmp_path)
     assert isinstance(trainer.weight_transfer, NCCLDraftWeightTransfer)
     assert trainer.weight_transfer.policy_transfer.vllm.server_url == server.url
     final = vllm_draft_weights(trainer.mtp_head)
@@ -495,9 +483,6 @@ def test_online_head_updates_ride_on_trls_nccl_transfer(tiny_checkpoints, load_t
 def test_online_head_updates_refuse_a_transfer_that_cannot_send_the_head(
     tiny_checkpoints, load_tiny, server, tmp_path
 ):
-    head_dir = str(tmp_path / "head")
-    MTPHead.from_model(load_tiny("llama")).save_pretrained(head_dir)
-
     class PolicyOnly:
         def init_weight_transfer(self): ...
         def pause(self): ...
@@ -505,18 +490,8 @@ def test_online_head_updates_refuse_a_transfer_that_cannot_send_the_head(
         def resume(self): ...
         def destroy(self): ...
 
-    args = BebopAsyncGRPOConfig(
-        output_dir=str(tmp_path / "run"), vllm_server_base_url=server.url, mtp_head=head_dir, mtp_online_loss="tv"
-    )
     with pytest.raises(TypeError, match="PolicyOnly cannot send it"):
-        BebopAsyncGRPOTrainer(
-            tiny_checkpoints["llama"],
-            reward_funcs=lambda completions, **kwargs: [0.0] * len(completions),
-            args=args,
-            train_dataset=Dataset.from_dict({"prompt": ["1+1="] * 8}),
-            rollout_worker=StandInWorker(server),
-            weight_transfer=PolicyOnly(),
-        )
+        online_head_trainer(tiny_checkpoints, load_tiny, server, tmp_path, transfer=PolicyOnly())
 
 
 def test_chatml_templates_trl_does_not_know_get_a_response_parser(tiny_checkpoints):
