@@ -28,7 +28,7 @@ import torch
 from bebop_trl.embedded import load_smollm2
 from bebop_trl.modeling import MTPHead
 from bebop_trl.rollout.measure import implied_speedup_limit, measure_step_costs, relative_step_costs
-from bebop_trl.speculative import SpeculativeGenerator
+from bebop_trl.speculative import AcceptanceCounts, SpeculativeGenerator
 
 
 QUESTIONS = [
@@ -63,9 +63,7 @@ class Config:
 class Measurement:
     tokens: int = 0
     seconds: float = 0.0
-    num_drafts: int = 0
-    num_accepted: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
+    counts: AcceptanceCounts = field(default_factory=AcceptanceCounts)
 
     @property
     def tokens_per_second(self) -> float:
@@ -117,12 +115,7 @@ def run_once(config: Config, model, head, batch, max_new_tokens: int, seed: int,
         )
         elapsed = time.perf_counter() - start
         measurement.tokens += int(output.completion_lengths.sum())
-        stats = output.stats
-        measurement.num_drafts += stats.num_drafts
-        measurement.num_accepted += stats.num_accepted_tokens
-        per_position = stats.accepted_per_position.tolist()
-        previous = measurement.accepted_per_position or [0] * len(per_position)
-        measurement.accepted_per_position = [a + b for a, b in zip(previous, per_position, strict=True)]
+        measurement.counts += output.stats.counts
     measurement.seconds += elapsed
 
 
@@ -200,12 +193,12 @@ def main() -> None:
             speedup_vs_plain=m.tokens_per_second / plain,
         )
         if config.method == "spec":
-            per_position = [a / m.num_drafts for a in m.accepted_per_position]
+            per_position = m.counts.acceptance_per_position
             limit = implied_speedup_limit(per_position, relative_step_costs(costs[config.batch_size, config.k]))
             row.update(
-                acceptance_rate=m.num_accepted / (m.num_drafts * config.k),
+                acceptance_rate=m.counts.acceptance_rate,
                 acceptance_per_position=per_position,
-                accepted_drafts_per_cycle=m.num_accepted / m.num_drafts,
+                accepted_drafts_per_cycle=m.counts.accepted_drafts_per_cycle,
                 implied_speedup_limit=limit,
                 fraction_of_limit=row["speedup_vs_plain"] / limit,
             )
