@@ -49,6 +49,7 @@ from bebop_trl.trainers.distill_corpus import load_distill_corpus
 
 
 K = 3
+LOG_HISTORY = "log_history.json"
 MODES = ("probabilistic", "greedy")
 STAGES = ("finetune", "scratch")
 # Settings under which stored measurements belong to the same study (seeds, losses and stages may differ per worker).
@@ -144,6 +145,9 @@ def train_head(policy, tokenizer, corpus, base: MTPHead, args, stage: str, loss:
     trainer = MTPTrainer(policy, config, corpus, processing_class=tokenizer, head=head)
     trainer.train()
     trainer.save_model()
+    # The learning curve (loss, gradient norm, 1 - TV per step on the training batches), for the overlap plots.
+    with open(os.path.join(folder, LOG_HISTORY), "w", encoding="utf-8") as f:
+        json.dump(trainer.state.log_history, f, indent=1)
     return folder
 
 
