@@ -30,6 +30,7 @@ plot of position-1 acceptance per loss next to it.
 """
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -241,6 +242,40 @@ def plot(rows: list[dict], path: str) -> None:
     figure.savefig(path, dpi=120)
 
 
+def plot_curves(work_dir: str, path: str) -> None:
+    """Per stage, the training curves of the heads that kept theirs: 1 - TV at draft step 1 on the training batches
+    (how much draft and target overlap) and the gradient norm, each loss averaged over its seeds."""
+    curves: dict[tuple[str, str], list[list[dict]]] = {}
+    for file in sorted(glob.glob(os.path.join(work_dir, "*", f"*-seed*/{LOG_HISTORY}"))):
+        stage, name = file.split(os.sep)[-3:-1]
+        with open(file, encoding="utf-8") as f:
+            entries = [e for e in json.load(f) if "acceptance/step_1" in e and "grad_norm" in e]
+        curves.setdefault((stage, name.rsplit("-seed", 1)[0]), []).append(entries)
+    stages = sorted({stage for stage, _ in curves})
+    if not stages:
+        return
+    figure = Figure(figsize=(11, 3.6 * len(stages)))
+    FigureCanvasAgg(figure)
+    for row, stage in enumerate(stages):
+        for column, (key, label) in enumerate(
+            (("acceptance/step_1", "1 - TV, step 1"), ("grad_norm", "gradient norm"))
+        ):
+            axis = figure.add_subplot(len(stages), 2, 2 * row + column + 1)
+            for (curve_stage, loss), runs in curves.items():
+                if curve_stage != stage:
+                    continue
+                steps = [e["step"] for e in runs[0]]
+                values = [statistics.mean(run[i][key] for run in runs if i < len(run)) for i in range(len(steps))]
+                axis.plot(steps, values, label=f"{loss} ({len(runs)})", linewidth=1)
+            axis.set_title(f"{stage}: {label} on the training batches")
+            axis.set_xlabel("step")
+            if key == "grad_norm":
+                axis.set_yscale("log")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     args = parse_args()
     policy, tokenizer = load_smollm2()
@@ -297,6 +332,7 @@ def main() -> None:
     with open(stem + ".md", "w", encoding="utf-8") as f:
         f.write(text + "\n")
     plot(rows, stem + ".png")
+    plot_curves(args.work_dir, stem + "_curves.png")
 
 
 if __name__ == "__main__":
