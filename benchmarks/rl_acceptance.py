@@ -10,8 +10,9 @@ The reward is the task's verifier on the completion's last number (`reasoning_gy
 "last_number")`), which the 135M policy earns often enough to learn from (`reward_signal.py`). Per step, from the
 trainer's logs: reward, policy entropy, acceptance per position and accepted drafts per cycle. Per run: the
 trainer's acceptance-entropy fit over all completions, with a 95% bootstrap interval of its slope from the fit's
-points, and the acceptance over the first and the last `--window` steps, which says whether a frozen head holds
-its acceptance as the policy moves.
+points, and the acceptance over the first and the last `--window` steps. Acceptance moves with the policy's entropy
+whatever the head, so whether a frozen head holds its acceptance is read at equal entropy: the last window's
+acceptance against a line fitted (acceptance on entropy) to the first half of the steps.
 
 Every run checkpoints each `--save-steps` steps under `--work-dir/<run>` and resumes from its last checkpoint, so
 rerunning the command continues an interrupted study. Results go to `--output` (JSON), a table to stdout and the
@@ -121,7 +122,16 @@ def summarise(args, run: str, history: list[dict]) -> dict:
         return float(np.mean([e[key] for e in entries if key in e]))
 
     start, end = history[: args.window], history[-args.window :]
+    # Drift at equal entropy: a line through the first half's steps (acceptance against entropy) predicts the last
+    # window's acceptance from its entropy; a head that falls behind the moving policy lands below it.
+    early = history[: len(history) // 2]
+    slope, intercept = np.polyfit(
+        [e["entropy"] for e in early], [e["rollout/acceptance_position_1"] for e in early], deg=1
+    )
+    residual = float(np.mean([e["rollout/acceptance_position_1"] - (slope * e["entropy"] + intercept) for e in end]))
     return {
+        "first_half_fit": {"slope": float(slope), "intercept": float(intercept)},
+        "acceptance_position_1_end_minus_first_half_fit": residual,
         "fit": fit["fit"],
         "slope_interval_95": interval(slopes),
         "fit_points": len(x),
@@ -163,9 +173,10 @@ def main() -> None:
     histories = {run: train(args, run) for run in args.runs}
     results = {"settings": vars(args), "runs": {}}
     print(
-        "| run | reward start -> end | entropy start -> end | acceptance pos. 1 start -> end | slope [95% interval] |"
+        "| run | reward start -> end | entropy start -> end | acceptance pos. 1 start -> end | slope [95% interval] | "
+        "end vs first-half fit |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for run, history in histories.items():
         summary = summarise(args, run, history)
         results["runs"][run] = {"summary": summary, "steps": history}
@@ -174,7 +185,8 @@ def main() -> None:
             f"| {run} | {summary['reward_start']:.3f} -> {summary['reward_end']:.3f} | "
             f"{summary['entropy_start']:.2f} -> {summary['entropy_end']:.2f} | "
             f"{summary['acceptance_position_1_start']:.3f} -> {summary['acceptance_position_1_end']:.3f} | "
-            f"{summary['fit']['slope']:.3f} [{low:.3f}, {high:.3f}] |"
+            f"{summary['fit']['slope']:.3f} [{low:.3f}, {high:.3f}] | "
+            f"{summary['acceptance_position_1_end_minus_first_half_fit']:+.3f} |"
         )
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
