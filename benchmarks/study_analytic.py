@@ -9,8 +9,9 @@ measurement noise.
 
 The samples are the policy's completions at T = 1 (at most 128 tokens, `smollm2_task.policy_samples`, cached) of
 `--prompts` held-out prompts (after the 64 that the study's engine measurements and learning curves use; the corpus
-excludes the whole half), `--samples` each. Every head saved under `--work-dir` (and the base head) is scored; the
-table (mean and standard deviation over seeds) goes to stdout, the figures to `--output`.
+excludes the whole half), `--samples` each. Every head saved under `--work-dir` (and the base head) is scored, once:
+a rerun scores only the heads that `--output` does not hold yet. The table (mean and standard deviation over seeds)
+goes to stdout, the figures to `--output`.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_analytic.py --base-head outputs/heads/smollm2-eagle3-ce
 """
@@ -110,15 +111,24 @@ def main() -> None:
             base.aux_layers, args.batch_size,
         )  # fmt: skip
 
-    results = {"settings": vars(args), "base": score(base, batches), "heads": {}}
+    results = {"settings": vars(args), "base": None, "heads": {}}
+    if os.path.exists(args.output):  # scored earlier on the same samples: only new heads are scored
+        with open(args.output, encoding="utf-8") as f:
+            stored = json.load(f)
+        if {k: v for k, v in stored["settings"].items() if k != "output"} == {
+            k: v for k, v in vars(args).items() if k != "output"
+        }:
+            results.update(base=stored["base"], heads=stored["heads"])
+    results["base"] = results["base"] or score(base, batches)
     for folder in sorted(glob.glob(os.path.join(args.work_dir, "*", "*-seed*"))):
-        if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-            continue
         stage, name = folder.split(os.sep)[-2:]
         loss, seed = name.rsplit("-seed", 1)
+        key = f"{stage}/{loss}/{seed}"
+        if key in results["heads"] or not os.path.isfile(os.path.join(folder, "model.safetensors")):
+            continue
         head = MTPHead.from_pretrained(folder, policy=policy).eval()
-        results["heads"][f"{stage}/{loss}/{seed}"] = score(head, batches)
-        print(f"{stage}/{loss}/{seed}: {json.dumps(results['heads'][f'{stage}/{loss}/{seed}'])}", flush=True)
+        results["heads"][key] = score(head, batches)
+        print(f"{key}: {json.dumps(results['heads'][key])}", flush=True)
 
     grouped = defaultdict(list)
     for key, figures in results["heads"].items():
