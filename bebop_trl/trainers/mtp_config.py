@@ -76,7 +76,7 @@ class MTPConfig(TrainingArguments):
             "help": "For 'tv' and 'e2e_tv': train the first steps with 'kl' instead, whose gradient does not vanish "
             "where the head and the policy barely overlap (the TV gradient does). A value >= 1 is a number of "
             "optimizer steps, one in [0, 1) a fraction of the run's steps. Trained from scratch on SmolLM2-135M for "
-            "300 steps, e2e_tv after a 0.2 warm start ends 4.2 points of step-1 acceptance above ce (docs: "
+            "300 steps, e2e_tv after a 0.2 warm start ends 4.1 points of step-1 acceptance above ce (docs: "
             "Benchmarks, loss study in the paper's protocol)."
         },
     )
