@@ -23,9 +23,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .modeling import EAGLE_LAYOUT, MTP_LAYOUT, MTPHead, MTPHeadConfig
+from .modeling import MTPHead
 from .modeling.native import NATIVE_HEAD
-from .modeling.vllm_export import DRAFT_SAMPLING_MODES, vllm_speculative_config
+from .modeling.vllm_export import DRAFT_SAMPLING_MODES, draft_speculative_config
 from .rollout.vllm_exactness import guard_vllm_exactness
 from .vllm_plugin import FILE_WEIGHT_TRANSFER, compat
 
@@ -87,19 +87,13 @@ def serve_command(script_args: Any, draft_args: DraftArguments, extra_args: list
         draft_args: The head to draft with.
         extra_args: Arguments passed on to `vllm serve` as they are.
     """
-    from transformers import AutoConfig
     from trl.scripts.vllm_serve import build_command
 
-    if draft_args.mtp_head == NATIVE_HEAD:
-        head_config, folder = MTPHeadConfig(layout=MTP_LAYOUT), script_args.model
-    else:
-        head = MTPHead.from_pretrained(draft_args.mtp_head)
-        target_config = None if head.config.layout == EAGLE_LAYOUT else AutoConfig.from_pretrained(script_args.model)
-        head_config = head.config
-        folder = os.path.abspath(head.export_vllm(draft_args.draft_dir, target_config=target_config))
-    speculative = vllm_speculative_config(
-        head_config,
-        folder,
+    head = None if draft_args.mtp_head == NATIVE_HEAD else MTPHead.from_pretrained(draft_args.mtp_head)
+    speculative = draft_speculative_config(
+        head,
+        script_args.model,
+        draft_args.draft_dir,
         num_speculative_tokens=draft_args.num_speculative_tokens,
         draft_sampling=draft_args.draft_sampling,
     )

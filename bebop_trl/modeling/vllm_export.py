@@ -193,6 +193,41 @@ def export_vllm(
     return os.fspath(save_directory)
 
 
+def draft_speculative_config(
+    head: "MTPHead | None",
+    policy_name_or_path: str,
+    draft_dir: str | os.PathLike,
+    *,
+    num_speculative_tokens: int,
+    draft_sampling: str = "probabilistic",
+    target_config: Any = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Exports `head` for vLLM to `draft_dir` and returns the speculative config that drafts with it; with no head,
+    the config that drafts with the MTP weights the policy checkpoint ships (vLLM reads them from the policy).
+
+    Args:
+        head: The head to draft with, or None for the policy checkpoint's native MTP weights.
+        policy_name_or_path: The policy vLLM serves (Hub id or folder).
+        draft_dir: Where to write the draft checkpoint.
+        num_speculative_tokens: Tokens drafted per cycle.
+        draft_sampling: A mode of `DRAFT_SAMPLING_MODES`.
+        target_config: The policy's config, read from `policy_name_or_path` when an `mtp` head needs it and it
+            is not given.
+        write: False returns the config without writing (processes that let another one write).
+    """
+    draft = dict(num_speculative_tokens=num_speculative_tokens, draft_sampling=draft_sampling)
+    if head is None:
+        return vllm_speculative_config(MTPHeadConfig(layout=MTP_LAYOUT), policy_name_or_path, **draft)
+    if write:
+        if target_config is None and head.config.layout == MTP_LAYOUT:
+            from transformers import AutoConfig
+
+            target_config = AutoConfig.from_pretrained(policy_name_or_path)
+        export_vllm(head, draft_dir, target_config=target_config)
+    return vllm_speculative_config(head.config, os.path.abspath(draft_dir), **draft)
+
+
 def _eagle_draft_config(config: MTPHeadConfig) -> dict[str, Any]:
     draft = dict(config.decoder_config or {})
     if config.base_architecture not in VLLM_EAGLE_ARCHITECTURES:

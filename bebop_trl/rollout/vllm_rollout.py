@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
-from ..modeling import MTP_LAYOUT, MTPHead, MTPHeadConfig
-from ..modeling.native import NATIVE_HEAD
-from ..modeling.vllm_export import vllm_draft_weights, vllm_speculative_config
+from ..modeling import MTPHead
+from ..modeling.vllm_export import draft_speculative_config, vllm_draft_weights
 from ..speculative import AcceptanceCounts
 from ..speculative.engine import eval_mode
 from ..speculative.exactness import completion_logprobs
@@ -165,27 +164,19 @@ def export_draft_for_vllm(policy: Any, args: Any, head: MTPHead | None) -> dict[
 
     Args:
         policy: The policy, or its Hub id or folder.
-        args: The trainer's `BebopGRPOConfig` (`mtp_head`, `output_dir`, `num_speculative_tokens`,
-            `draft_sampling`).
-        head: The head given to the trainer, or None to load `args.mtp_head`.
+        args: The trainer's `BebopGRPOConfig` (`output_dir`, `num_speculative_tokens`, `draft_sampling`).
+        head: The head to draft with, or None for the policy checkpoint's native MTP weights (`mtp_head="native"`).
     """
     from accelerate import PartialState
 
-    policy_path = policy if isinstance(policy, str) else policy.config.name_or_path
-    draft = dict(num_speculative_tokens=args.num_speculative_tokens, draft_sampling=args.draft_sampling)
-    if head is None and args.mtp_head == NATIVE_HEAD:
-        # vLLM reads the native mtp.* weights from the policy itself.
-        return vllm_speculative_config(MTPHeadConfig(layout=MTP_LAYOUT), policy_path, **draft)
-    if head is None:
-        head = MTPHead.from_pretrained(args.mtp_head)
-    folder = os.path.join(args.output_dir, DRAFT_DIR)
     state = PartialState()
     with state.local_main_process_first():
-        if state.is_local_main_process:
-            target_config = None if isinstance(policy, str) else policy.config
-            if target_config is None and head.config.layout == MTP_LAYOUT:
-                from transformers import AutoConfig
-
-                target_config = AutoConfig.from_pretrained(policy_path)
-            head.export_vllm(folder, target_config=target_config)
-    return vllm_speculative_config(head.config, folder, **draft)
+        return draft_speculative_config(
+            head,
+            policy if isinstance(policy, str) else policy.config.name_or_path,
+            os.path.join(args.output_dir, DRAFT_DIR),
+            num_speculative_tokens=args.num_speculative_tokens,
+            draft_sampling=args.draft_sampling,
+            target_config=None if isinstance(policy, str) else policy.config,
+            write=state.is_local_main_process,
+        )
