@@ -51,50 +51,37 @@ def parse_args() -> argparse.Namespace:
 
 
 @torch.no_grad()
-def score(head: MTPHead, batches: list[dict[str, torch.Tensor]]) -> dict[str, object]:
-    """1 - TV per draft step and the expected accepted drafts per cycle, averaged over every drafted slot (the
-    per-batch means weighted by their slots and start positions)."""
-    acceptance, length, slots, starts = torch.zeros(K, dtype=torch.float64), 0.0, torch.zeros(K), 0
-    for batch in batches:
-        out = teacher_forced_head_loss(
-            head, batch["input_ids"], batch["hidden"], batch["attention_mask"], num_steps=K, loss_type="tv",
-            slot_mask=batch["slot_mask"], aux_hidden=batch["aux"] if head.aux_layers else None,
-        )  # fmt: skip
-        acceptance += out.acceptance.double() * batch["slots"]
-        length += float(out.expected_accepted_length) * batch["starts"]
-        slots += batch["slots"]
-        starts += batch["starts"]
+def score(head: MTPHead, data: dict[str, torch.Tensor]) -> dict[str, object]:
+    """1 - TV per draft step and the expected accepted drafts per cycle over every drafted slot of the set (scored as
+    one batch, so the loss's own averages are the set's)."""
+    out = teacher_forced_head_loss(
+        head, data["input_ids"], data["hidden"], data["attention_mask"], num_steps=K, loss_type="tv",
+        slot_mask=data["slot_mask"], aux_hidden=data["aux"] if head.aux_layers else None,
+    )  # fmt: skip
     return {
-        "acceptance_per_step": (acceptance / slots).tolist(),
-        "expected_accepted_drafts_per_cycle": length / starts,
+        "acceptance_per_step": out.acceptance.tolist(),
+        "expected_accepted_drafts_per_cycle": float(out.expected_accepted_length),
     }
 
 
-def prepared_batches(policy, tokenizer, sequences, prompt_lengths, aux_layers, batch_size):
-    """Padded batches with the policy's hidden states and the slots a rollout drafts, counted per step."""
+@torch.no_grad()
+def prepared_set(policy, tokenizer, sequences, prompt_lengths, aux_layers, batch_size) -> dict[str, torch.Tensor]:
+    """The sequences left-padded into one batch, with the policy's hidden states (`batch_size` rows per forward
+    pass) and the slots a rollout drafts."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = []
-    for start in range(0, len(sequences), batch_size):
-        input_ids, attention_mask = left_pad(sequences[start : start + batch_size], pad)
-        hidden, aux = policy_hidden_states(policy, input_ids, attention_mask, aux_layers)
-        lengths = torch.tensor(prompt_lengths[start : start + batch_size])
-        is_completion = completion_token_mask(attention_mask, lengths)
-        slot_mask = drafting_slots(is_completion, K)
-        # The slots the loss averages over at step j: drafted from start t, and t + j inside the sequence.
-        valid, starts = attention_mask.bool(), input_ids.shape[1] - 1
-        reach = []
-        for j in range(1, K + 1):
-            ahead = torch.zeros_like(valid[:, :starts])
-            ahead[:, : max(starts - j + 1, 0)] = valid[:, j:]
-            reach.append(slot_mask[j - 1] & (valid[:, :starts] & ahead).flatten())
-        batches.append(
-            {
-                "input_ids": input_ids, "attention_mask": attention_mask, "hidden": hidden, "aux": aux,
-                "slot_mask": slot_mask, "slots": torch.tensor([float(r.sum()) for r in reach]),
-                "starts": int(reach[0].sum()),
-            }
-        )  # fmt: skip
-    return batches
+    input_ids, attention_mask = left_pad(sequences, pad)
+    parts = [
+        policy_hidden_states(policy, input_ids[i : i + batch_size], attention_mask[i : i + batch_size], aux_layers)
+        for i in range(0, len(sequences), batch_size)
+    ]
+    is_completion = completion_token_mask(attention_mask, torch.tensor(prompt_lengths))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "hidden": torch.cat([hidden for hidden, _ in parts]),
+        "aux": torch.cat([aux for _, aux in parts]) if aux_layers else None,
+        "slot_mask": drafting_slots(is_completion, K),
+    }
 
 
 def main() -> None:
@@ -105,11 +92,10 @@ def main() -> None:
     prompts = [p for p in held_out[FIRST_PROMPT : FIRST_PROMPT + args.prompts] for _ in range(args.samples)]
     completions = policy_samples(policy, tokenizer, prompts)
     base = MTPHead.from_pretrained(args.base_head, policy=policy).eval()
-    with torch.no_grad():
-        batches = prepared_batches(
-            policy, tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)], [len(p) for p in prompts],
-            base.aux_layers, args.batch_size,
-        )  # fmt: skip
+    data = prepared_set(
+        policy, tokenizer, [p + c for p, c in zip(prompts, completions, strict=True)], [len(p) for p in prompts],
+        base.aux_layers, args.batch_size,
+    )  # fmt: skip
 
     results = {"settings": vars(args), "base": None, "heads": {}}
     if os.path.exists(args.output):  # scored earlier on the same samples: only new heads are scored
@@ -119,7 +105,7 @@ def main() -> None:
             k: v for k, v in vars(args).items() if k != "output"
         }:
             results.update(base=stored["base"], heads=stored["heads"])
-    results["base"] = results["base"] or score(base, batches)
+    results["base"] = results["base"] or score(base, data)
     for folder in sorted(glob.glob(os.path.join(args.work_dir, "*", "*-seed*"))):
         stage, name = folder.split(os.sep)[-2:]
         loss, seed = name.rsplit("-seed", 1)
@@ -127,7 +113,7 @@ def main() -> None:
         if key in results["heads"] or not os.path.isfile(os.path.join(folder, "model.safetensors")):
             continue
         head = MTPHead.from_pretrained(folder, policy=policy).eval()
-        results["heads"][key] = score(head, batches)
+        results["heads"][key] = score(head, data)
         print(f"{key}: {json.dumps(results['heads'][key])}", flush=True)
 
     grouped = defaultdict(list)
