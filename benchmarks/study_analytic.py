@@ -1,7 +1,7 @@
 """The loss study's heads scored analytically: expected acceptance under teacher forcing on one fixed held-out set.
 
-`study_protocol.py` measures every head with the real engine on 64 completions, whose figures carry about one point
-of sampling noise at position 1. Here every head is scored on the same policy samples instead: 1 - TV(p, q) per draft
+`study_protocol.py` measures every head with the real engine on 64 completions, whose figures differ by one to three
+points at position 1 between seeds of one loss. Here every head is scored on the same policy samples instead: 1 - TV(p, q) per draft
 step (the probability that a draft at that step is accepted, given the earlier ones were) and the expected accepted
 drafts per cycle, `sum_j prod_{i<=j} (1 - TV_i)` at k = 3, averaged over every completion position that a rollout
 drafts from. The only randomness is in the samples, which all heads share, so differences between heads are free of

@@ -18,7 +18,8 @@ Each head is saved under `--work-dir` and each measurement added to `--output` a
 interrupted run resumes where it stopped. Workers with disjoint `--seeds` (or `--losses`, `--stages`) may run at once
 on the same `--output`: they merge their measurements under a file lock, and the table covers every head measured.
 The table (mean and standard deviation over seeds) goes to stdout and to the Markdown file next to `--output`, the
-plot of position-1 acceptance per loss next to it.
+plot of position-1 acceptance per loss next to it, and the heads' training curves (each head keeps its
+`log_history.json`) to `<output>_curves.png`.
 
     nohup .venv/bin/python benchmarks/study_protocol.py --base-head outputs/heads/smollm2-eagle3-ce \\
         > outputs/logs/study-protocol.log 2>&1 &
