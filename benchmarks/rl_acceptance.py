@@ -15,8 +15,9 @@ whatever the head, so whether a frozen head holds its acceptance is read at equa
 acceptance against a line fitted (acceptance on entropy) to the first half of the steps.
 
 Every run checkpoints each `--save-steps` steps under `--work-dir/<run>` and resumes from its last checkpoint, so
-rerunning the command continues an interrupted study. Results go to `--output` (JSON), a table to stdout and the
-plot of reward, entropy and acceptance per step next to the JSON.
+rerunning the command continues an interrupted study. Results go to `--output` (JSON; runs of earlier invocations
+stay in it, each with its own settings and wall time), a table to stdout and the plot of reward, entropy and
+acceptance per step next to the JSON.
 
     nohup .venv/bin/python benchmarks/rl_acceptance.py --ce-head outputs/heads/ce --head outputs/heads/best \\
         --online-loss e2e_tv > outputs/logs/rl-acceptance.log 2>&1 &
@@ -25,8 +26,10 @@ plot of reward, entropy and acceptance per step next to the JSON.
 import argparse
 import json
 import os
+import time
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from study import bootstrap_slopes, interval
@@ -41,6 +44,7 @@ from bebop_trl.tasks import reasoning_gym_dataset, reasoning_gym_reward
 
 RUNS = ("ce-greedy", "probabilistic-frozen", "probabilistic-online")
 K = 3
+WALL_SECONDS = "wall_seconds.json"
 
 
 def parse_args() -> argparse.Namespace:
@@ -104,7 +108,16 @@ def train(args, run: str) -> list[dict]:
         processing_class=tokenizer,
     )
     last = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+    started = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
+    # Every invocation (a resumed run has several) adds its wall time.
+    timing_file = os.path.join(config.output_dir, WALL_SECONDS)
+    timing = []
+    if os.path.isfile(timing_file):
+        with open(timing_file, encoding="utf-8") as f:
+            timing = json.load(f)
+    with open(timing_file, "w", encoding="utf-8") as f:
+        json.dump([*timing, {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}], f)
     history = [entry for entry in trainer.state.log_history if "reward" in entry]
     with open(steps_file, "w", encoding="utf-8") as f:
         json.dump(history, f, indent=2)
@@ -129,7 +142,13 @@ def summarise(args, run: str, history: list[dict]) -> dict:
         [e["entropy"] for e in early], [e["rollout/acceptance_position_1"] for e in early], deg=1
     )
     residual = float(np.mean([e["rollout/acceptance_position_1"] - (slope * e["entropy"] + intercept) for e in end]))
+    timing_file = os.path.join(args.work_dir, run, WALL_SECONDS)
+    wall = None
+    if os.path.isfile(timing_file):
+        with open(timing_file, encoding="utf-8") as f:
+            wall = json.load(f)
     return {
+        "wall_seconds": wall,
         "first_half_fit": {"slope": float(slope), "intercept": float(intercept)},
         "acceptance_position_1_end_minus_first_half_fit": residual,
         "fit": fit["fit"],
@@ -171,15 +190,28 @@ def plot(histories: dict[str, list[dict]], path: str) -> None:
 def main() -> None:
     args = parse_args()
     histories = {run: train(args, run) for run in args.runs}
-    results = {"settings": vars(args), "runs": {}}
+    # Runs measured by an earlier invocation (with their own heads and settings) stay in the results.
+    results = {"runs": {}}
+    if os.path.isfile(args.output):
+        with open(args.output, encoding="utf-8") as f:
+            results = json.load(f)
+    shared = results.pop("settings", None)  # older files kept one settings block for all their runs
+    for run, stored in results["runs"].items():
+        if shared is not None and "settings" not in stored:
+            stored["settings"] = {**shared, "mtp_head": shared["ce_head" if run == "ce-greedy" else "head"]}
+        if run not in histories:
+            histories[run] = stored["steps"]
     print(
         "| run | reward start -> end | entropy start -> end | acceptance pos. 1 start -> end | slope [95% interval] | "
         "end vs first-half fit |"
     )
     print("|---|---|---|---|---|---|")
-    for run, history in histories.items():
-        summary = summarise(args, run, history)
-        results["runs"][run] = {"summary": summary, "steps": history}
+    for run in [run for run in RUNS if run in histories]:
+        history = histories[run]
+        if run in args.runs:
+            settings = {**vars(args), "mtp_head": run_config(args, run).mtp_head}
+            results["runs"][run] = {"settings": settings, "summary": summarise(args, run, history), "steps": history}
+        summary = results["runs"][run]["summary"]
         low, high = summary["slope_interval_95"] or (float("nan"), float("nan"))
         print(
             f"| {run} | {summary['reward_start']:.3f} -> {summary['reward_end']:.3f} | "
@@ -191,7 +223,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
-    plot(histories, os.path.splitext(args.output)[0] + ".png")
+    plot({run: histories[run] for run in RUNS if run in histories}, os.path.splitext(args.output)[0] + ".png")
 
 
 if __name__ == "__main__":
