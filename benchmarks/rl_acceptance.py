@@ -12,7 +12,8 @@ trainer's logs: reward, policy entropy, acceptance per position and accepted dra
 trainer's acceptance-entropy fit over all completions, with a 95% bootstrap interval of its slope from the fit's
 points, and the acceptance over the first and the last `--window` steps. Acceptance moves with the policy's entropy
 whatever the head, so whether a frozen head holds its acceptance is read at equal entropy: the last window's
-acceptance against a line fitted (acceptance on entropy) to the first half of the steps.
+acceptance against a line fitted (acceptance on entropy) to the first half of the steps, and the runs side by side
+on steps grouped by entropy (0.5-nat bins), which needs no fitted line.
 
 Every run checkpoints each `--save-steps` steps under `--work-dir/<run>` and resumes from its last checkpoint, so
 rerunning the command continues an interrupted study. Results go to `--output` (JSON; runs of earlier invocations
@@ -45,6 +46,7 @@ from bebop_trl.tasks import reasoning_gym_dataset, reasoning_gym_reward
 RUNS = ("ce-greedy", "probabilistic-frozen", "probabilistic-online")
 K = 3
 WALL_SECONDS = "wall_seconds.json"
+ENTROPY_TABLE = (1.0, 1.5, 2.0)  # the entropy bins (0.5 nat wide) that every run visits
 
 
 def parse_args() -> argparse.Namespace:
@@ -167,6 +169,41 @@ def summarise(args, run: str, history: list[dict]) -> dict:
     }
 
 
+def by_entropy(history: list[dict], width: float = 0.5) -> list[dict]:
+    """Steps grouped by the policy's entropy: acceptance at equal entropy without a fitted line.
+
+    Each bin compares runs, and within a run its first-half steps with its second-half steps: a frozen head that falls
+    behind the moving policy accepts less late in the run than early at the same entropy.
+    """
+    bins = {}
+    for entry in history:
+        low = width * int(entry["entropy"] // width)
+        bins.setdefault(low, []).append(entry)
+
+    def means(entries: list[dict]) -> dict:
+        return {
+            "steps": len(entries),
+            "entropy": float(np.mean([e["entropy"] for e in entries])) if entries else None,
+            "acceptance_position_1": (
+                float(np.mean([e["rollout/acceptance_position_1"] for e in entries])) if entries else None
+            ),
+        }
+
+    half = len(history) // 2
+    return [
+        {
+            "entropy_low": low,
+            "entropy_high": low + width,
+            "steps": len(entries),
+            "acceptance_position_1": float(np.mean([e["rollout/acceptance_position_1"] for e in entries])),
+            "accepted_drafts_per_cycle": float(np.mean([e["rollout/accepted_drafts_per_cycle"] for e in entries])),
+            "first_half": means([e for e in entries if e["step"] <= half]),
+            "second_half": means([e for e in entries if e["step"] > half]),
+        }
+        for low, entries in sorted(bins.items())
+    ]
+
+
 def plot(histories: dict[str, list[dict]], path: str) -> None:
     figure = Figure(figsize=(13, 4))
     FigureCanvasAgg(figure)
@@ -212,6 +249,7 @@ def main() -> None:
             settings = {**vars(args), "mtp_head": run_config(args, run).mtp_head}
             results["runs"][run] = {"settings": settings, "summary": summarise(args, run, history), "steps": history}
         summary = results["runs"][run]["summary"]
+        summary["by_entropy"] = by_entropy(history)
         low, high = summary["slope_interval_95"] or (float("nan"), float("nan"))
         print(
             f"| {run} | {summary['reward_start']:.3f} -> {summary['reward_end']:.3f} | "
@@ -220,6 +258,21 @@ def main() -> None:
             f"{summary['fit']['slope']:.3f} [{low:.3f}, {high:.3f}] | "
             f"{summary['acceptance_position_1_end_minus_first_half_fit']:+.3f} |"
         )
+    print(
+        "\n| run | "
+        + " | ".join(f"entropy {low:g}-{low + 0.5:g}: pos. 1 / drafts per cycle (steps)" for low in ENTROPY_TABLE)
+        + " |"
+    )
+    print("|---|" + "---|" * len(ENTROPY_TABLE))
+    for run, stored in results["runs"].items():
+        cells = {b["entropy_low"]: b for b in stored["summary"]["by_entropy"]}
+        row = [
+            f"{c['acceptance_position_1']:.3f} / {c['accepted_drafts_per_cycle']:.2f} ({c['steps']})"
+            if (c := cells.get(low))
+            else "-"
+            for low in ENTROPY_TABLE
+        ]
+        print(f"| {run} | " + " | ".join(row) + " |")
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
