@@ -82,4 +82,13 @@ def test_rollouts_match_the_record(case, tiny_checkpoints, tmp_path):
     for index, (got, want) in enumerate(zip(rounds, expected, strict=True)):
         assert got["prompt_ids"] == want["prompt_ids"], f"round {index}: prompts differ"
         assert got["completion_ids"] == want["completion_ids"], f"round {index}: completions differ"
-        assert got["logprobs"] == want["logprobs"], f"round {index}: sampling log-probs differ"
+        # Tokens must match exactly; log-probs to rounding, since CPUs with other vector units (the record was made
+        # on one machine) sum the same products in another order. After optimizer steps the tolerance is wider: Adam's
+        # first steps, normalised by tiny second moments, carry those last-bit differences into the weights.
+        tolerance = 1e-5 if index == 0 else 1e-3
+        torch.testing.assert_close(
+            torch.tensor([x for row in got["logprobs"] for x in row]),
+            torch.tensor([x for row in want["logprobs"] for x in row]),
+            rtol=tolerance, atol=tolerance,
+            msg=lambda m, index=index: f"round {index}: sampling log-probs differ: {m}",
+        )  # fmt: skip
