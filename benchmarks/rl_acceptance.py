@@ -46,7 +46,8 @@ from bebop_trl.tasks import reasoning_gym_dataset, reasoning_gym_reward
 RUNS = ("ce-greedy", "probabilistic-frozen", "probabilistic-online")
 K = 3
 WALL_SECONDS = "wall_seconds.json"
-ENTROPY_TABLE = (1.0, 1.5, 2.0)  # the entropy bins (0.5 nat wide) that every run visits
+ENTROPY_BIN = 0.5  # nats
+ENTROPY_TABLE = (1.0, 1.5, 2.0)  # the lower edges of the entropy bins that every run visits
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,6 +67,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work-dir", default="outputs/rl_acceptance")
     parser.add_argument("--output", default="benchmarks/results/rl_acceptance.json")
     return parser.parse_args()
+
+
+def read_json(path: str, default=None):
+    """The JSON file's content, or `default` when there is no such file."""
+    if not os.path.isfile(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def run_config(args, run: str) -> BebopGRPOConfig:
@@ -97,8 +106,7 @@ def train(args, run: str) -> list[dict]:
     fit_file = os.path.join(config.output_dir, "acceptance_entropy_fit.json")
     steps_file = os.path.join(config.output_dir, "log_history.json")
     if os.path.isfile(steps_file) and os.path.isfile(fit_file):
-        with open(steps_file, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(steps_file)
     policy, tokenizer = load_smollm2()
     prompts = args.steps * args.batch_size // args.num_generations
     dataset = reasoning_gym_dataset("basic_arithmetic", prompts, seed=args.seed + 100, **DEFAULT_TASK_CONFIG)
@@ -114,12 +122,12 @@ def train(args, run: str) -> list[dict]:
     trainer.train(resume_from_checkpoint=last)
     # Every invocation (a resumed run has several) adds its wall time.
     timing_file = os.path.join(config.output_dir, WALL_SECONDS)
-    timing = []
-    if os.path.isfile(timing_file):
-        with open(timing_file, encoding="utf-8") as f:
-            timing = json.load(f)
+    timing = [
+        *read_json(timing_file, []),
+        {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()},
+    ]
     with open(timing_file, "w", encoding="utf-8") as f:
-        json.dump([*timing, {"seconds": time.perf_counter() - started, "threads": torch.get_num_threads()}], f)
+        json.dump(timing, f)
     history = [entry for entry in trainer.state.log_history if "reward" in entry]
     with open(steps_file, "w", encoding="utf-8") as f:
         json.dump(history, f, indent=2)
@@ -128,8 +136,7 @@ def train(args, run: str) -> list[dict]:
 
 def summarise(args, run: str, history: list[dict]) -> dict:
     """Acceptance at the start and the end, and the slope of acceptance against entropy with its interval."""
-    with open(os.path.join(args.work_dir, run, "acceptance_entropy_fit.json"), encoding="utf-8") as f:
-        fit = json.load(f)
+    fit = read_json(os.path.join(args.work_dir, run, "acceptance_entropy_fit.json"))
     x, y, w = (np.asarray(fit["points"][name], dtype=np.float64) for name in ("entropy", "acceptance", "weight"))
     slopes = bootstrap_slopes({run: (x, y, w)}, len(x), seed=args.seed)[run]
 
@@ -144,13 +151,8 @@ def summarise(args, run: str, history: list[dict]) -> dict:
         [e["entropy"] for e in early], [e["rollout/acceptance_position_1"] for e in early], deg=1
     )
     residual = float(np.mean([e["rollout/acceptance_position_1"] - (slope * e["entropy"] + intercept) for e in end]))
-    timing_file = os.path.join(args.work_dir, run, WALL_SECONDS)
-    wall = None
-    if os.path.isfile(timing_file):
-        with open(timing_file, encoding="utf-8") as f:
-            wall = json.load(f)
     return {
-        "wall_seconds": wall,
+        "wall_seconds": read_json(os.path.join(args.work_dir, run, WALL_SECONDS)),
         "first_half_fit": {"slope": float(slope), "intercept": float(intercept)},
         "acceptance_position_1_end_minus_first_half_fit": residual,
         "fit": fit["fit"],
@@ -169,7 +171,7 @@ def summarise(args, run: str, history: list[dict]) -> dict:
     }
 
 
-def by_entropy(history: list[dict], width: float = 0.5) -> list[dict]:
+def by_entropy(history: list[dict]) -> list[dict]:
     """Steps grouped by the policy's entropy: acceptance at equal entropy without a fitted line.
 
     Each bin compares runs, and within a run its first-half steps with its second-half steps: a frozen head that falls
@@ -177,26 +179,25 @@ def by_entropy(history: list[dict], width: float = 0.5) -> list[dict]:
     """
     bins = {}
     for entry in history:
-        low = width * int(entry["entropy"] // width)
+        low = ENTROPY_BIN * int(entry["entropy"] // ENTROPY_BIN)
         bins.setdefault(low, []).append(entry)
 
     def means(entries: list[dict]) -> dict:
+        keys = ("entropy", "rollout/acceptance_position_1", "rollout/accepted_drafts_per_cycle")
         return {
             "steps": len(entries),
-            "entropy": float(np.mean([e["entropy"] for e in entries])) if entries else None,
-            "acceptance_position_1": (
-                float(np.mean([e["rollout/acceptance_position_1"] for e in entries])) if entries else None
-            ),
+            **{
+                key.removeprefix("rollout/"): float(np.mean([e[key] for e in entries])) if entries else None
+                for key in keys
+            },
         }
 
     half = len(history) // 2
     return [
         {
             "entropy_low": low,
-            "entropy_high": low + width,
-            "steps": len(entries),
-            "acceptance_position_1": float(np.mean([e["rollout/acceptance_position_1"] for e in entries])),
-            "accepted_drafts_per_cycle": float(np.mean([e["rollout/accepted_drafts_per_cycle"] for e in entries])),
+            "entropy_high": low + ENTROPY_BIN,
+            **means(entries),
             "first_half": means([e for e in entries if e["step"] <= half]),
             "second_half": means([e for e in entries if e["step"] > half]),
         }
@@ -228,14 +229,8 @@ def main() -> None:
     args = parse_args()
     histories = {run: train(args, run) for run in args.runs}
     # Runs measured by an earlier invocation (with their own heads and settings) stay in the results.
-    results = {"runs": {}}
-    if os.path.isfile(args.output):
-        with open(args.output, encoding="utf-8") as f:
-            results = json.load(f)
-    shared = results.pop("settings", None)  # older files kept one settings block for all their runs
+    results = read_json(args.output, {"runs": {}})
     for run, stored in results["runs"].items():
-        if shared is not None and "settings" not in stored:
-            stored["settings"] = {**shared, "mtp_head": shared["ce_head" if run == "ce-greedy" else "head"]}
         if run not in histories:
             histories[run] = stored["steps"]
     print(
@@ -260,7 +255,9 @@ def main() -> None:
         )
     print(
         "\n| run | "
-        + " | ".join(f"entropy {low:g}-{low + 0.5:g}: pos. 1 / drafts per cycle (steps)" for low in ENTROPY_TABLE)
+        + " | ".join(
+            f"entropy {low:g}-{low + ENTROPY_BIN:g}: pos. 1 / drafts per cycle (steps)" for low in ENTROPY_TABLE
+        )
         + " |"
     )
     print("|---|" + "---|" * len(ENTROPY_TABLE))
