@@ -30,6 +30,9 @@ transformers
       `get_batch_samples`; called `_prepare_inputs`, `_finish_current_push`, `_get_output_dir`
     - `utils.hub`: `PushInProgress` (and its `jobs`), `hf_api`
     - `configuration_utils.PreTrainedConfig`: `_attn_implementation`, `_name_or_path` (a key of its dict)
+    - `cache_utils`: `CacheLayerMixin.lazy_initialization`, `.update`, `.get_mask_sizes`, `.get_seq_length`,
+      `.get_max_length` (implemented by the engine's slot cache), `Cache.layers`, `DynamicLayer.keys` and `.values`
+      (read after a prefill), `LinearAttentionCacheLayerMixin` (the layers the slot cache cannot hold)
 
 vllm
     - `entrypoints.llm.LLM.llm_engine`, `v1.engine.llm_engine.LLMEngine.model_executor`,
@@ -49,8 +52,9 @@ vllm
       `.compute_logits`, `.load_weights` (the drafter interface the package's drafters implement)
 """
 
+import contextlib
 import functools
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -317,6 +321,23 @@ PRIVATE_MEMBERS: tuple[PrivateMember, ...] = (
     _transformers(
         "transformers.configuration_utils.PreTrainedConfig", "_attn_implementation", "attribute", None, "_compat"
     ),
+    # The engine's KV cache is a `Cache` of its own layers; its prefill reads a `DynamicCache`'s tensors.
+    *(
+        _transformers("transformers.cache_utils.CacheLayerMixin", name, "override", params, "speculative.slot_cache")
+        for name, params in (
+            ("lazy_initialization", ("self", "key_states", "value_states")),
+            ("update", ("self", "key_states", "value_states", "args", "kwargs")),
+            ("get_mask_sizes", ("self", "query_length")),
+            ("get_seq_length", _SELF),
+            ("get_max_length", _SELF),
+        )
+    ),
+    _transformers("transformers.cache_utils.Cache", "layers", "attribute", None, "speculative.engine"),
+    _transformers(
+        "transformers.cache_utils", "LinearAttentionCacheLayerMixin", "attribute", None, "speculative.engine"
+    ),
+    _transformers("transformers.cache_utils.DynamicLayer", "keys", "attribute", None, "speculative.engine"),
+    _transformers("transformers.cache_utils.DynamicLayer", "values", "attribute", None, "speculative.engine"),
     _transformers(
         "transformers.configuration_utils.PreTrainedConfig",
         "_name_or_path",
@@ -464,6 +485,18 @@ PRIVATE_MEMBERS: tuple[PrivateMember, ...] = (
 def attn_implementation(model: Any) -> str | None:
     """The attention implementation a transformers model runs (its config keeps it in a private property)."""
     return model.config._attn_implementation
+
+
+@contextlib.contextmanager
+def attention_implementation(model: Any, implementation: str) -> Iterator[None]:
+    """Runs `model` (a PEFT wrapper is fine) with another attention implementation within the context."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    previous = attn_implementation(base)
+    base.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
 
 
 def trl_supports_response_template() -> bool:

@@ -1,12 +1,16 @@
 """The speculative decoding engine: an MTP head drafts, the policy verifies, rejection sampling keeps it exact.
 
-Cache layout. The policy's and the head's KV caches have the same slots and share one 2D attention mask. Policy
-slot i holds token x_s at position s; head slot i holds the head's step on the policy's hidden state of slot i and
-the token after it, x_{s+1}, at position s + 1. A verify pass appends k + 1 slots to the policy cache for every
-row, and the next cycle's head catch-up appends the same slots to the head cache. Slots after a row's accepted
-tokens stay in the caches but are masked out, and slots that no row kept are cropped, so rows advance by different
-amounts with plain batched forwards, per-row `position_ids` and no per-row cache surgery. Finished rows leave the
-batch.
+Batching. The engine decodes up to `max_batch_size` completions at a time (continuous batching): when a row ends,
+the next waiting completion takes its place at once, so the batch stays full until the queue runs dry and a row
+that drafts well never waits for one that drafts badly. Completions of the same prompt (a GRPO group) share one
+prefill of that prompt.
+
+Cache layout. The policy's and the head's KV caches are [`SlotCache`][bebop_trl.speculative.slot_cache.SlotCache]s
+with one row per completion: row b holds its sequence from slot 0, so slot s is position s. Policy slot s holds
+token x_s; head slot s holds the head's step on the policy's hidden state of slot s and the token after it,
+x_{s+1}. A verify pass writes k + 1 slots after each row's length and keeps the row's accepted ones; the next cycle's
+head catch-up writes the same kept slots to the head's cache. Rejected slots are dropped, not masked: the next pass
+overwrites them.
 """
 
 import contextlib
@@ -18,16 +22,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
-from transformers.cache_utils import Cache
+from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
+from .._compat import attention_implementation, attn_implementation
 from ..modeling import MTPHead
 from ..modeling.model_inputs import positions_from_mask, with_cache
 from ..modeling.vllm_export import DRAFT_SAMPLING_MODES
 from .draft_length import AUTO_MAX_DRAFT_TOKENS, AdaptiveDraftLength, calibrate_draft_length
-from .rejection import rejection_sample
+from .rejection import REJECTION_SAMPLE_METHODS, rejection_sample
+from .rollout_drafts import DraftSession, RolloutDrafter
 from .sampling import probs_from_logits, sample, validate_sampling_params
+from .slot_cache import SlotCache, strip_left_padding
 from .small_batch_linear import small_batch_linear
 from .stats import AcceptanceStats
+
+
+# Attention implementations that read the engine's 4D masks; the engine runs any other one as "sdpa".
+_MASKED_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -71,41 +82,59 @@ class _SamplingParams:
 
 
 @dataclass
-class _DecodeState:
-    """Per-row decoding state of the rows still generating.
+class _Prompt:
+    """A prompt prefilled once for all its completions.
 
     Attributes:
-        rows: [B] index of each row in the caller's batch.
-        policy_cache: The policy's KV cache (all slots before `next_token`).
-        head_cache: The head's KV cache (`None` without a head); it lacks the pending slots until the next
-            cycle's catch-up step writes them.
-        attention_mask: [B, S] validity of the cache slots, shared by both caches (the head's pending slots
-            included).
-        next_token: [B] the last emitted token, not yet in the policy cache.
-        position: [B] position of `next_token`.
-        pending_hidden: [B, m, H] the head's input from the policy (`MTPHead.policy_input`) at the last m policy slots,
-            still to be fed to the head.
-        pending_ids: [B, m] the token after each of those slots.
-        pending_positions: [B, m] positions of `pending_ids`.
-        pending_newest: [B] index of the pending slot whose next token is `next_token`.
+        keys, values: Per policy layer, [heads, P, head_dim] the prompt's KV from slot 0.
+        head_keys, head_values: Per head layer, [heads, P - 1, head_dim] the head's KV of the prompt's slots whose
+            next token is in the prompt (`None` without a head).
+        probs: [V] the processed policy distribution of the first completion token.
+        last_feature: [H] the head's input from the policy at the prompt's last slot (`None` without a head).
+        waiting: Completions of this prompt not yet admitted.
     """
 
-    rows: torch.LongTensor
-    policy_cache: Cache
-    head_cache: Cache | None
-    attention_mask: torch.LongTensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    head_keys: list[torch.Tensor] | None
+    head_values: list[torch.Tensor] | None
+    probs: torch.Tensor
+    last_feature: torch.Tensor | None
+    waiting: int
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded.
+
+    Attributes:
+        requests: [B] the completion (row of the caller's batch) each row generates.
+        policy_cache: The policy's cache: every slot before `next_token`.
+        head_cache: The head's cache (`None` without a head); it lacks the pending slots until the next catch-up.
+        next_token: [B] the last emitted token, not yet in the policy cache (its position is the row's length).
+        pending_hidden: [B, m, H] the head's input from the policy at the row's last `pending_count` policy slots,
+            still to be fed to the head.
+        pending_ids: [B, m] the token after each of those slots.
+        pending_count: [B] how many of the m pending slots are the row's.
+    """
+
+    requests: torch.LongTensor
+    policy_cache: SlotCache
+    head_cache: SlotCache | None
     next_token: torch.LongTensor
-    position: torch.LongTensor
     pending_hidden: torch.Tensor | None = None
     pending_ids: torch.LongTensor | None = None
-    pending_positions: torch.LongTensor | None = None
-    pending_newest: torch.LongTensor | None = None
+    pending_count: torch.LongTensor | None = None
 
     def select(self, keep: torch.LongTensor) -> None:
         """Keeps only the rows at indices `keep`."""
         for cache in (self.policy_cache, self.head_cache):
             if cache is not None:
-                cache.batch_select_indices(keep)
+                cache.select(keep)
         for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value[keep])
@@ -113,30 +142,97 @@ class _DecodeState:
     def advance(
         self, tokens: torch.LongTensor, num_accepted: torch.LongTensor, hidden_states: torch.Tensor | None
     ) -> None:
-        """Moves past a verified cycle: masks the rejected slots and crops the slots no row kept.
+        """Moves past a verified cycle: keeps each row's verified slots up to its first rejection.
 
         Args:
-            tokens: [B, k + 1] output of `rejection_sample`.
+            tokens: [B, j + 1] output of `rejection_sample`.
             num_accepted: [B] accepted drafts per row.
-            hidden_states: [B, k + 1, H] the head's input from the policy at the verified slots (with a head).
+            hidden_states: [B, j + 1, H] the head's input from the policy at the verified slots (with a head).
         """
-        k = tokens.shape[1] - 1
-        kept = int(num_accepted.max()) + 1
-        if kept < k + 1:
-            self.policy_cache.crop(kept - k - 1)
-        slot = torch.arange(kept, device=tokens.device)
-        self.attention_mask = torch.cat([self.attention_mask, (slot <= num_accepted.unsqueeze(-1)).long()], dim=-1)
+        kept = num_accepted + 1
+        self.policy_cache.commit(kept)
         if hidden_states is not None:
-            self.pending_hidden = hidden_states[:, :kept]
-            self.pending_ids = tokens[:, :kept].clamp(min=0)
-            self.pending_positions = self.position.unsqueeze(-1) + slot + 1
-            self.pending_newest = num_accepted
+            width = int(kept.max())
+            self.pending_hidden = hidden_states[:, :width]
+            self.pending_ids = tokens[:, :width].clamp(min=0)
+            self.pending_count = kept
         self.next_token = tokens.gather(-1, num_accepted.unsqueeze(-1)).squeeze(-1)
-        self.position = self.position + num_accepted + 1
+
+
+@dataclass
+class _Drafts:
+    """One cycle's drafts.
+
+    Attributes:
+        tokens: [B, j] drafted tokens (a row's tokens past its `num_drafted` are padding).
+        probs: [B, j, V] the distributions they were drawn from (one-hot for rollout drafts), or `None` when every
+            draft is verified as one-hot (greedy drafting).
+        num_drafted: [B] drafts of each row.
+        head_rows: [B] rows drafted by the head (the others by the rollouts, or not at all).
+        confidence: [B, j'] top probability of the head's draft distributions, with a draft-length policy.
+        head_confidence: [B] top probability of the head's first draft distribution, with a rollout drafter.
+        scores: [B, j] the rollout drafts' scores, with a rollout drafter.
+    """
+
+    tokens: torch.LongTensor
+    probs: torch.Tensor | None
+    num_drafted: torch.LongTensor
+    head_rows: torch.BoolTensor
+    confidence: torch.Tensor | None = None
+    head_confidence: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+    def merged(self, head: "_Drafts", head_rows: torch.BoolTensor) -> "_Drafts":
+        """These rollout drafts with the rows `head_rows` taken from the head's drafts `head`."""
+        width = max(self.tokens.shape[1], head.tokens.shape[1])
+        pick = head_rows.unsqueeze(-1)
+        probs = None
+        if self.probs is not None:
+            probs = torch.where(pick.unsqueeze(-1), _padded(head.probs, width), _padded(self.probs, width))
+        return _Drafts(
+            tokens=torch.where(pick, _padded(head.tokens, width), _padded(self.tokens, width)),
+            probs=probs,
+            num_drafted=torch.where(head_rows, head.num_drafted, self.num_drafted),
+            head_rows=head_rows,
+            confidence=head.confidence,
+            head_confidence=self.head_confidence,
+            scores=_padded(self.scores, width),
+        )
+
+
+@dataclass
+class _RolloutProposals:
+    """What the rollouts propose for every row: `tokens` and `scores` [B, k] (the first `counts[b]` valid) and the
+    expected number of them accepted [B]."""
+
+    tokens: torch.LongTensor
+    scores: torch.Tensor
+    counts: torch.LongTensor
+    expected: torch.Tensor
+
+    def as_drafts(self, vocab_size: int | None) -> _Drafts:
+        """As drafts, with one-hot distributions over `vocab_size` tokens (None: verified as one-hot without)."""
+        width = int(self.counts.max())
+        tokens = self.tokens[:, :width]
+        probs = None
+        if vocab_size is not None:
+            probs = torch.zeros(*tokens.shape, vocab_size, device=tokens.device).scatter_(
+                -1, tokens.unsqueeze(-1), 1.0
+            )
+        head_rows = torch.zeros_like(self.counts, dtype=torch.bool)
+        return _Drafts(tokens, probs, self.counts, head_rows, scores=self.scores[:, :width])
+
+
+def _padded(values: torch.Tensor, width: int) -> torch.Tensor:
+    """`values` [B, j, ...] zero-padded to [B, width, ...]."""
+    missing = width - values.shape[1]
+    if not missing:
+        return values
+    return torch.cat([values, values.new_zeros(values.shape[0], missing, *values.shape[2:])], dim=1)
 
 
 class _Completions:
-    """Output buffers: completion ids, log-probs and entropies per row, plus the acceptance counters."""
+    """Output buffers: completion ids, log-probs and entropies per completion, plus the acceptance counters."""
 
     def __init__(self, batch_size: int, max_new_tokens: int, k: int, pad_token_id: int, eos_ids: torch.LongTensor):
         device = eos_ids.device
@@ -152,6 +248,7 @@ class _Completions:
         self.accepted_per_row = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.accepted_per_position = torch.zeros(k, dtype=torch.long, device=device)
         self.drafted_per_position = torch.zeros(k, dtype=torch.long, device=device)
+        self.rollout_drafts = self.rollout_draft_tokens = self.rollout_accepted_tokens = 0
 
     def append(
         self, rows: torch.LongTensor, tokens: torch.LongTensor, count: torch.LongTensor, probs: torch.Tensor
@@ -159,7 +256,7 @@ class _Completions:
         """Appends the first `count` of `tokens` [B, T] to `rows`, cut after EOS and at `max_new_tokens`.
 
         Args:
-            rows: [B] rows of the output batch.
+            rows: [B] completions the tokens belong to.
             tokens: [B, T] emitted tokens (-1 past `count`).
             count: [B] number of tokens emitted per row.
             probs: [B, T, V] the processed policy distributions the tokens were drawn from.
@@ -184,15 +281,27 @@ class _Completions:
         self.lengths[rows] += count
         return hit_eos | (self.lengths[rows] >= self.max_new_tokens)
 
-    def count_drafts(self, rows: torch.LongTensor, num_accepted: torch.LongTensor, num_drafted: int) -> None:
-        """Adds one cycle's acceptance counts of `rows`, which drafted `num_drafted` tokens each (a no-op without a
-        head)."""
+    def count_drafts(
+        self,
+        rows: torch.LongTensor,
+        num_accepted: torch.LongTensor,
+        num_drafted: torch.LongTensor,
+        from_rollouts: torch.BoolTensor,
+    ) -> None:
+        """Adds one cycle's acceptance counts of `rows`, which drafted `num_drafted[b]` tokens each, from the
+        rollouts where `from_rollouts` (a no-op without drafting). A row that drafted nothing counts no cycle."""
         if self.k:
+            positions = torch.arange(self.k, device=num_accepted.device)
+            drafted = num_drafted > 0
+            rows, num_accepted, num_drafted = rows[drafted], num_accepted[drafted], num_drafted[drafted]
+            from_rollouts = from_rollouts[drafted]
+            self.rollout_drafts += int(from_rollouts.sum())
+            self.rollout_draft_tokens += int(num_drafted[from_rollouts].sum())
+            self.rollout_accepted_tokens += int(num_accepted[from_rollouts].sum())
             self.drafts_per_row[rows] += 1
             self.draft_tokens_per_row[rows] += num_drafted
             self.accepted_per_row[rows] += num_accepted
-            self.drafted_per_position[:num_drafted] += len(rows)
-            positions = torch.arange(self.k, device=num_accepted.device)
+            self.drafted_per_position += (num_drafted.unsqueeze(-1) > positions).sum(dim=0)
             self.accepted_per_position += (num_accepted.unsqueeze(-1) > positions).sum(dim=0)
 
     def output(self) -> GenerationOutput:
@@ -213,8 +322,47 @@ class _Completions:
             entropy=entropy,
             mean_entropy=float(entropy[mask.bool()].mean()),
             mean_entropy_per_row=(entropy.sum(dim=-1) / self.lengths.clamp(min=1)).cpu(),
+            num_rollout_drafts=self.rollout_drafts,
+            num_rollout_draft_tokens=self.rollout_draft_tokens,
+            num_rollout_accepted_tokens=self.rollout_accepted_tokens,
         )
         return GenerationOutput(self.ids[:, :length], mask, self.logprobs[:, :length], stats)
+
+
+class _Queue:
+    """The completions waiting for a row, in order, and the prompts they share."""
+
+    def __init__(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor):
+        self.prompts = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        self.keys = [tuple(prompt) for prompt in self.prompts]
+        self.waiting = list(range(len(self.prompts)))
+        self.prefilled: dict[tuple[int, ...], _Prompt] = {}
+        self._count: dict[tuple[int, ...], int] = {}
+        for key in self.keys:
+            self._count[key] = self._count.get(key, 0) + 1
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def pop(self, n: int) -> list[int]:
+        taken, self.waiting = self.waiting[:n], self.waiting[n:]
+        return taken
+
+    def missing(self, requests: list[int]) -> list[tuple[int, ...]]:
+        """The distinct prompts of `requests` not prefilled yet, in order."""
+        return list(dict.fromkeys(self.keys[r] for r in requests if self.keys[r] not in self.prefilled))
+
+    def admitted(self, request: int) -> _Prompt:
+        """The prefilled prompt of `request`, forgotten once its last completion is admitted."""
+        key = self.keys[request]
+        prompt = self.prefilled[key]
+        prompt.waiting -= 1
+        if not prompt.waiting:
+            del self.prefilled[key]
+        return prompt
+
+    def total(self, key: tuple[int, ...]) -> int:
+        return self._count[key]
 
 
 class SpeculativeGenerator:
@@ -224,10 +372,11 @@ class SpeculativeGenerator:
     drafts in one cached forward pass, and [`rejection_sample`][bebop_trl.speculative.rejection_sample] keeps a
     prefix of the drafts plus one token of its own. The completions are distributed exactly as sampling from the
     policy with the same temperature / top-k / top-p; with `head=None` the same loop is plain sampling, the baseline
-    for every speed-up.
+    for every speed-up. Rows are batched continuously: see [`generate`][bebop_trl.SpeculativeGenerator.generate]'s
+    `max_batch_size`.
 
     Args:
-        model: The policy, a Hugging Face causal LM (a PEFT wrapper is fine).
+        model: The policy, a Hugging Face causal LM (a PEFT wrapper is fine) with full attention in every layer.
         head: The draft head; it is checked against `model` and bound to it (it shares the model's embedding and
             lm_head). `None` disables speculation.
         num_speculative_tokens: Tokens drafted per cycle (k >= 1), or the most drafted per cycle with a
@@ -247,10 +396,18 @@ class SpeculativeGenerator:
             [`AdaptiveDraftLength`][bebop_trl.speculative.draft_length.AdaptiveDraftLength]): drafting stops when one
             more draft is predicted to lower the tokens per unit cost. The rule reads the head's distributions only,
             so the output keeps the policy's law. The policy learns from every cycle verified.
+        rejection_sample_method: How drafts are verified: `"standard"` token by token, `"block"` jointly (block
+            verification, which accepts at least as many drafts on average); both keep the policy's law.
+        rollout_drafter: Also draft from the other completions of each row's prompt (the row's GRPO group, and the
+            earlier calls' completions the drafter remembers), per row and cycle when they are predicted to be
+            accepted more than the head's drafts (see
+            [`RolloutDrafter`][bebop_trl.speculative.rollout_drafts.RolloutDrafter]); without a head, the only
+            drafter. Up to `num_speculative_tokens` drafts per cycle either way.
 
     Raises:
-        ValueError: If `num_speculative_tokens < 1`, `draft_sampling` is unknown, the head does not match the
-            model, or the model's cache cannot drop rejected drafts (recurrent layers).
+        ValueError: If `num_speculative_tokens < 1`, `draft_sampling` or `rejection_sample_method` is unknown, the
+            head does not match the model, or the model's cache cannot drop rejected drafts (recurrent or
+            sliding-window layers).
 
     Example:
         ```python
@@ -269,6 +426,8 @@ class SpeculativeGenerator:
         draft_sampling: str = "probabilistic",
         small_batch_linear: bool = False,
         draft_length: AdaptiveDraftLength | None = None,
+        rejection_sample_method: str = "standard",
+        rollout_drafter: RolloutDrafter | None = None,
     ):
         # "auto": the step costs are measured on the first batch generated, then kept.
         self._calibrate_draft_length = num_speculative_tokens == "auto" and draft_length is None and head is not None
@@ -284,15 +443,28 @@ class SpeculativeGenerator:
             )
         if draft_sampling not in DRAFT_SAMPLING_MODES:
             raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {draft_sampling!r}.")
+        if rejection_sample_method not in REJECTION_SAMPLE_METHODS:
+            raise ValueError(
+                f"rejection_sample_method must be one of {REJECTION_SAMPLE_METHODS}, got {rejection_sample_method!r}."
+            )
+        probe = DynamicCache(config=model.config)
+        # The engine's cache drops rejected slots of attention layers; recurrent and sliding-window layers keep a
+        # state that this layout cannot hold.
+        self._slot_cache = all(
+            isinstance(layer, CacheLayerMixin)
+            and not isinstance(layer, LinearAttentionCacheLayerMixin)
+            and not layer.is_sliding
+            for layer in probe.layers
+        )
         if head is not None:
             # Shapes and architecture must match; the base-model name is checked when a head is loaded for a
             # policy, and a policy under RL may be saved under any name.
             head.bind(model, check_base_model=False)
-            if not DynamicCache(config=model.config).is_croppable:
+            if not self._slot_cache:
                 raise ValueError(
                     f"Speculative decoding needs a KV cache that can drop rejected drafts, but "
-                    f"{model.config.model_type!r} has layers whose state cannot be rolled back (e.g. linear "
-                    "attention). Use head=None for plain sampling."
+                    f"{model.config.model_type!r} has layers whose state cannot be rolled back (e.g. linear or "
+                    "sliding-window attention). Use head=None for plain sampling."
                 )
         self.model = model
         self.head = head
@@ -300,6 +472,18 @@ class SpeculativeGenerator:
         self.draft_sampling = draft_sampling
         self.small_batch_linear = small_batch_linear
         self.draft_length = draft_length
+        self.rejection_sample_method = rejection_sample_method
+        self.rollout_drafter = rollout_drafter
+        if rollout_drafter is not None and not self._slot_cache:
+            raise ValueError(
+                f"Rollout drafts need a KV cache that can drop rejected drafts, but {model.config.model_type!r} has "
+                "layers whose state cannot be rolled back. Use rollout_drafter=None."
+            )
+        output_embeddings = model.get_output_embeddings()
+        self._vocab_size = (
+            output_embeddings.weight.shape[0] if output_embeddings is not None else model.config.vocab_size
+        )
+        self._num_layers = len(probe.layers) or model.config.get_text_config().num_hidden_layers
 
     @torch.no_grad()
     def generate(
@@ -313,12 +497,13 @@ class SpeculativeGenerator:
         top_k: int = 0,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
+        max_batch_size: int | None = None,
         progress: bool = False,
     ) -> GenerationOutput:
         """Samples completions for a batch of left-padded prompts.
 
         Args:
-            input_ids: [B, P] prompt ids, left-padded.
+            input_ids: [B, P] prompt ids, left-padded. Rows with the same prompt (a GRPO group) share its prefill.
             attention_mask: [B, P] 1 for prompt tokens, 0 for left padding (default: all ones).
             max_new_tokens: Maximum number of tokens generated per row.
             temperature: Sampling temperature; 0 is greedy decoding.
@@ -326,7 +511,9 @@ class SpeculativeGenerator:
             top_k: Top-k cut-off (0 disables it).
             eos_token_id: Token id(s) that end a row (default: the model's `generation_config`; `[]` for none).
             generator: Random generator on the model's device, for reproducible runs.
-            progress: Show a progress bar over the longest completion.
+            max_batch_size: The most rows decoded at once (default: all). The other rows wait, in order, and take
+                the place of the rows that end.
+            progress: Show a progress bar over the generated tokens.
 
         Returns:
             The completions, their log-probabilities under the processed policy distribution, and statistics.
@@ -337,6 +524,8 @@ class SpeculativeGenerator:
         validate_sampling_params(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1 (or None for all rows at once), got {max_batch_size}.")
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, prompt_length] tensor, got {input_ids.shape}.")
         if attention_mask is None:
@@ -348,189 +537,437 @@ class SpeculativeGenerator:
             raise ValueError("Prompts must be left-padded (padding before the tokens, as with padding_side='left').")
 
         sampling = _SamplingParams(temperature, top_k, top_p, generator)
-        k = self.num_speculative_tokens if self.head is not None else 0
+        drafting = self.head is not None or self.rollout_drafter is not None
+        k = self.num_speculative_tokens if drafting else 0
         eos_ids = torch.tensor(self._eos_token_ids(eos_token_id), dtype=torch.long, device=input_ids.device)
         linear_path = (
             small_batch_linear(self.model, self.head) if self.small_batch_linear else contextlib.nullcontext()
         )
-        with eval_mode(self.model, self.head), linear_path:
+        with eval_mode(self.model, self.head), linear_path, self._masked_attention():
             if self._calibrate_draft_length:
                 self.draft_length = calibrate_draft_length(
                     self.model, self.head, input_ids, attention_mask, max_draft_tokens=k, temperature=temperature
                 )
                 self._calibrate_draft_length = False
-            return self._generate(input_ids, attention_mask, max_new_tokens, k, sampling, eos_ids, progress)
+            completions = _Completions(input_ids.shape[0], max_new_tokens, k, self._pad_token_id(), eos_ids)
+            queue = _Queue(input_ids, attention_mask)
+            rows = max_batch_size or len(queue)
+            decode = self._decode if self._slot_cache else self._decode_static
+            with tqdm(total=max_new_tokens * len(queue), disable=not progress, desc="Generating") as bar:
+                decode(queue, completions, min(rows, len(queue)), k, sampling, bar)
+            output = completions.output()
+        if self.rollout_drafter is not None:
+            self.rollout_drafter.remember(queue.prompts, output.unpadded(output.completion_ids))
+        return output
 
-    def _generate(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.LongTensor,
-        max_new_tokens: int,
-        k: int,
-        sampling: _SamplingParams,
-        eos_ids: torch.LongTensor,
-        progress: bool,
-    ) -> GenerationOutput:
-        completions = _Completions(input_ids.shape[0], max_new_tokens, k, self._pad_token_id(), eos_ids)
-        state, probs = self._prefill(input_ids, attention_mask, sampling)
-        finished = completions.append(state.rows, state.next_token.unsqueeze(-1), torch.ones_like(state.rows), probs)
-        with tqdm(total=max_new_tokens, disable=not progress, desc="Generating") as bar:
-            while not finished.all():
+    def _decode(
+        self, queue: _Queue, completions: _Completions, rows: int, k: int, sampling: _SamplingParams, bar: tqdm
+    ) -> None:
+        """Decodes every waiting completion, `rows` at a time."""
+        device = completions.ids.device
+        longest = max(len(p) for p in queue.prompts)
+        capacity = longest + completions.max_new_tokens + k + 2
+        batch = _Batch(
+            requests=torch.zeros(rows, dtype=torch.long, device=device),
+            policy_cache=SlotCache(self._num_layers, rows, capacity, device),
+            head_cache=None if self.head is None else SlotCache(len(self.head.model.layers), rows, capacity, device),
+            next_token=torch.zeros(rows, dtype=torch.long, device=device),
+        )
+        session = None if self.rollout_drafter is None else self.rollout_drafter.session(queue.prompts)
+        finished = torch.ones(rows, dtype=torch.bool, device=device)
+        while True:
+            finished = self._refill(batch, finished, queue, completions, sampling, session)
+            if finished.all():
+                return
+            if finished.any():
+                batch.select((~finished).nonzero().squeeze(-1))
+            tokens, num_accepted, probs, drafts = self._decode_cycle(batch, k, sampling, session)
+            completions.count_drafts(batch.requests, num_accepted, drafts.num_drafted, ~drafts.head_rows)
+            before = completions.lengths[batch.requests]
+            finished = completions.append(batch.requests, tokens, num_accepted + 1, probs)
+            if session is not None:
+                _follow(session, completions, batch.requests, before)
+            bar.update(int(completions.lengths.sum()) - bar.n)
+
+    def _decode_static(
+        self, queue: _Queue, completions: _Completions, rows: int, k: int, sampling: _SamplingParams, bar: tqdm
+    ) -> None:
+        """Plain sampling for models whose cache cannot take the engine's layout (recurrent or sliding-window
+        layers): the model's own cache, `rows` completions at a time, each group until its last row ends."""
+        device = completions.ids.device
+        while len(queue):
+            requests = torch.tensor(queue.pop(rows), device=device)
+            prompts = [queue.prompts[r] for r in requests.tolist()]
+            input_ids, attention_mask = _left_padded(prompts, device)
+            cache = DynamicCache(config=self.model.config)
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                **with_cache(cache),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            position = attention_mask.sum(dim=-1)
+            while True:
+                probs = sampling.probs(outputs.logits[:, -1:])
+                token = sample(probs[:, 0], sampling.generator)
+                finished = completions.append(requests, token.unsqueeze(-1), torch.ones_like(token), probs)
+                bar.update(int(completions.lengths.sum()) - bar.n)
+                if finished.all():
+                    break
                 if finished.any():
-                    state.select((~finished).nonzero().squeeze(-1))
-                tokens, num_accepted, probs = self._decode_cycle(state, k, sampling)
-                completions.count_drafts(state.rows, num_accepted, num_drafted=tokens.shape[1] - 1)
-                finished = completions.append(state.rows, tokens, num_accepted + 1, probs)
-                bar.update(int(completions.lengths.max()) - bar.n)
-        return completions.output()
+                    keep = (~finished).nonzero().squeeze(-1)
+                    cache.batch_select_indices(keep)
+                    requests, token, position, attention_mask = (
+                        t[keep] for t in (requests, token, position, attention_mask)
+                    )
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=-1)
+                outputs = self.model(
+                    input_ids=token.unsqueeze(-1),
+                    attention_mask=attention_mask,
+                    position_ids=position.unsqueeze(-1),
+                    **with_cache(cache),
+                    use_cache=True,
+                )
+                position = position + 1
 
-    # ------------------------------------------------------------------------------------------------ one cycle
+    # ------------------------------------------------------------------------------------------------ admission
 
-    def _prefill(
-        self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, sampling: _SamplingParams
-    ) -> tuple[_DecodeState, torch.Tensor]:
-        """Runs the policy on the prompts and samples the first token; returns the state and p of that token."""
+    def _refill(
+        self,
+        batch: _Batch,
+        finished: torch.BoolTensor,
+        queue: _Queue,
+        completions: _Completions,
+        sampling: _SamplingParams,
+        session: DraftSession | None,
+    ) -> torch.BoolTensor:
+        """Gives the finished rows to waiting completions, as long as there are any; returns which rows are still
+        finished (they leave the batch)."""
+        while finished.any() and len(queue):
+            free = finished.nonzero().squeeze(-1)
+            requests = queue.pop(len(free))
+            slots = free[: len(requests)]
+            probs = self._admit(batch, slots, requests, queue, sampling)
+            first = batch.next_token[slots]
+            ended = completions.append(
+                batch.requests[slots], first.unsqueeze(-1), torch.ones_like(first), probs.unsqueeze(1)
+            )
+            if session is not None:
+                for request, token in zip(requests, first.tolist(), strict=True):
+                    session.start(request, token)
+            finished = finished.clone()
+            finished[slots] = ended
+        return finished
+
+    def _admit(
+        self, batch: _Batch, slots: torch.LongTensor, requests: list[int], queue: _Queue, sampling: _SamplingParams
+    ) -> torch.Tensor:
+        """Starts completions `requests` in rows `slots`: loads their prompts' KV (prefilling the prompts not seen
+        yet), samples their first tokens and queues each prompt's last slot for the head.
+
+        Returns:
+            [n, V] the distributions the first tokens were sampled from.
+        """
+        missing = queue.missing(requests)
+        if missing:
+            self._prefill(missing, queue, sampling)
+        prompts = [queue.admitted(r) for r in requests]
+        device = slots.device
+        lengths = torch.tensor([p.length for p in prompts], device=device)
+        probs = torch.stack([p.probs for p in prompts])
+        first = sample(probs, sampling.generator)
+        batch.requests[slots] = torch.tensor(requests, device=device)
+        batch.next_token[slots] = first
+        batch.policy_cache.load(slots, *_stacked(prompts, "keys", "values"), lengths)
+        if self.head is None:
+            return probs
+        batch.head_cache.load(slots, *_stacked(prompts, "head_keys", "head_values"), lengths - 1)
+        features = torch.stack([p.last_feature for p in prompts])
+        if batch.pending_hidden is None:
+            rows, hidden_size = len(batch.requests), features.shape[-1]
+            batch.pending_hidden = features.new_zeros(rows, 1, hidden_size)
+            batch.pending_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
+            batch.pending_count = torch.zeros(rows, dtype=torch.long, device=device)
+        batch.pending_hidden[slots, 0] = features.to(batch.pending_hidden.dtype)
+        batch.pending_ids[slots, 0] = first
+        batch.pending_count[slots] = 1
+        return probs
+
+    def _prefill(self, prompts: list[tuple[int, ...]], queue: _Queue, sampling: _SamplingParams) -> None:
+        """Runs the policy (and the head) over distinct prompts once, for every completion that will share them."""
+        input_ids, attention_mask = _left_padded(prompts, self.model.get_input_embeddings().weight.device)
         position_ids = positions_from_mask(attention_mask)
-        policy_cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            **with_cache(policy_cache),
+            **with_cache(cache),
             use_cache=True,
             output_hidden_states=self.head is not None,
             logits_to_keep=1,
         )
-        probs = sampling.probs(outputs.logits[:, -1:])
-        first_token = sample(probs[:, 0], sampling.generator)
-        state = _DecodeState(
-            rows=torch.arange(input_ids.shape[0], device=input_ids.device),
-            policy_cache=policy_cache,
-            head_cache=None,
-            attention_mask=attention_mask,
-            next_token=first_token,
-            position=attention_mask.sum(dim=-1),
-        )
+        lengths = attention_mask.sum(dim=-1)
+        keys = [strip_left_padding(layer.keys, lengths) for layer in cache.layers]
+        values = [strip_left_padding(layer.values, lengths) for layer in cache.layers]
+        probs = sampling.probs(outputs.logits[:, -1])
+        head_keys = head_values = features = None
         if self.head is not None:
-            state.head_cache = self.head.new_cache()
-            state.pending_hidden = self.head.policy_features(outputs.hidden_states)
-            state.pending_ids = torch.cat([input_ids[:, 1:], first_token.unsqueeze(-1)], dim=-1)
-            state.pending_positions = position_ids + 1
-            state.pending_newest = torch.full_like(first_token, input_ids.shape[1] - 1)
-        return state, probs
+            features = self.head.policy_features(outputs.hidden_states)
+            head_keys, head_values = self._prefill_head(features, input_ids, attention_mask, position_ids, lengths)
+        for row, prompt in enumerate(prompts):
+            length = len(prompt)
+            queue.prefilled[prompt] = _Prompt(
+                keys=[k[row, :, :length] for k in keys],
+                values=[v[row, :, :length] for v in values],
+                head_keys=None if head_keys is None else [k[row, :, : length - 1] for k in head_keys],
+                head_values=None if head_values is None else [v[row, :, : length - 1] for v in head_values],
+                probs=probs[row],
+                last_feature=None if features is None else features[row, -1],
+                waiting=queue.total(prompt),
+            )
+
+    def _prefill_head(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        position_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The head's KV of the prompts' slots whose next token is still in the prompt (all but the last), from slot
+        0; the last slot pairs with each completion's own first token, so it waits for the first catch-up."""
+        if input_ids.shape[1] == 1:
+            config = self.head.model.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            empty = features.new_zeros(len(features), config.num_key_value_heads, 0, head_dim)
+            return [empty] * len(self.head.model.layers), [empty] * len(self.head.model.layers)
+        cache = self.head.new_cache()
+        self.head(
+            features[:, :-1],
+            input_ids[:, 1:],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, :-1] + 1,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        shortened = (lengths - 1).clamp(min=1)
+        keys = [strip_left_padding(layer.keys, shortened) for layer in cache.layers]
+        values = [strip_left_padding(layer.values, shortened) for layer in cache.layers]
+        return keys, values
+
+    # ------------------------------------------------------------------------------------------------ one cycle
 
     def _decode_cycle(
-        self, state: _DecodeState, k: int, sampling: _SamplingParams
-    ) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
-        """Drafts up to k tokens, verifies them with one policy forward, rejection-samples and advances the state.
+        self, batch: _Batch, k: int, sampling: _SamplingParams, session: DraftSession | None
+    ) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor, "_Drafts"]:
+        """Drafts up to k tokens per row, verifies them with one policy forward, rejection-samples and advances.
 
         Returns:
-            `tokens` [B, j + 1] and `num_accepted` [B] as from `rejection_sample`, and the processed policy
-            distributions [B, j + 1, V] of the verified slots, for the j <= k tokens drafted.
+            `tokens` [B, j + 1] and `num_accepted` [B] as from `rejection_sample`, the processed policy
+            distributions [B, j + 1, V] of the verified slots, and the cycle's drafts (j drafts at most per row).
         """
-        draft_tokens, draft_probs, confidence = self._draft(state, k, sampling)
-        tokens, num_accepted, probs = self._verify(state, draft_tokens, draft_probs, sampling)
-        if self.draft_length is not None and confidence is not None:
-            self.draft_length.update(confidence, num_accepted)
-        return tokens, num_accepted, probs
+        drafts = self._draft(batch, k, sampling, session)
+        tokens, num_accepted, probs = self._verify(batch, drafts, sampling)
+        head_rows = drafts.head_rows
+        if self.draft_length is not None and drafts.confidence is not None and head_rows.any():
+            self.draft_length.update(drafts.confidence[head_rows], num_accepted[head_rows])
+        if session is not None:
+            session.drafter.record(
+                ~head_rows & (drafts.num_drafted > 0),
+                drafts.head_confidence,
+                drafts.scores,
+                drafts.num_drafted,
+                num_accepted,
+            )
+        return tokens, num_accepted, probs, drafts
 
     def _verify(
-        self,
-        state: _DecodeState,
-        draft_tokens: torch.LongTensor,
-        draft_probs: torch.Tensor | None,
-        sampling: _SamplingParams,
+        self, batch: _Batch, drafts: "_Drafts", sampling: _SamplingParams
     ) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
-        """Scores `next_token` and the k drafts with one policy forward, rejection-samples and advances the state.
+        """Scores `next_token` and the drafts with one policy forward, rejection-samples and advances the rows.
 
         Args:
-            state: The rows' decoding state; its policy cache gains k + 1 slots (fewer after the crop).
-            draft_tokens: [B, k] drafts (k = 0 is a plain sampling step).
-            draft_probs: [B, k, V] the distributions they were sampled from, or `None` for greedy drafts.
+            batch: The rows; each row's policy cache keeps its accepted slots.
+            drafts: The cycle's drafts (none: a plain sampling step).
             sampling: Temperature, top-k, top-p and the random generator.
 
         Returns:
-            As `_decode_cycle`.
+            As `_decode_cycle`, without the drafts.
         """
-        batch_size, k, device = draft_tokens.shape[0], draft_tokens.shape[1], draft_tokens.device
+        width = drafts.tokens.shape[1] + 1
+        cache = batch.policy_cache
+        mask = self._attention_mask(cache.open(width), self.model)
         outputs = self.model(
-            input_ids=torch.cat([state.next_token.unsqueeze(-1), draft_tokens], dim=-1),
-            attention_mask=torch.cat([state.attention_mask, state.attention_mask.new_ones(batch_size, k + 1)], dim=-1),
-            position_ids=state.position.unsqueeze(-1) + torch.arange(k + 1, device=device),
-            **with_cache(state.policy_cache),
+            input_ids=torch.cat([batch.next_token.unsqueeze(-1), drafts.tokens], dim=-1),
+            attention_mask=mask,
+            position_ids=cache.write_positions,
+            **with_cache(cache),
             use_cache=True,
             output_hidden_states=self.head is not None,
         )
         target_probs = sampling.probs(outputs.logits)
-        tokens, num_accepted = rejection_sample(draft_tokens, draft_probs, target_probs, sampling.generator)
+        tokens, num_accepted = rejection_sample(
+            drafts.tokens,
+            drafts.probs,
+            target_probs,
+            sampling.generator,
+            num_drafts=drafts.num_drafted,
+            method=self.rejection_sample_method,
+        )
         pending = self.head.policy_features(outputs.hidden_states) if self.head is not None else None
-        state.advance(tokens, num_accepted, pending)
+        batch.advance(tokens, num_accepted, pending)
         return tokens, num_accepted, target_probs
 
-    def _draft(
-        self, state: _DecodeState, k: int, sampling: _SamplingParams
-    ) -> tuple[torch.LongTensor, torch.Tensor | None, torch.Tensor | None]:
-        """Runs the head: a catch-up step that yields the first draft, then up to k - 1 recurrent steps.
+    def _draft(self, batch: _Batch, k: int, sampling: _SamplingParams, session: DraftSession | None) -> "_Drafts":
+        """Drafts each row from the head or, with a rollout drafter, from the rollouts of its prompt.
 
-        The catch-up writes the head's cache slots for the tokens emitted since the last cycle from the policy's
-        own hidden states; its output at the newest token gives the first draft. The k - 1 later steps feed the
-        head's own output back; their cache slots are dropped afterwards, since the next catch-up rewrites the
-        accepted ones from the policy's hidden states. With a draft-length policy, drafting stops after any step
-        where the policy judges one more draft not worth its cost; it reads only the head's distributions.
-
-        Returns:
-            `draft_tokens` [B, j] for the j <= k tokens drafted; in probabilistic mode `draft_probs` [B, j, V] (else
-            `None`); with a draft-length policy, the top probability of each draft distribution [B, j] (else `None`).
+        The head runs a catch-up step that yields the first draft, then up to k - 1 recurrent steps. The catch-up
+        writes the head's cache slots for the tokens emitted since the last cycle from the policy's own hidden
+        states (every cycle, whichever source drafts); its output at the newest token gives the first draft
+        distribution. The k - 1 later steps feed the head's own output back; their cache slots are dropped
+        afterwards, since the next catch-up rewrites the accepted ones from the policy's hidden states. With a
+        draft-length policy, drafting stops after any step where the policy judges one more draft not worth its
+        cost. A row drafts from the rollouts when their predicted accepted drafts beat the head's, which reads
+        the head's first draft distribution before anything is drafted from it. Every rule reads only what was
+        generated before the cycle and the head's distributions, so the output keeps the policy's law.
         """
-        batch_size, device = state.next_token.shape[0], state.next_token.device
+        rows, device = batch.next_token.shape[0], batch.next_token.device
+        rollout = self._rollout_drafts(batch, k, session, device)
         if self.head is None:
-            return torch.empty(batch_size, 0, dtype=torch.long, device=device), None, None
-        greedy = self.draft_sampling == "greedy" or sampling.temperature == 0
+            if rollout is None:
+                empty = torch.empty(rows, 0, dtype=torch.long, device=device)
+                return _Drafts(empty, None, torch.zeros_like(batch.next_token), torch.zeros(rows, dtype=torch.bool))
+            return rollout.as_drafts(None if self._greedy(sampling) else self._vocab_size)
+        hidden, logits = self._catch_up(batch)
+        first = sampling.probs(logits)
+        head_confidence = first.max(dim=-1).values
+        head_rows = torch.ones(rows, dtype=torch.bool, device=device)
+        if rollout is not None:
+            predicted = session.drafter.predicted_head_drafts(head_confidence, k)
+            head_rows = predicted >= rollout.expected
+        head = self._head_drafts(batch, k, sampling, hidden, logits, first, head_rows) if head_rows.any() else None
+        batch.head_cache.discard()
+        if rollout is None:
+            return head
+        drafts = rollout.as_drafts(None if self._greedy(sampling) else self._vocab_size)
+        drafts.head_confidence = head_confidence
+        if head is not None:
+            drafts = drafts.merged(head, head_rows)
+        return drafts
+
+    def _catch_up(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the pending slots to the head's cache; returns the head's output at each row's newest token [B, H]
+        and the first draft's logits from it [B, |D|] (over the draft vocabulary)."""
+        cache = batch.head_cache
+        rows = batch.next_token.shape[0]
+        mask = self._attention_mask(cache.open(batch.pending_hidden.shape[1]), self.head.model)
         catch_up = self.head(
-            state.pending_hidden,
-            state.pending_ids,
-            attention_mask=state.attention_mask,
-            position_ids=state.pending_positions,
-            past_key_values=state.head_cache,
+            batch.pending_hidden,
+            batch.pending_ids,
+            attention_mask=mask,
+            position_ids=cache.write_positions + 1,
+            past_key_values=cache,
             use_cache=True,
         )
-        hidden = catch_up.last_hidden_state[torch.arange(batch_size, device=device), state.pending_newest]
+        cache.commit(batch.pending_count)
+        newest = catch_up.last_hidden_state[torch.arange(rows, device=cache.lengths.device), batch.pending_count - 1]
+        return newest, self.head.compute_draft_logits(newest)
+
+    def _head_drafts(
+        self,
+        batch: _Batch,
+        k: int,
+        sampling: _SamplingParams,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        first: torch.Tensor,
+        head_rows: torch.BoolTensor,
+    ) -> "_Drafts":
+        """Samples the head's drafts for every row (the rows of `head_rows` decide when to stop), from the head's
+        output at the newest token, the first draft's logits and its processed distribution (over the draft
+        vocabulary)."""
+        greedy = self._greedy(sampling)
+        cache = batch.head_cache
         tokens, probs, confidences = [], [], []
         for step in range(k):
             if step > 0:
+                mask = self._attention_mask(cache.open(1), self.head.model)
                 hidden = self.head(
                     hidden.unsqueeze(1),
                     tokens[-1].unsqueeze(-1),
-                    attention_mask=torch.cat(
-                        [state.attention_mask, state.attention_mask.new_ones(batch_size, step)], dim=-1
-                    ),
-                    position_ids=(state.position + step).unsqueeze(-1),
-                    past_key_values=state.head_cache,
+                    attention_mask=mask,
+                    position_ids=cache.write_positions + 1,
+                    past_key_values=cache,
                     use_cache=True,
                 ).last_hidden_state[:, 0]
-            # Over the draft vocabulary only (the whole vocabulary without one): q is 0 outside it, so processing,
-            # sampling and the argmax over D give what they give over the -inf-padded [B, V] logits, for less.
-            logits = self.head.compute_draft_logits(hidden)
+                # Over the draft vocabulary only (the whole vocabulary without one): q is 0 outside it, so
+                # processing, sampling and the argmax over D give what they give over the -inf-padded [B, V]
+                # logits, for less.
+                logits = self.head.compute_draft_logits(hidden)
+                first = sampling.probs(logits)
             if greedy:
                 index = logits.argmax(dim=-1)
             else:
-                draft_probs = sampling.probs(logits)
-                index = sample(draft_probs, sampling.generator)
-                probs.append(self.head.to_vocabulary(draft_probs, fill=0.0))
+                index = sample(first, sampling.generator)
+                probs.append(self.head.to_vocabulary(first, fill=0.0))
             tokens.append(index if self.head.draft_vocab is None else self.head.draft_vocab[index])
             if self.draft_length is not None:
-                confidences.append((draft_probs if not greedy else sampling.probs(logits)).max(dim=-1).values)
-                if not self.draft_length.keep_drafting(confidences):
+                confidences.append(first.max(dim=-1).values)
+                if not self.draft_length.keep_drafting([c[head_rows] for c in confidences]):
                     break
-        if len(tokens) > 1:
-            state.head_cache.crop(1 - len(tokens))
-        return (
-            torch.stack(tokens, dim=1),
-            torch.stack(probs, dim=1) if probs else None,
-            torch.stack(confidences, dim=1) if confidences else None,
+        drafted = torch.stack(tokens, dim=1)
+        return _Drafts(
+            tokens=drafted,
+            probs=torch.stack(probs, dim=1) if probs else None,
+            num_drafted=torch.full_like(batch.next_token, drafted.shape[1]),
+            head_rows=head_rows,
+            confidence=torch.stack(confidences, dim=1) if confidences else None,
         )
 
+    def _rollout_drafts(
+        self, batch: _Batch, k: int, session: DraftSession | None, device: torch.device
+    ) -> "_RolloutProposals | None":
+        """What the rollouts of each row's prompt propose (None without a rollout drafter)."""
+        if session is None:
+            return None
+        proposals = [session.propose(request, k) for request in batch.requests.tolist()]
+        rows = len(proposals)
+        tokens = torch.zeros(rows, k, dtype=torch.long)
+        scores = torch.zeros(rows, k, dtype=torch.float64)
+        for row, proposal in enumerate(proposals):
+            tokens[row, : len(proposal.tokens)] = torch.tensor(proposal.tokens, dtype=torch.long)
+            scores[row, : len(proposal.scores)] = torch.tensor(proposal.scores, dtype=torch.float64)
+        counts = torch.tensor([len(p.tokens) for p in proposals], dtype=torch.long, device=device)
+        tokens, scores = tokens.to(device), scores.to(device)
+        return _RolloutProposals(tokens, scores, counts, session.drafter.predicted_rollout_drafts(scores, counts))
+
+    def _greedy(self, sampling: _SamplingParams) -> bool:
+        """Whether drafts are argmaxes (verified as one-hot distributions) rather than samples."""
+        return self.draft_sampling == "greedy" or sampling.temperature == 0
+
     # ---------------------------------------------------------------------------------------------------- config
+
+    @contextlib.contextmanager
+    def _masked_attention(self) -> Iterator[None]:
+        """Runs the policy with an attention implementation that reads the engine's 4D masks."""
+        if attn_implementation(self.model) in _MASKED_ATTENTION:
+            yield
+            return
+        with attention_implementation(self.model, "sdpa"):
+            yield
+
+    @staticmethod
+    def _attention_mask(allowed: torch.BoolTensor, model: nn.Module) -> torch.Tensor:
+        """The 4D mask `allowed` in the form the model's attention reads: boolean for SDPA, additive for eager."""
+        if attn_implementation(model) != "eager":
+            return allowed
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def _eos_token_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
         if eos_token_id is None:
@@ -546,6 +983,42 @@ class SpeculativeGenerator:
             eos = self._eos_token_ids(None)
             pad = eos[0] if eos else 0
         return pad
+
+
+def _follow(
+    session: DraftSession, completions: _Completions, requests: torch.LongTensor, before: torch.LongTensor
+) -> None:
+    """Shows the rollout drafter the tokens each row just emitted (the completion lengths were `before`)."""
+    after = completions.lengths[requests]
+    for request, start, end in zip(requests.tolist(), before.tolist(), after.tolist(), strict=True):
+        session.extend(request, completions.ids[request, start:end].tolist())
+
+
+def _left_padded(prompts: list, device: torch.device) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`(input_ids, attention_mask)` of token id sequences, left-padded with 0."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+def _stacked(prompts: list[_Prompt], keys: str, values: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the prompts' `keys` / `values` attribute stacked into [n, heads, longest, head_dim] (zero-padded
+    after each prompt's slots)."""
+    first = getattr(prompts[0], keys)
+    stacked_keys, stacked_values = [], []
+    for layer in range(len(first)):
+        for name, out in ((keys, stacked_keys), (values, stacked_values)):
+            states = [getattr(p, name)[layer] for p in prompts]
+            longest = max(s.shape[1] for s in states)
+            padded = states[0].new_zeros(len(states), states[0].shape[0], longest, states[0].shape[-1])
+            for i, s in enumerate(states):
+                padded[i, :, : s.shape[1]] = s
+            out.append(padded)
+    return stacked_keys, stacked_values
 
 
 @contextlib.contextmanager

@@ -30,6 +30,10 @@ class AcceptanceStats:
             of each row.
         mean_entropy: Mean of `entropy` over the emitted tokens.
         mean_entropy_per_row: [B] mean of `entropy` over each row's emitted tokens.
+        num_rollout_drafts: The draft cycles drafted from other rollouts of the row's prompt (included in
+            `num_drafts`; see [`RolloutDrafter`][bebop_trl.speculative.rollout_drafts.RolloutDrafter]).
+        num_rollout_draft_tokens: Their drafted tokens.
+        num_rollout_accepted_tokens: Their accepted tokens.
     """
 
     num_speculative_tokens: int
@@ -44,6 +48,9 @@ class AcceptanceStats:
     entropy: torch.Tensor
     mean_entropy: float
     mean_entropy_per_row: torch.Tensor
+    num_rollout_drafts: int = 0
+    num_rollout_draft_tokens: int = 0
+    num_rollout_accepted_tokens: int = 0
 
     @property
     def counts(self) -> AcceptanceCounts:
@@ -91,6 +98,9 @@ class AcceptanceStats:
             "mean_draft_length": self.mean_draft_length,
             "mean_entropy": self.mean_entropy,
         }
+        if self.num_rollout_drafts:
+            metrics["rollout_draft_share"] = self.num_rollout_drafts / self.num_drafts
+            metrics["rollout_acceptance_rate"] = self.num_rollout_accepted_tokens / self.num_rollout_draft_tokens
         for j, rate in enumerate(self.acceptance_per_position.tolist()):
             metrics[f"acceptance_position_{j + 1}"] = rate
         return metrics

@@ -10,13 +10,13 @@ from unittest import mock
 
 import requests
 import torch
-from transformers import AttentionInterface, PreTrainedModel, TrainerCallback
+from transformers import AttentionInterface, TrainerCallback
 from trl.experimental.async_grpo import AsyncGRPOTrainer
 from trl.experimental.async_grpo import async_grpo_trainer as trl_async_grpo
 from trl.experimental.async_grpo.packing import TREE_ATTENTION
 from trl.experimental.async_grpo.weight_transfer import WeightTransferClient
 
-from .._compat import attn_implementation, trl_supports_response_template
+from .._compat import attention_implementation, trl_supports_response_template
 from ..modeling import MTPHead
 from ..modeling.vllm_export import vllm_draft_weights
 from ..rollout.file_weight_transfer import FileWeightTransfer
@@ -368,17 +368,6 @@ def unpack_tree_row(inputs: dict[str, torch.Tensor]) -> tuple[torch.LongTensor, 
         attention_mask[row, : len(path)] = 1
         is_completion[row, 1 : len(path)] = labels[path[:-1]] != -100
     return input_ids, attention_mask, is_completion
-
-
-@contextlib.contextmanager
-def attention_implementation(model: PreTrainedModel, implementation: str) -> Iterator[None]:
-    """Runs `model` with another attention implementation within the context."""
-    previous = attn_implementation(model)
-    model.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 @contextlib.contextmanager

@@ -100,16 +100,16 @@ def test_drafts_match_an_uncached_head(policy, head, eagle3_head, prompts, monke
     k, cycles = 3, []
     draft = SpeculativeGenerator._draft
 
-    def recording_draft(self, state, *args):
-        draft_tokens, draft_probs, confidence = draft(self, state, *args)
-        cycles.append((state.rows.clone(), draft_tokens, draft_probs))
-        return draft_tokens, draft_probs, confidence
+    def recording_draft(self, batch, *args):
+        drafts = draft(self, batch, *args)
+        cycles.append((batch.requests.clone(), drafts.tokens, drafts.probs))
+        return drafts
 
     accepted = []
     rejection_sample = engine.rejection_sample
 
-    def recording_rejection_sample(*args):
-        tokens, num_accepted = rejection_sample(*args)
+    def recording_rejection_sample(*args, **kwargs):
+        tokens, num_accepted = rejection_sample(*args, **kwargs)
         accepted.append(num_accepted)
         return tokens, num_accepted
 

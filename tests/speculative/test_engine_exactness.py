@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from bebop_trl.rollout import left_pad
-from bebop_trl.speculative import SpeculativeGenerator, rejection
+from bebop_trl.speculative import SpeculativeGenerator, rejection, slot_cache
 from bebop_trl.speculative import engine as engine_module
 from bebop_trl.speculative.draft_length import AdaptiveDraftLength, StepCosts
+from bebop_trl.speculative.rollout_drafts import RolloutDrafter
 from bebop_trl.testing import tiny_causal_lm
 
 from .helpers import chisquare_pvalue, encode_sequences, exact_sequence_law, perturbed_head
@@ -32,7 +33,9 @@ def head(policy):
     return perturbed_head(policy, scale=0.1)
 
 
-def sample_completions(engine: SpeculativeGenerator, seed: int, eos_token_id: int | None, **sampling) -> torch.Tensor:
+def sample_completions(
+    engine: SpeculativeGenerator, seed: int, eos_token_id: int | None, max_batch_size: int | None = None, **sampling
+) -> torch.Tensor:
     """[len(PROMPTS), ROWS_PER_PROMPT * CALLS] cell indices of sampled completions, grouped by prompt."""
     input_ids, attention_mask = left_pad([p for p in PROMPTS for _ in range(ROWS_PER_PROMPT)], pad_token_id=0)
     generator = torch.Generator().manual_seed(seed)
@@ -44,6 +47,7 @@ def sample_completions(engine: SpeculativeGenerator, seed: int, eos_token_id: in
             max_new_tokens=NUM_TOKENS,
             eos_token_id=[] if eos_token_id is None else eos_token_id,
             generator=generator,
+            max_batch_size=max_batch_size,
             **sampling,
         )
         mask = out.completion_mask
@@ -54,8 +58,8 @@ def sample_completions(engine: SpeculativeGenerator, seed: int, eos_token_id: in
     return torch.cat(cells, dim=1)
 
 
-def pvalues(policy, engine, seed=0, eos_token_id=None, **sampling) -> list[float]:
-    cells = sample_completions(engine, seed, eos_token_id, **sampling)
+def pvalues(policy, engine, seed=0, eos_token_id=None, max_batch_size=None, **sampling) -> list[float]:
+    cells = sample_completions(engine, seed, eos_token_id, max_batch_size, **sampling)
     laws = [exact_sequence_law(policy, p, NUM_TOKENS, eos_token_id=eos_token_id, **sampling) for p in PROMPTS]
     return [chisquare_pvalue(c, law) for c, law in zip(cells, laws, strict=True)]
 
@@ -181,11 +185,90 @@ def test_a_target_renormalised_over_the_draft_vocabulary_is_detected(policy, dra
     inside[DRAFT_VOCAB] = True
     verify = engine_module.rejection_sample
 
-    def renormalised(draft_tokens, draft_probs, target_probs, generator=None):
+    def renormalised(draft_tokens, draft_probs, target_probs, generator=None, **kwargs):
         target_probs = target_probs * inside
-        return verify(draft_tokens, draft_probs, target_probs / target_probs.sum(-1, keepdim=True), generator)
+        return verify(
+            draft_tokens, draft_probs, target_probs / target_probs.sum(-1, keepdim=True), generator, **kwargs
+        )
 
     monkeypatch.setattr(engine_module, "rejection_sample", renormalised)
     head = perturbed_head(policy, scale=0.1, draft_vocab=DRAFT_VOCAB)
     engine = SpeculativeGenerator(policy, head, num_speculative_tokens=2, draft_sampling=draft_sampling)
     assert max(pvalues(policy, engine, temperature=1.0)) < 1e-8
+
+
+# Continuous batching: 3072 rows through 96 at a time, ending at EOS after 1 to 3 tokens, so that rows are refilled
+# at every cycle from a queue that mixes the three prompts.
+BATCH = 96
+
+
+@pytest.mark.parametrize("draft_sampling", ["probabilistic", "greedy"])
+def test_continuous_batching_follows_the_policy_law(policy, head, draft_sampling):
+    engine = SpeculativeGenerator(policy, head, num_speculative_tokens=2, draft_sampling=draft_sampling)
+    for prompt, pvalue in zip(
+        PROMPTS,
+        pvalues(policy, engine, eos_token_id=EOS, max_batch_size=BATCH, temperature=1.0),
+        strict=True,
+    ):
+        assert pvalue > 1e-4, f"prompt {prompt}: chi-square p-value {pvalue:.2e}"
+
+
+def test_a_refilled_row_that_keeps_the_old_rows_cache_is_detected(policy, head, monkeypatch):
+    # Negative control: a row given to a new completion that kept the slots of the completion before it.
+    load = slot_cache.SlotCache.load
+
+    def stale_load(self, rows, keys, values, lengths):
+        previous = self.lengths[rows].clone()
+        load(self, rows, keys, values, lengths)
+        self.lengths[rows] = torch.maximum(previous, lengths)
+
+    monkeypatch.setattr(slot_cache.SlotCache, "load", stale_load)
+    engine = SpeculativeGenerator(policy, head, num_speculative_tokens=2)
+    assert max(pvalues(policy, engine, eos_token_id=EOS, max_batch_size=BATCH, temperature=1.0)) < 1e-8
+
+
+@pytest.mark.parametrize("draft_sampling", ["probabilistic", "greedy"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_block_verification_follows_the_policy_law(policy, head, draft_sampling, k):
+    engine = SpeculativeGenerator(
+        policy, head, num_speculative_tokens=k, draft_sampling=draft_sampling, rejection_sample_method="block"
+    )
+    for prompt, pvalue in zip(PROMPTS, pvalues(policy, engine, temperature=1.0), strict=True):
+        assert pvalue > 1e-4, f"prompt {prompt}: chi-square p-value {pvalue:.2e}"
+
+
+def rollout_drafter() -> RolloutDrafter:
+    # One-token contexts match at once in an 8-token vocabulary, so rollout drafts run from the first cycles.
+    return RolloutDrafter(min_match=1, max_match=3)
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_rollout_drafts_follow_the_policy_law(policy, head, with_head):
+    drafter = rollout_drafter()
+    engine = SpeculativeGenerator(
+        policy, head if with_head else None, num_speculative_tokens=2, rollout_drafter=drafter
+    )
+    for prompt, pvalue in zip(
+        PROMPTS,
+        pvalues(policy, engine, eos_token_id=EOS, max_batch_size=BATCH, temperature=1.0),
+        strict=True,
+    ):
+        assert pvalue > 1e-4, f"prompt {prompt}: chi-square p-value {pvalue:.2e}"
+    # Both sources drafted, and rollout drafts were accepted (the drafter learnt from them).
+    assert drafter.rollout_acceptance.verified.sum() > 1000
+    if with_head:
+        assert drafter.head_acceptance.verified.sum() > 1000
+
+
+def test_rollout_drafts_verified_as_if_sampled_are_detected(policy, head, monkeypatch):
+    # Negative control: rollout drafts verified with min(1, p/q) against a spread-out q instead of a one-hot one.
+    as_drafts = engine_module._RolloutProposals.as_drafts
+
+    def spread(self, vocab_size):
+        drafts = as_drafts(self, vocab_size)
+        drafts.probs = 0.5 * drafts.probs + 0.5 / vocab_size
+        return drafts
+
+    monkeypatch.setattr(engine_module._RolloutProposals, "as_drafts", spread)
+    engine = SpeculativeGenerator(policy, None, num_speculative_tokens=2, rollout_drafter=rollout_drafter())
+    assert max(pvalues(policy, engine, eos_token_id=EOS, max_batch_size=BATCH, temperature=1.0)) < 1e-8
