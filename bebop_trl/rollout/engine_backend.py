@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..modeling import MTPHead
-from ..speculative import GenerationOutput
+from ..speculative import GenerationOutput, RolloutDrafter
 from ..speculative.draft_length import AdaptiveDraftLength, calibrate_draft_length
 from .async_worker import AsyncRolloutWorker, Lookahead
 from .base import RolloutBackend, RolloutResult, current_policy, reject_images
@@ -21,7 +21,9 @@ class EngineRollout(RolloutBackend):
     Every round draws from its own random stream, seeded by the run's seed, the process and the round (evaluation
     rounds count down from -1), so a run is reproducible and an evaluation never shifts the training rounds. With
     `adaptive_draft_length` the step costs are calibrated once, on the first round's prompts, and one draft-length
-    policy then serves every round.
+    policy then serves every round. With `rollout_drafts` one
+    [`RolloutDrafter`][bebop_trl.speculative.rollout_drafts.RolloutDrafter] serves every round: it remembers the
+    completions of the rounds before (a cache: a resumed run starts it empty).
 
     Args:
         trainer: The GRPO trainer it generates for (its model, accelerator, state and sampling settings).
@@ -34,6 +36,7 @@ class EngineRollout(RolloutBackend):
         self._head = head
         self._eval_rounds = 0
         self._draft_length: AdaptiveDraftLength | None = None
+        self._rollout_drafter = RolloutDrafter() if trainer.args.rollout_drafts else None
 
     def generate(self, prompt_ids: list[list[int]], *, train: bool, **trl_inputs: Any) -> RolloutResult:
         reject_images(trl_inputs)
@@ -71,10 +74,13 @@ class EngineRollout(RolloutBackend):
         )
 
     def _engine_kwargs(self) -> dict[str, Any]:
+        args = self._trainer.args
         return dict(
-            num_speculative_tokens=self._trainer.args.num_speculative_tokens,
-            draft_sampling=self._trainer.args.draft_sampling,
+            num_speculative_tokens=args.num_speculative_tokens,
+            draft_sampling=args.draft_sampling,
             draft_length=self._draft_length,
+            rejection_sample_method=args.rejection_sample_method,
+            rollout_drafter=self._rollout_drafter,
         )
 
     def _sampling_kwargs(self) -> dict[str, Any]:
@@ -85,6 +91,7 @@ class EngineRollout(RolloutBackend):
             top_p=trainer.top_p,
             top_k=trainer.top_k or 0,
             eos_token_id=list(trainer.eos_token_ids),
+            max_batch_size=trainer.args.rollout_max_batch_size,
         )
 
     def _round_generator(self, round_index: int) -> torch.Generator:

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ..modeling import MTPHead
-from ..speculative import GenerationOutput, SpeculativeGenerator
+from ..speculative import GenerationOutput, RolloutDrafter, SpeculativeGenerator
 from ..speculative.draft_length import AdaptiveDraftLength
 
 
@@ -35,10 +35,13 @@ def generate_from_ids(
     num_speculative_tokens: int = 3,
     draft_sampling: str = "probabilistic",
     draft_length: AdaptiveDraftLength | None = None,
+    rejection_sample_method: str = "standard",
+    rollout_drafter: RolloutDrafter | None = None,
     **generate_kwargs: Any,
 ) -> GenerationOutput:
-    """Runs the engine on prompts given as token id lists (left-padded on the policy's device); `draft_length`
-    chooses the draft length per cycle (see [`SpeculativeGenerator`][bebop_trl.SpeculativeGenerator])."""
+    """Runs the engine on prompts given as token id lists (left-padded on the policy's device); `draft_length`,
+    `rejection_sample_method` and `rollout_drafter` are the engine's (see
+    [`SpeculativeGenerator`][bebop_trl.SpeculativeGenerator]), `generate_kwargs` its `generate`'s."""
     input_ids, attention_mask = padded_prompts(policy, tokenizer, prompts)
     engine = SpeculativeGenerator(
         policy,
@@ -46,6 +49,8 @@ def generate_from_ids(
         num_speculative_tokens=num_speculative_tokens,
         draft_sampling=draft_sampling,
         draft_length=draft_length,
+        rejection_sample_method=rejection_sample_method,
+        rollout_drafter=rollout_drafter,
     )
     return engine.generate(input_ids, attention_mask, **generate_kwargs)
 

@@ -18,12 +18,19 @@ class AcceptanceCounts:
         num_draft_tokens: Drafted tokens (`num_drafts * k` with a fixed draft length k).
         num_accepted_tokens: Drafted tokens the policy accepted.
         accepted_per_position: How often the j-th drafted token of a cycle was accepted (j = 0, 1, ...).
+        num_rollout_drafts: The draft cycles drafted from other rollouts of the prompt rather than by the head
+            (included in `num_drafts`; torch engine with a rollout drafter).
+        num_rollout_draft_tokens: Their drafted tokens (included in `num_draft_tokens`).
+        num_rollout_accepted_tokens: Their accepted tokens (included in `num_accepted_tokens`).
     """
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    num_rollout_drafts: int = 0
+    num_rollout_draft_tokens: int = 0
+    num_rollout_accepted_tokens: int = 0
 
     def __add__(self, other: "AcceptanceCounts") -> "AcceptanceCounts":
         return self._combine(other, sign=1)
@@ -39,6 +46,9 @@ class AcceptanceCounts:
             self.num_draft_tokens + sign * other.num_draft_tokens,
             self.num_accepted_tokens + sign * other.num_accepted_tokens,
             [a + sign * b for a, b in zip(mine, theirs, strict=True)],
+            self.num_rollout_drafts + sign * other.num_rollout_drafts,
+            self.num_rollout_draft_tokens + sign * other.num_rollout_draft_tokens,
+            self.num_rollout_accepted_tokens + sign * other.num_rollout_accepted_tokens,
         )
 
     def positions(self, k: int) -> list[int]:
@@ -46,16 +56,27 @@ class AcceptanceCounts:
         return (self.accepted_per_position + [0] * k)[:k]
 
     def as_tensor(self, k: int) -> torch.Tensor:
-        """[3 + k] float64: drafts, draft tokens, accepted tokens, accepted per position (for gathering)."""
-        values = [self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, *self.positions(k)]
+        """[6 + k] float64: drafts, draft tokens, accepted tokens, the same three of rollout drafts, accepted per
+        position (for gathering)."""
+        values = [
+            self.num_drafts,
+            self.num_draft_tokens,
+            self.num_accepted_tokens,
+            self.num_rollout_drafts,
+            self.num_rollout_draft_tokens,
+            self.num_rollout_accepted_tokens,
+            *self.positions(k),
+        ]
         return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> "AcceptanceCounts":
         """The inverse of [`as_tensor`][bebop_trl.speculative.AcceptanceCounts.as_tensor] (e.g. of a sum of
         gathered tensors)."""
-        drafts, draft_tokens, accepted, *positions = (round(v) for v in values.tolist())
-        return cls(drafts, draft_tokens, accepted, positions)
+        drafts, draft_tokens, accepted, rollout_drafts, rollout_tokens, rollout_accepted, *positions = (
+            round(v) for v in values.tolist()
+        )
+        return cls(drafts, draft_tokens, accepted, positions, rollout_drafts, rollout_tokens, rollout_accepted)
 
     @property
     def acceptance_rate(self) -> float:
@@ -75,8 +96,9 @@ class AcceptanceCounts:
         return [count / max(self.num_drafts, 1) for count in self.accepted_per_position]
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
-        """The log metrics of these counts: drafted tokens, acceptance rate, accepted drafts per cycle, and the
-        acceptance per position, each name prefixed with `prefix`."""
+        """The log metrics of these counts: drafted tokens, acceptance rate, accepted drafts per cycle, the
+        acceptance per position and, with rollout drafts, their share of the cycles and their acceptance rate, each
+        name prefixed with `prefix`."""
         metrics = {
             f"{prefix}draft_tokens": float(self.num_draft_tokens),
             f"{prefix}acceptance_rate": self.acceptance_rate,
@@ -84,4 +106,9 @@ class AcceptanceCounts:
         }
         for j, rate in enumerate(self.acceptance_per_position):
             metrics[f"{prefix}acceptance_position_{j + 1}"] = rate
+        if self.num_rollout_drafts:
+            metrics[f"{prefix}rollout_draft_share"] = self.num_rollout_drafts / self.num_drafts
+            metrics[f"{prefix}rollout_draft_acceptance_rate"] = (
+                self.num_rollout_accepted_tokens / self.num_rollout_draft_tokens
+            )
         return metrics

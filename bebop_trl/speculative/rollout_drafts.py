@@ -14,6 +14,7 @@ predicts to be accepted more: the head (by the top probability of its first draf
 the scores), through acceptance tables learnt from the verified drafts of each source.
 """
 
+import threading
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,7 +74,8 @@ class RolloutDrafter:
 
     Give one drafter to every [`SpeculativeGenerator`][bebop_trl.SpeculativeGenerator] of a training run
     (`rollout_drafter=`): each `generate` call drafts from the completions of its own rows with the same prompt and
-    from the completions it remembers of earlier calls, then remembers its own.
+    from the completions it remembers of earlier calls, then remembers its own. Engines in several threads (a
+    background rollout worker) may share it.
 
     Args:
         min_match: Shortest context (in tokens) that must match for a draft.
@@ -111,6 +113,7 @@ class RolloutDrafter:
         # Accepted / verified head drafts by position: how far a head draft goes once its first token passed.
         self._head_accepted = torch.zeros(0, dtype=torch.float64)
         self._head_verified = torch.zeros(0, dtype=torch.float64)
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ history
 
@@ -118,6 +121,10 @@ class RolloutDrafter:
         """Keeps completions for later calls, under their prompts."""
         if not self.history_per_prompt:
             return
+        with self._lock:
+            self._remember(prompts, completions)
+
+    def _remember(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]) -> None:
         for prompt, completion in zip(prompts, completions, strict=True):
             key = tuple(prompt)
             kept = self._history.pop(key, None) or deque(maxlen=self.history_per_prompt)
@@ -128,7 +135,8 @@ class RolloutDrafter:
 
     def history(self, prompt: Sequence[int]) -> list[tuple[int, ...]]:
         """The remembered completions of `prompt`, oldest first."""
-        return list(self._history.get(tuple(prompt), ()))
+        with self._lock:
+            return list(self._history.get(tuple(prompt), ()))
 
     def session(self, prompts: Sequence[Sequence[int]]) -> "DraftSession":
         """The drafting state of one `generate` call over rows with these prompts."""
@@ -139,6 +147,10 @@ class RolloutDrafter:
     def predicted_head_drafts(self, confidence: torch.Tensor, num_drafts: int) -> torch.Tensor:
         """Expected accepted head drafts [B] of a cycle drafting `num_drafts`, from the top probability of the first
         draft distribution [B] and the head's record at the later positions."""
+        with self._lock:
+            return self._predicted_head_drafts(confidence, num_drafts)
+
+    def _predicted_head_drafts(self, confidence: torch.Tensor, num_drafts: int) -> torch.Tensor:
         survival = self.head_acceptance.predict(confidence)
         expected = survival.clone()
         for position in range(1, num_drafts):
@@ -148,7 +160,8 @@ class RolloutDrafter:
 
     def predicted_rollout_drafts(self, scores: torch.Tensor, num_drafts: torch.LongTensor) -> torch.Tensor:
         """Expected accepted rollout drafts [B] from per-token scores [B, j] (rows' first `num_drafts[b]` valid)."""
-        predicted = self.rollout_acceptance.predict(scores)
+        with self._lock:
+            predicted = self.rollout_acceptance.predict(scores)
         valid = torch.arange(scores.shape[1], device=scores.device) < num_drafts.unsqueeze(-1)
         return (predicted * valid).cumprod(dim=-1).sum(dim=-1)
 
@@ -169,6 +182,17 @@ class RolloutDrafter:
             num_drafted: [B] drafts of each row.
             num_accepted: [B] accepted drafts of each row.
         """
+        with self._lock:
+            self._record(is_rollout, head_confidence, rollout_scores, num_drafted, num_accepted)
+
+    def _record(
+        self,
+        is_rollout: torch.BoolTensor,
+        head_confidence: torch.Tensor | None,
+        rollout_scores: torch.Tensor,
+        num_drafted: torch.LongTensor,
+        num_accepted: torch.LongTensor,
+    ) -> None:
         positions = torch.arange(rollout_scores.shape[1], device=num_accepted.device)
         verified = (positions <= num_accepted.unsqueeze(-1)) & (positions < num_drafted.unsqueeze(-1))
         accepted = positions < num_accepted.unsqueeze(-1)

@@ -56,7 +56,13 @@ class AcceptanceStats:
     def counts(self) -> AcceptanceCounts:
         """The run's draft and acceptance counts, as every rollout backend reports them."""
         return AcceptanceCounts(
-            self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.accepted_per_position.tolist()
+            self.num_drafts,
+            self.num_draft_tokens,
+            self.num_accepted_tokens,
+            self.accepted_per_position.tolist(),
+            self.num_rollout_drafts,
+            self.num_rollout_draft_tokens,
+            self.num_rollout_accepted_tokens,
         )
 
     @property
@@ -100,7 +106,7 @@ class AcceptanceStats:
         }
         if self.num_rollout_drafts:
             metrics["rollout_draft_share"] = self.num_rollout_drafts / self.num_drafts
-            metrics["rollout_acceptance_rate"] = self.num_rollout_accepted_tokens / self.num_rollout_draft_tokens
+            metrics["rollout_draft_acceptance_rate"] = self.num_rollout_accepted_tokens / self.num_rollout_draft_tokens
         for j, rate in enumerate(self.acceptance_per_position.tolist()):
             metrics[f"acceptance_position_{j + 1}"] = rate
         return metrics

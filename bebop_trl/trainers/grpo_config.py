@@ -6,7 +6,7 @@ import torch
 from trl import GRPOConfig
 
 from ..ops import LOSS_TYPES
-from ..speculative import DRAFT_SAMPLING_MODES
+from ..speculative import DRAFT_SAMPLING_MODES, REJECTION_SAMPLE_METHODS
 
 
 ROLLOUT_BACKENDS = ("torch", "vllm")
@@ -57,6 +57,33 @@ class BebopGRPOConfig(GRPOConfig):
             "distributed exactly as the policy's samples; probabilistic drafting keeps acceptance up when the "
             "policy's entropy rises.",
             "choices": list(DRAFT_SAMPLING_MODES),
+        },
+    )
+    rejection_sample_method: str = field(
+        default="standard",
+        metadata={
+            "help": "How the policy verifies the drafts: 'standard' token by token, 'block' as a block (block "
+            "verification, Sun et al.: at least as many drafts accepted on average, and the same law). With "
+            "rollout_backend='vllm' it is vLLM's speculative-config setting of the same name.",
+            "choices": list(REJECTION_SAMPLE_METHODS),
+        },
+    )
+    rollout_drafts: bool = field(
+        default=False,
+        metadata={
+            "help": "Torch rollouts: also draft from the other completions of the same prompt, this round's group "
+            "and the earlier rounds' (GRPO samples every prompt num_generations times, and prompts return every "
+            "epoch). Per row and cycle the source predicted to have more drafts accepted (the head or the "
+            "rollouts) drafts; without mtp_head the rollouts are the only drafter. Rollout drafts are verified as "
+            "one-hot drafts, so rollouts keep the policy's law."
+        },
+    )
+    rollout_max_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Torch rollouts: the most completions the engine decodes at once. The others wait and take the "
+            "rows of the completions that end (continuous batching); completions of one prompt share its prefill. "
+            "None decodes the whole round at once."
         },
     )
     rollout_backend: str = field(
@@ -142,6 +169,16 @@ class BebopGRPOConfig(GRPOConfig):
             raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}.")
         if self.draft_sampling not in DRAFT_SAMPLING_MODES:
             raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {self.draft_sampling!r}.")
+        if self.rejection_sample_method not in REJECTION_SAMPLE_METHODS:
+            raise ValueError(
+                f"rejection_sample_method must be one of {REJECTION_SAMPLE_METHODS}, got "
+                f"{self.rejection_sample_method!r}."
+            )
+        if self.rollout_max_batch_size is not None and self.rollout_max_batch_size < 1:
+            raise ValueError(
+                f"rollout_max_batch_size must be >= 1 (or None for the whole round at once), got "
+                f"{self.rollout_max_batch_size}."
+            )
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}.")
         if self.mtp_online_loss is not None:
@@ -168,7 +205,7 @@ class BebopGRPOConfig(GRPOConfig):
                     "async_rollouts runs the torch engine in a background worker; with rollout_backend='vllm' use "
                     "TRL's vLLM server mode instead, or set rollout_backend='torch'."
                 )
-        elif (self.mtp_head is not None or self.async_rollouts) and self.use_vllm:
+        elif (self.mtp_head is not None or self.async_rollouts or self.rollout_drafts) and self.use_vllm:
             raise ValueError(
                 "use_vllm=True generates with TRL's vLLM backend, which the torch speculative engine does not use: "
                 "set rollout_backend='vllm' to draft with the head inside vLLM, or use_vllm=False."

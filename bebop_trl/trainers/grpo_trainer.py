@@ -105,7 +105,11 @@ class BebopGRPOTrainer(GRPOTrainer):
             if self.mtp_head is not None:
                 trl_generate = functools.partial(GRPOTrainer._generate_single_turn, self)
                 self._rollout = vllm_rollout(self, self.mtp_head, trl_generate, exactness)
-        elif self.mtp_head is not None or getattr(args, "async_rollouts", False):
+        elif (
+            self.mtp_head is not None
+            or getattr(args, "async_rollouts", False)
+            or getattr(args, "rollout_drafts", False)
+        ):
             self._check_supported()
             backend = BackgroundEngineRollout if args.async_rollouts else EngineRollout
             self._rollout = backend(self, self.mtp_head)

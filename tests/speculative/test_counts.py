@@ -19,11 +19,16 @@ def test_counts_add_and_subtract_with_positions_padded():
 def test_tensor_round_trip_and_sum_of_gathered_tensors():
     a, b = AcceptanceCounts(4, 12, 5, [3, 2, 0]), AcceptanceCounts(2, 6, 3, [2, 1, 0])
     gathered = torch.stack([a.as_tensor(3), b.as_tensor(3)])
-    assert gathered.dtype == torch.float64 and gathered.shape == (2, 6)
+    assert gathered.dtype == torch.float64 and gathered.shape == (2, 9)
     assert AcceptanceCounts.from_tensor(gathered.sum(0)) == a + b
     # Cut or padded to k positions.
-    assert a.as_tensor(2).tolist() == [4, 12, 5, 3, 2]
-    assert AcceptanceCounts(1, 1, 1, [1]).as_tensor(3).tolist() == [1, 1, 1, 1, 0, 0]
+    assert a.as_tensor(2).tolist() == [4, 12, 5, 0, 0, 0, 3, 2]
+    assert AcceptanceCounts(1, 1, 1, [1]).as_tensor(3).tolist() == [1, 1, 1, 0, 0, 0, 1, 0, 0]
+    # Rollout drafts travel too.
+    c = AcceptanceCounts(5, 15, 6, [3, 2, 1], 2, 5, 3)
+    assert AcceptanceCounts.from_tensor(c.as_tensor(3)) == c
+    assert c.metrics()["rollout_draft_share"] == pytest.approx(0.4)
+    assert c.metrics()["rollout_draft_acceptance_rate"] == pytest.approx(0.6)
 
 
 def test_rates_and_metrics():

@@ -326,6 +326,23 @@ def test_adaptive_draft_length_keeps_the_policy_law(load_tiny, tokenizer, tmp_pa
     assert_rollouts_follow_the_policy_law(policy, tokenizer, rewards, batch, trainer, **sampling)
 
 
+@pytest.mark.parametrize("with_head", [True, False])
+def test_rollout_drafts_continuous_batching_and_block_verification_keep_the_policy_law(
+    with_head, load_tiny, tokenizer, tmp_path
+):
+    policy = load_tiny("llama")
+    sampling = dict(temperature=1.0, draft_sampling="probabilistic")
+    options = dict(rollout_drafts=True, rollout_max_batch_size=256, rejection_sample_method="block")
+    head = perturbed_head(policy, scale=0.05) if with_head else None
+    rewards, batch, trainer = speculative_rollouts(policy, head, tokenizer, tmp_path, **options, **sampling)
+    metrics = trainer._metrics["train"]
+    # The group's rollouts drafted some of the cycles (all of them without a head), and were accepted at times.
+    share = metrics["rollout/rollout_draft_share"][-1]
+    assert (0.0 < share < 1.0) if with_head else share == 1.0, dict(metrics)
+    assert metrics["rollout/rollout_draft_acceptance_rate"][-1] > 0.0
+    assert_rollouts_follow_the_policy_law(policy, tokenizer, rewards, batch, trainer, **sampling)
+
+
 def assert_rollouts_follow_the_policy_law(policy, tokenizer, rewards, batch, trainer, **sampling):
     """The first two tokens of each prompt's rollouts pass a chi-square test against the policy's processed law, and
     the sampling log-probs handed to TRL are that law's."""
@@ -542,6 +559,8 @@ def test_unsupported_options_with_a_head_are_rejected(option, load_tiny, tiny_ch
         (dict(rollout_backend="vllm", adaptive_draft_length=True), "adaptive_draft_length"),
         (dict(mtp_online_loss="bogus", mtp_head="my-org/head"), "mtp_online_loss"),
         (dict(mtp_online_loss="tv"), "set mtp_head"),
+        (dict(rejection_sample_method="typical"), "rejection_sample_method"),
+        (dict(rollout_max_batch_size=0), "rollout_max_batch_size"),
         (dict(mtp_online_loss="tv", mtp_head="my-org/head", mtp_online_update_interval=0), "interval"),
     ],
 )
@@ -556,6 +575,7 @@ def test_valid_speculative_configs_are_accepted(tmp_path):
     assert grpo_config(tmp_path, rollout_backend="vllm", mtp_head="my-org/head").use_vllm
     grpo_config(tmp_path, rollout_backend="vllm", vllm_mode="server", mtp_head="my-org/head", mtp_online_loss="tv")
     grpo_config(tmp_path, async_rollouts=True, max_staleness=2)
+    grpo_config(tmp_path, rollout_drafts=True, rollout_max_batch_size=8, rejection_sample_method="block")
     for loss_type in ("e2e_tv", "tv", "kl", "rkl", "ce"):
         grpo_config(tmp_path, mtp_head="my-org/head", mtp_online_loss=loss_type, mtp_online_update_interval=2)
     config = grpo_config(tmp_path, mtp_head="native", draft_sampling="greedy", num_speculative_tokens=1)
