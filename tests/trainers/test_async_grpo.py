@@ -504,7 +504,9 @@ def test_chatml_templates_trl_does_not_know_get_a_response_parser(tiny_checkpoin
         with_response_parser(other)  # not ChatML: TRL's own error, which names the fix
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"])  # ChatML, unknown to TRL
     tokenizer = with_response_parser(tokenizer)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+1="}], add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+1="}], add_generation_prompt=True, return_dict=False
+    )
     completion = tokenizer("2<|im_end|>", add_special_tokens=False)["input_ids"]
     assert parse_response(tokenizer, completion, prefix=prompt) == {"role": "assistant", "content": "2"}
 
