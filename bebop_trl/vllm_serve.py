@@ -14,6 +14,10 @@ or as `BebopAsyncGRPOTrainer` (TRL's async GRPO), and reads the acceptance count
 Without GPUs for NCCL, `--weight_transfer file` has trainers push weights through files instead:
 
     bebop-trl vllm-serve --model ... --mtp_head ... --weight_transfer file
+
+Instead of a head, `--rollout_drafts true` drafts from rollouts (vLLM's `suffix` method where `arctic_inference` is
+installed, else `ngram`), for trainers with `rollout_drafts=True`; `--rejection_sample_method block` selects block
+verification where the installed vLLM implements it.
 """
 
 import json
@@ -25,8 +29,11 @@ from typing import Any
 
 from .modeling import MTPHead
 from .modeling.native import NATIVE_HEAD
-from .modeling.vllm_export import DRAFT_SAMPLING_MODES, draft_speculative_config
+from .modeling.vllm_export import DRAFT_SAMPLING_MODES, draft_speculative_config, rollout_drafts_speculative_config
+from .rollout.vllm_backend import require_block_verification
 from .rollout.vllm_exactness import guard_vllm_exactness
+from .speculative import REJECTION_SAMPLE_METHODS
+from .trainers.grpo_config import VLLM_ROLLOUT_DRAFTS_WITH_HEAD
 from .vllm_plugin import FILE_WEIGHT_TRANSFER, compat
 
 
@@ -36,18 +43,35 @@ WEIGHT_TRANSFERS = {"nccl": "nccl", "file": FILE_WEIGHT_TRANSFER}
 
 @dataclass
 class DraftArguments:
-    """The draft head of `bebop-trl vllm-serve`."""
+    """The drafter of `bebop-trl vllm-serve`: a head, or rollout drafts."""
 
-    mtp_head: str = field(
+    mtp_head: str | None = field(
+        default=None,
         metadata={
             "help": "Folder or Hub id of the MTP head (saved with save_pretrained), or 'native' for the MTP weights "
             "the served checkpoint ships (Qwen3.5, Qwen3-Next), which vLLM reads from the checkpoint itself."
-        }
+        },
+    )
+    rollout_drafts: bool = field(
+        default=False,
+        metadata={
+            "help": "Instead of a head, draft from rollouts: vLLM's method 'suffix' (Suffix Decoding, which also "
+            "drafts from earlier requests' outputs) where arctic_inference is installed, else 'ngram' (prompt "
+            "lookup within each request's own text)."
+        },
     )
     num_speculative_tokens: int = field(default=3, metadata={"help": "Tokens drafted per cycle (k)."})
     draft_sampling: str = field(
         default="probabilistic",
         metadata={"help": "'probabilistic' or 'greedy' drafting.", "choices": list(DRAFT_SAMPLING_MODES)},
+    )
+    rejection_sample_method: str = field(
+        default="standard",
+        metadata={
+            "help": "'standard' (token by token) or 'block' (block verification; refused where the installed vLLM "
+            "would verify token by token, as the CPU build does).",
+            "choices": list(REJECTION_SAMPLE_METHODS),
+        },
     )
     draft_dir: str = field(
         default="outputs/vllm_draft", metadata={"help": "Where to write the head as a vLLM draft checkpoint."}
@@ -84,19 +108,37 @@ def serve_command(script_args: Any, draft_args: DraftArguments, extra_args: list
 
     Args:
         script_args: `trl.scripts.vllm_serve.ScriptArguments`.
-        draft_args: The head to draft with.
+        draft_args: The head or rollout drafts to draft with.
         extra_args: Arguments passed on to `vllm serve` as they are.
     """
     from trl.scripts.vllm_serve import build_command
 
-    head = None if draft_args.mtp_head == NATIVE_HEAD else MTPHead.from_pretrained(draft_args.mtp_head)
-    speculative = draft_speculative_config(
-        head,
-        script_args.model,
-        draft_args.draft_dir,
-        num_speculative_tokens=draft_args.num_speculative_tokens,
-        draft_sampling=draft_args.draft_sampling,
-    )
+    if draft_args.rejection_sample_method not in REJECTION_SAMPLE_METHODS:
+        raise ValueError(
+            f"rejection_sample_method must be one of {list(REJECTION_SAMPLE_METHODS)}, got "
+            f"{draft_args.rejection_sample_method!r}."
+        )
+    if draft_args.rollout_drafts:
+        if draft_args.mtp_head is not None:
+            raise ValueError(VLLM_ROLLOUT_DRAFTS_WITH_HEAD)
+        speculative = rollout_drafts_speculative_config(
+            num_speculative_tokens=draft_args.num_speculative_tokens,
+            rejection_sample_method=draft_args.rejection_sample_method,
+        )
+    elif draft_args.mtp_head is None:
+        raise ValueError("bebop-trl vllm-serve needs a drafter: give --mtp_head, or --rollout_drafts true.")
+    else:
+        head = None if draft_args.mtp_head == NATIVE_HEAD else MTPHead.from_pretrained(draft_args.mtp_head)
+        speculative = draft_speculative_config(
+            head,
+            script_args.model,
+            draft_args.draft_dir,
+            num_speculative_tokens=draft_args.num_speculative_tokens,
+            draft_sampling=draft_args.draft_sampling,
+            rejection_sample_method=draft_args.rejection_sample_method,
+        )
+    if draft_args.rejection_sample_method == "block":
+        require_block_verification(speculative["method"])
     script_args.speculative_config = json.dumps(speculative)
     if draft_args.weight_transfer not in WEIGHT_TRANSFERS:
         raise ValueError(

@@ -21,9 +21,17 @@ The `eagle3` layout is vLLM's EAGLE-3 drafter (`method="eagle3"`, `Eagle3LlamaFo
 hidden states at `eagle_aux_hidden_state_layer_ids`, a first layer with `hidden_norm` and 2H-wide q/k/v projections,
 a final `norm`, and its own `lm_head` (over D with `d2t`, or the policy's rows over the whole vocabulary). vLLM
 collects the aux hidden states of the target itself, from the layer ids of the draft's config.
+
+Rollout drafts (`rollout_drafts=True`) run as one of vLLM's methods that draft without a model
+([`rollout_drafts_speculative_config`][bebop_trl.modeling.vllm_export.rollout_drafts_speculative_config]): Suffix
+Decoding (`method="suffix"`), which drafts from the request's own text and from earlier requests' outputs, where the
+`arctic_inference` package is installed, else prompt lookup (`method="ngram"`), which drafts from the request's own
+text only.
 """
 
+import importlib.util
 import json
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +58,11 @@ VLLM_EAGLE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCau
 # vLLM's EAGLE-3 drafter of Llama decoder layers, and the decoder model types whose layers it computes exactly.
 VLLM_EAGLE3_ARCHITECTURE = "Eagle3LlamaForCausalLM"
 VLLM_EAGLE3_MODEL_TYPES = ("llama",)
+# The shortest and longest n-gram vLLM's prompt lookup (`method="ngram"`) matches: the match lengths of the torch
+# engine's RolloutDrafter.
+NGRAM_PROMPT_LOOKUP_MIN, NGRAM_PROMPT_LOOKUP_MAX = 2, 8
+
+logger = logging.getLogger(__name__)
 
 
 def vllm_method(config: MTPHeadConfig) -> str:
@@ -78,6 +91,7 @@ def vllm_speculative_config(
     *,
     num_speculative_tokens: int,
     draft_sampling: str = "probabilistic",
+    rejection_sample_method: str = "standard",
 ) -> dict[str, Any]:
     """The `speculative_config` of `vllm.LLM` / `vllm serve --speculative-config` for an exported head.
 
@@ -87,20 +101,78 @@ def vllm_speculative_config(
         num_speculative_tokens: Tokens drafted per cycle (k).
         draft_sampling: `"probabilistic"` (drafts sampled from the head; acceptance min(1, p/q)) or `"greedy"`
             (argmax drafts; vLLM's default, whose acceptance falls as the policy's entropy rises).
+        rejection_sample_method: `"standard"` (token by token) or `"block"` (block verification; see
+            [`require_block_verification`][bebop_trl.rollout.vllm_backend.require_block_verification] for the vLLM
+            builds that implement it).
 
     Returns:
-        A dict with `method`, `model`, `num_speculative_tokens` and `draft_sample_method`.
+        A dict with `method`, `model`, `num_speculative_tokens` and `draft_sample_method`, and
+        `rejection_sample_method` where it is not vLLM's default, `"standard"`.
     """
     if draft_sampling not in DRAFT_SAMPLING_MODES:
         raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {draft_sampling!r}.")
-    if num_speculative_tokens < 1:
-        raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}.")
     return {
         "method": vllm_method(head_config),
         "model": os.fspath(draft_path),
-        "num_speculative_tokens": num_speculative_tokens,
+        **_draft_settings(num_speculative_tokens, rejection_sample_method),
         "draft_sample_method": draft_sampling,
     }
+
+
+def rollout_drafts_method() -> str:
+    """The vLLM method that drafts from rollouts on this install: `"suffix"` (Suffix Decoding, which needs the
+    `arctic_inference` package) where it can be imported, else `"ngram"` (prompt lookup)."""
+    return "suffix" if importlib.util.find_spec("arctic_inference") is not None else "ngram"
+
+
+def rollout_drafts_speculative_config(
+    *, num_speculative_tokens: int, rejection_sample_method: str = "standard", method: str | None = None
+) -> dict[str, Any]:
+    """The `speculative_config` of vLLM rollouts drafted from rollouts instead of a head (`rollout_drafts=True`).
+
+    `method="suffix"` is Suffix Decoding: a suffix tree per request over its prompt and output, and one over the
+    outputs of earlier requests, so the other completions of a GRPO group and of earlier rounds are drafted from.
+    `method="ngram"` is prompt lookup: the tokens that followed an earlier occurrence of the longest n-gram
+    (`NGRAM_PROMPT_LOOKUP_MIN` to `NGRAM_PROMPT_LOOKUP_MAX` tokens) ending the request's text, found in the request's
+    own prompt and output only. Neither has a draft distribution: vLLM verifies their drafts as one-hot ones, which
+    keeps the output distributed as the policy's samples.
+
+    Args:
+        num_speculative_tokens: Most tokens drafted per cycle (Suffix Decoding drafts fewer where its trees predict
+            few).
+        rejection_sample_method: `"standard"` or `"block"`, as in
+            [`vllm_speculative_config`][bebop_trl.modeling.vllm_export.vllm_speculative_config].
+        method: `"suffix"` or `"ngram"`; None chooses with
+            [`rollout_drafts_method`][bebop_trl.modeling.vllm_export.rollout_drafts_method] and logs the choice.
+    """
+    if method is None:
+        method = rollout_drafts_method()
+        logger.info(
+            "Rollout drafts in vLLM: %s.",
+            "method='suffix' (Suffix Decoding, from arctic_inference), which drafts from each request's own text and "
+            "from the earlier requests' outputs: the other completions of the group and of earlier rounds"
+            if method == "suffix"
+            else "method='ngram' (prompt lookup), which drafts from each request's own prompt and output only, not "
+            "from the other completions; `pip install arctic-inference` for method='suffix', which also drafts "
+            "from them",
+        )
+    if method not in ("suffix", "ngram"):
+        raise ValueError(f"Rollout drafts run in vLLM as method 'suffix' or 'ngram', got {method!r}.")
+    config = {"method": method, **_draft_settings(num_speculative_tokens, rejection_sample_method)}
+    if method == "ngram":
+        config.update(prompt_lookup_min=NGRAM_PROMPT_LOOKUP_MIN, prompt_lookup_max=NGRAM_PROMPT_LOOKUP_MAX)
+    return config
+
+
+def _draft_settings(num_speculative_tokens: int, rejection_sample_method: str) -> dict[str, Any]:
+    """The entries every speculative config has: the draft length and, where it is not vLLM's default, the
+    verification (older vLLM releases have no `rejection_sample_method`)."""
+    if num_speculative_tokens < 1:
+        raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}.")
+    settings: dict[str, Any] = {"num_speculative_tokens": num_speculative_tokens}
+    if rejection_sample_method != "standard":
+        settings["rejection_sample_method"] = rejection_sample_method
+    return settings
 
 
 def vllm_draft_weights(head: "MTPHead") -> dict[str, Any]:
@@ -200,6 +272,7 @@ def draft_speculative_config(
     *,
     num_speculative_tokens: int,
     draft_sampling: str = "probabilistic",
+    rejection_sample_method: str = "standard",
     target_config: Any = None,
     write: bool = True,
 ) -> dict[str, Any]:
@@ -212,11 +285,16 @@ def draft_speculative_config(
         draft_dir: Where to write the draft checkpoint.
         num_speculative_tokens: Tokens drafted per cycle.
         draft_sampling: A mode of `DRAFT_SAMPLING_MODES`.
+        rejection_sample_method: `"standard"` or `"block"`.
         target_config: The policy's config, read from `policy_name_or_path` when an `mtp` head needs it and it
             is not given.
         write: False returns the config without writing (processes that let another one write).
     """
-    draft = dict(num_speculative_tokens=num_speculative_tokens, draft_sampling=draft_sampling)
+    draft = dict(
+        num_speculative_tokens=num_speculative_tokens,
+        draft_sampling=draft_sampling,
+        rejection_sample_method=rejection_sample_method,
+    )
     if head is None:
         return vllm_speculative_config(MTPHeadConfig(layout=MTP_LAYOUT), policy_name_or_path, **draft)
     if write:

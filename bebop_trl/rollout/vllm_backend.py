@@ -7,6 +7,7 @@ adds the speculative config to that one call. Acceptance is read from vLLM's cum
 
 import contextlib
 import functools
+import typing
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -15,8 +16,12 @@ import torch
 
 from .._compat import vllm_model_runner as _model_runner
 from ..speculative import AcceptanceCounts
+from ..vllm_plugin import compat
 
 
+# Speculative methods of this package that vLLM's Model Runner V2 does not run (vLLM 0.32:
+# `VllmConfig._get_v2_model_runner_unsupported_features`); vLLM falls back to its V1 model runner for them.
+V1_ONLY_METHODS = ("suffix",)
 # vLLM's cumulative counters; the server's Prometheus text adds the `_total` suffix of counters.
 NUM_DRAFTS = "vllm:spec_decode_num_drafts"
 NUM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens"
@@ -102,6 +107,56 @@ def speculative_llm(speculative_config: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         vllm_generation.LLM = original
+
+
+def block_verification_unsupported(method: str, engine_config: Any = None) -> str | None:
+    """Why the installed vLLM would not verify drafts of `method` as a block, or None where it would.
+
+    vLLM implements `rejection_sample_method="block"` in the rejection sampler of its Model Runner V2 only
+    (`vllm/v1/worker/gpu/spec_decode/rejection_sampler.py`, Triton kernels). The V1 model runner's rejection sampler
+    (`vllm/v1/sample/rejection_sampler.py`) implements "standard" and "synthetic": it accepts "block", verifies token
+    by token, and its drafters then keep no draft probabilities, so probabilistic drafting turns greedy. vLLM runs V2
+    where Triton has a backend for the device, `VLLM_USE_V2_MODEL_RUNNER` is not 0 and the method is one V2 runs.
+
+    Args:
+        method: The speculative config's `method`.
+        engine_config: A built engine's `VllmConfig`: its choice of model runner is then read, not predicted.
+    """
+    from vllm.config import speculative
+
+    if "block" not in typing.get_args(getattr(speculative, "RejectionSampleMethod", None)):
+        return "it has no block verification"
+    if engine_config is not None:
+        return None if getattr(engine_config, "use_v2_model_runner", False) else "its engine runs the V1 model runner"
+    from vllm import envs
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:
+        return "Triton has no backend for its device, so it runs the V1 model runner"
+    if getattr(envs, "VLLM_USE_V2_MODEL_RUNNER", None) is False:
+        return "VLLM_USE_V2_MODEL_RUNNER=0 selects the V1 model runner"
+    if method in V1_ONLY_METHODS:
+        return f"its Model Runner V2 does not run method={method!r}, so it runs the V1 model runner"
+    return None
+
+
+def require_block_verification(method: str, engine_config: Any = None) -> None:
+    """Refuses `rejection_sample_method="block"` where the installed vLLM would not verify drafts as a block (see
+    [`block_verification_unsupported`][bebop_trl.rollout.vllm_backend.block_verification_unsupported]); without
+    vLLM it does nothing (the exactness guard refuses that).
+
+    Raises:
+        ValueError: With the reason, the build and the ways out.
+    """
+    build = compat.installed_vllm_build()
+    reason = None if build is None else block_verification_unsupported(method, engine_config)
+    if reason is not None:
+        raise ValueError(
+            f"rejection_sample_method='block' with rollout_backend='vllm' needs vLLM's Model Runner V2, whose "
+            f"rejection sampler is the only one of vLLM's to implement block verification. The installed {build} "
+            f"would not use it ({reason}) and would verify token by token instead. Use rollout_backend='torch' "
+            "(block verification in the torch engine) or rejection_sample_method='standard'."
+        )
 
 
 def sync_colocated_policy(generation: Any, fallback: Callable[[], None]) -> None:

