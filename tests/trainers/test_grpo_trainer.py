@@ -557,6 +557,7 @@ def test_unsupported_options_with_a_head_are_rejected(option, load_tiny, tiny_ch
         (dict(rollout_backend="sglang"), "rollout_backend"),
         (dict(rollout_backend="vllm", async_rollouts=True), "async_rollouts"),
         (dict(rollout_backend="vllm", adaptive_draft_length=True), "adaptive_draft_length"),
+        (dict(rollout_backend="vllm", rollout_drafts=True, mtp_head="my-org/head"), "rollout_drafts and a draft head"),
         (dict(mtp_online_loss="bogus", mtp_head="my-org/head"), "mtp_online_loss"),
         (dict(mtp_online_loss="tv"), "set mtp_head"),
         (dict(rejection_sample_method="typical"), "rejection_sample_method"),
@@ -576,10 +577,27 @@ def test_valid_speculative_configs_are_accepted(tmp_path):
     grpo_config(tmp_path, rollout_backend="vllm", vllm_mode="server", mtp_head="my-org/head", mtp_online_loss="tv")
     grpo_config(tmp_path, async_rollouts=True, max_staleness=2)
     grpo_config(tmp_path, rollout_drafts=True, rollout_max_batch_size=8, rejection_sample_method="block")
+    # vLLM: rollout drafts without a head; whether the installed vLLM verifies blocks is checked by the trainer.
+    grpo_config(tmp_path, rollout_backend="vllm", rollout_drafts=True, rejection_sample_method="block")
+    grpo_config(tmp_path, rollout_backend="vllm", vllm_mode="server", rollout_drafts=True)
     for loss_type in ("e2e_tv", "tv", "kl", "rkl", "ce"):
         grpo_config(tmp_path, mtp_head="my-org/head", mtp_online_loss=loss_type, mtp_online_update_interval=2)
     config = grpo_config(tmp_path, mtp_head="native", draft_sampling="greedy", num_speculative_tokens=1)
     assert (config.mtp_head, config.draft_sampling, config.num_speculative_tokens) == ("native", "greedy", 1)
+
+
+def test_a_head_passed_with_rollout_drafts_in_vllm_is_rejected(load_tiny, tokenizer, tmp_path):
+    # The config sees no head when it is passed to the trainer: the trainer refuses it, before vLLM is needed.
+    policy = load_tiny("llama")
+    with pytest.raises(ValueError, match="rollout_drafts and a draft head"):
+        BebopGRPOTrainer(
+            policy,
+            distinct_characters,
+            args=grpo_config(tmp_path, rollout_backend="vllm", rollout_drafts=True),
+            train_dataset=dataset(),
+            processing_class=tokenizer,
+            head=MTPHead.from_model(policy),
+        )
 
 
 def test_a_head_for_another_policy_is_rejected(load_tiny, tokenizer, tmp_path):
