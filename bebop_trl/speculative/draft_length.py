@@ -10,6 +10,13 @@ The acceptance of a draft is predicted from the draft side only: the head's top 
 acceptance rate by a calibration table that the policy keeps from the drafts verified so far. Since the decision
 reads nothing of the policy's distribution at the drafted positions, every emitted token is still verified by exact
 rejection sampling, and the output keeps the policy's law whatever the draft length.
+
+Costs measured once can be wrong: a timing on a loaded machine, or costs that change with the batch size and the
+cache length. So the policy also times every cycle it runs, and once it has timed cycles of every length at a batch
+size, it decides there with those measured cycle costs instead of the calibrated ones. And it does not trust its own
+rule blindly: it also drafts some cycles at each fixed length 1..k, and drafts most cycles with whichever of the
+rule and the fixed lengths has given the most tokens per second so far (a few cycles keep checking the others), so
+that it ends up no slower than the best fixed draft length, k = 1 included, up to what the checks cost.
 """
 
 from collections.abc import Sequence
@@ -64,14 +71,31 @@ class StepCosts:
         return num_drafts * self.draft + self.verify[num_drafts]
 
 
+# The cycles each arm (the rule, each fixed length) drafts at first, in turn, before the fastest is preferred.
+_WARMUP_CYCLES = 6
+# Timed cycles of a draft length at a batch size before its measured cost replaces the calibrated one.
+_MEASURED_CYCLES = 3
+
+
 class AdaptiveDraftLength:
-    """Decides after each draft step whether one more draft is worth its cost; learns acceptance from outcomes.
+    """Decides after each draft step whether one more draft is worth its cost; learns acceptance and costs.
+
+    The engine calls [`begin_cycle`][bebop_trl.speculative.draft_length.AdaptiveDraftLength.begin_cycle] before a
+    cycle drafts, [`keep_drafting`][bebop_trl.speculative.draft_length.AdaptiveDraftLength.keep_drafting] after each
+    draft step, [`update`][bebop_trl.speculative.draft_length.AdaptiveDraftLength.update] with the verified cycle
+    and [`end_cycle`][bebop_trl.speculative.draft_length.AdaptiveDraftLength.end_cycle] with its tokens and time.
 
     Args:
-        costs: The step costs (from a calibration, or given).
+        costs: The step costs (from a calibration, or given), in units of a decode step.
         num_bins: Bins of the head's top probability in the calibration table.
         prior_weight: Pseudo-counts of the prior in each bin (the prior predicts the top probability itself, what
             a calibrated greedy drafter would get).
+        fallback: Also draft with every fixed length 1..k, and draft most cycles with whichever of the confidence
+            rule and the fixed lengths has given the most tokens per second (see the module's docs). False always
+            applies the rule.
+        exploration: With `fallback`, the share of cycles that keep checking the arms that are not the fastest.
+        memory: Each arm's tokens and seconds decay by this factor at each of its cycles, so that its rate follows
+            changes (the policy's entropy, the cache length) over the last `1 / (1 - memory)` cycles or so.
 
     Example:
         ```python
@@ -80,18 +104,92 @@ class AdaptiveDraftLength:
         ```
     """
 
-    def __init__(self, costs: StepCosts, num_bins: int = 10, prior_weight: float = 4.0):
+    def __init__(
+        self,
+        costs: StepCosts,
+        num_bins: int = 10,
+        prior_weight: float = 4.0,
+        *,
+        fallback: bool = True,
+        exploration: float = 0.1,
+        memory: float = 0.98,
+    ):
         if num_bins < 1 or prior_weight <= 0:
             raise ValueError(f"num_bins must be >= 1 and prior_weight > 0, got {num_bins} and {prior_weight}.")
+        if not 0 < exploration < 1 or not 0 < memory < 1:
+            raise ValueError(f"exploration and memory must be in (0, 1), got {exploration} and {memory}.")
         self.costs = costs
         self.num_bins = num_bins
         centres = (torch.arange(num_bins, dtype=torch.float64) + 0.5) / num_bins
         self.accepted = centres * prior_weight
         self.verified = torch.full((num_bins,), prior_weight, dtype=torch.float64)
+        # Arms: the rule (None) first, then each fixed length; their decayed tokens and seconds.
+        self.arms: list[int | None] = [None, *range(1, costs.max_draft_tokens + 1)] if fallback else [None]
+        self.arm_tokens = [0.0] * len(self.arms)
+        self.arm_seconds = [0.0] * len(self.arms)
+        self.arm_cycles = [0] * len(self.arms)
+        self.exploration, self.memory = exploration, memory
+        self._cycles = 0
+        self._arm = 0
+        self._batch_size: int | None = None
+        # (batch size, draft length) -> [seconds, cycles] of the timed cycles.
+        self._timed: dict[tuple[int, int], list[float]] = {}
 
     @property
     def max_draft_tokens(self) -> int:
         return self.costs.max_draft_tokens
+
+    @property
+    def arm(self) -> int | None:
+        """The fixed draft length of the current cycle, or None where the confidence rule decides."""
+        return self.arms[self._arm]
+
+    def rates(self) -> dict[str, float]:
+        """Tokens per second measured for each arm (`"rule"`, `"k=1"`, ...), for the arms that ran."""
+        return {
+            "rule" if arm is None else f"k={arm}": tokens / seconds
+            for arm, tokens, seconds in zip(self.arms, self.arm_tokens, self.arm_seconds, strict=True)
+            if seconds > 0
+        }
+
+    def begin_cycle(self, batch_size: int) -> None:
+        """Chooses how the next cycle, of `batch_size` rows, is drafted: by the rule or at a fixed length."""
+        self._batch_size = batch_size
+        self._cycles += 1
+        count = len(self.arms)
+        if count == 1:
+            return
+        if min(self.arm_cycles) < _WARMUP_CYCLES:
+            self._arm = self._cycles % count
+            return
+        rates = [tokens / seconds for tokens, seconds in zip(self.arm_tokens, self.arm_seconds, strict=True)]
+        best = max(range(count), key=rates.__getitem__)
+        period = round(1 / self.exploration)
+        if self._cycles % period:
+            self._arm = best
+        else:  # a check of the other arms, in turn
+            others = [arm for arm in range(count) if arm != best]
+            self._arm = others[(self._cycles // period) % len(others)]
+
+    def end_cycle(self, num_drafts: int, tokens: int, seconds: float) -> None:
+        """Records the cycle begun last: it drafted `num_drafts` per row and emitted `tokens` in `seconds`."""
+        decay = self.memory
+        arm = self._arm
+        self.arm_tokens[arm] = decay * self.arm_tokens[arm] + tokens
+        self.arm_seconds[arm] = decay * self.arm_seconds[arm] + seconds
+        self.arm_cycles[arm] += 1
+        timed = self._timed.setdefault((self._batch_size, num_drafts), [0.0, 0])
+        timed[0] += seconds
+        timed[1] += 1
+
+    def cycle_cost(self, num_drafts: int) -> float:
+        """Cost of a cycle of `num_drafts` drafts at the current batch size, in the units the rule compares: timed
+        seconds once every length has been timed there often enough, else the calibrated decode steps."""
+        timed = [self._timed.get((self._batch_size, j)) for j in range(1, self.max_draft_tokens + 1)]
+        if all(t is not None and t[1] >= _MEASURED_CYCLES for t in timed):
+            seconds, cycles = timed[num_drafts - 1]
+            return seconds / cycles
+        return self.costs.cycle(num_drafts)
 
     def _bin(self, confidence: torch.Tensor) -> torch.Tensor:
         return (confidence.double().clamp(0, 1) * self.num_bins).long().clamp(max=self.num_bins - 1).cpu()
@@ -111,6 +209,8 @@ class AdaptiveDraftLength:
         drafted = len(confidences)
         if drafted >= self.max_draft_tokens:
             return False
+        if self.arm is not None:
+            return drafted < self.arm
         survival = torch.ones_like(confidences[0], dtype=torch.float64)
         expected_accepted = torch.zeros_like(survival)
         for confidence in confidences:
@@ -118,9 +218,9 @@ class AdaptiveDraftLength:
             expected_accepted = expected_accepted + survival
         # The next draft's acceptance is not known before it is drafted: the last one's stands for it.
         gain = (survival * self.predicted_acceptance(confidences[-1])).mean().item()
-        extra_cost = self.costs.draft + self.costs.verify[drafted + 1] - self.costs.verify[drafted]
-        rate = (1.0 + expected_accepted.mean().item()) / self.costs.cycle(drafted)
-        return gain > rate * extra_cost
+        cost = self.cycle_cost(drafted)
+        rate = (1.0 + expected_accepted.mean().item()) / cost
+        return gain > rate * (self.cycle_cost(drafted + 1) - cost)
 
     def update(self, confidences: torch.Tensor, num_accepted: torch.Tensor) -> None:
         """Records a verified cycle: draft j was verified if the ones before it were accepted.

@@ -14,6 +14,7 @@ overwrites them.
 """
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -34,6 +35,7 @@ from .rollout_drafts import DraftSession, RolloutDrafter
 from .sampling import probs_from_logits, sample, validate_sampling_params
 from .slot_cache import SlotCache, strip_left_padding
 from .small_batch_linear import small_batch_linear
+from .step_costs import synchronize
 from .stats import AcceptanceStats
 
 
@@ -388,10 +390,11 @@ class SpeculativeGenerator:
             `min(1, p/q)`; `"greedy"` drafts the head's argmax and accepts with probability `p(draft)`.
         small_batch_linear: Compute the `nn.Linear` layers of the policy and the head as `(W @ x.T).T` when their
             input has at most 16 rows, during `generate` and in its thread only (see
-            `bebop_trl.speculative.small_batch_linear`). Results change only by float rounding. Off by default
-            because whether it helps depends on the CPU's BLAS, the thread count and the load: on the 2-core
-            machine of the step-cost table in the benchmarks docs it made policy passes over 2 to 5 tokens slower.
-            Turn it on where `benchmarks/bench_step_cost.py` shows a gain.
+            `bebop_trl.speculative.small_batch_linear`): `True` for every such product, `"auto"` for the weight
+            shapes and row counts where that path is measured faster than `F.linear` (each timed once per
+            process). Results change only by float rounding. Off by default because whether it helps depends on the
+            CPU's BLAS, the thread count and the load, and because with `"auto"` the path, hence the rounding,
+            follows timings. `benchmarks/bench_step_cost.py` measures the paths.
         draft_length: Chooses the draft length per cycle (see
             [`AdaptiveDraftLength`][bebop_trl.speculative.draft_length.AdaptiveDraftLength]): drafting stops when one
             more draft is predicted to lower the tokens per unit cost. The rule reads the head's distributions only,
@@ -424,7 +427,7 @@ class SpeculativeGenerator:
         head: MTPHead | None = None,
         num_speculative_tokens: int | Literal["auto"] = 3,
         draft_sampling: str = "probabilistic",
-        small_batch_linear: bool = False,
+        small_batch_linear: bool | Literal["auto"] = False,
         draft_length: AdaptiveDraftLength | None = None,
         rejection_sample_method: str = "standard",
         rollout_drafter: RolloutDrafter | None = None,
@@ -443,6 +446,8 @@ class SpeculativeGenerator:
             )
         if draft_sampling not in DRAFT_SAMPLING_MODES:
             raise ValueError(f"draft_sampling must be one of {DRAFT_SAMPLING_MODES}, got {draft_sampling!r}.")
+        if small_batch_linear not in (True, False, "auto"):
+            raise ValueError(f"small_batch_linear must be True, False or 'auto', got {small_batch_linear!r}.")
         if rejection_sample_method not in REJECTION_SAMPLE_METHODS:
             raise ValueError(
                 f"rejection_sample_method must be one of {REJECTION_SAMPLE_METHODS}, got {rejection_sample_method!r}."
@@ -541,7 +546,9 @@ class SpeculativeGenerator:
         k = self.num_speculative_tokens if drafting else 0
         eos_ids = torch.tensor(self._eos_token_ids(eos_token_id), dtype=torch.long, device=input_ids.device)
         linear_path = (
-            small_batch_linear(self.model, self.head) if self.small_batch_linear else contextlib.nullcontext()
+            small_batch_linear(self.model, self.head, autotune=self.small_batch_linear == "auto")
+            if self.small_batch_linear
+            else contextlib.nullcontext()
         )
         with eval_mode(self.model, self.head), linear_path, self._masked_attention():
             if self._calibrate_draft_length:
@@ -769,11 +776,18 @@ class SpeculativeGenerator:
             `tokens` [B, j + 1] and `num_accepted` [B] as from `rejection_sample`, the processed policy
             distributions [B, j + 1, V] of the verified slots, and the cycle's drafts (j drafts at most per row).
         """
+        draft_length = self.draft_length
+        if draft_length is not None:
+            draft_length.begin_cycle(len(batch.requests))
+            started = time.perf_counter()
         drafts = self._draft(batch, k, sampling, session)
         tokens, num_accepted, probs = self._verify(batch, drafts, sampling)
         head_rows = drafts.head_rows
-        if self.draft_length is not None and drafts.confidence is not None and head_rows.any():
-            self.draft_length.update(drafts.confidence[head_rows], num_accepted[head_rows])
+        if draft_length is not None and drafts.confidence is not None and head_rows.any():
+            synchronize(num_accepted.device)
+            seconds = time.perf_counter() - started
+            draft_length.update(drafts.confidence[head_rows], num_accepted[head_rows])
+            draft_length.end_cycle(drafts.confidence.shape[1], int((num_accepted + 1).sum()), seconds)
         if session is not None:
             session.drafter.record(
                 ~head_rows & (drafts.num_drafted > 0),

@@ -71,3 +71,67 @@ def test_bad_costs_are_refused():
         StepCosts(draft=0.1, verify=())
     with pytest.raises(ValueError, match="Step costs must be positive"):
         StepCosts(draft=-1.0, verify=(1.0, 1.2))
+
+
+def run_cycles(policy: AdaptiveDraftLength, seconds_of: dict[int, float], cycles: int) -> list[int]:
+    """Drives `cycles` cycles of one row at confidence 0.5, where a cycle of j drafts takes `seconds_of[j]` and emits
+    j + 1 tokens; returns the draft length of each cycle."""
+    lengths = []
+    for _ in range(cycles):
+        policy.begin_cycle(batch_size=1)
+        length = drafted_length(policy, 0.5)
+        policy.end_cycle(length, tokens=length + 1, seconds=seconds_of[length])
+        lengths.append(length)
+    return lengths
+
+
+def test_fallback_drafts_mostly_at_the_fastest_measured_length():
+    # Whatever the calibrated costs say, k = 1 is measured fastest here (2 tokens in 1 s against 3 in 3 s, 4 in 5 s).
+    policy = AdaptiveDraftLength(COSTS, exploration=0.1)
+    lengths = run_cycles(policy, {1: 1.0, 2: 3.0, 3: 5.0, 4: 7.0}, cycles=400)
+    warm_up = len(policy.arms) * 6
+    assert set(lengths[:warm_up]) == {1, 2, 3, 4}  # every arm is tried first
+    after = torch.tensor(lengths[warm_up:])
+    share = (after == 1).double().mean().item()
+    assert 0.85 <= share <= 0.95, share  # the fastest, but for the exploration share of cycles
+    assert max(policy.rates(), key=policy.rates().get) == "k=1"
+    # The rates measured are the tokens per second of each fixed length.
+    assert policy.rates()["k=1"] == pytest.approx(2.0) and policy.rates()["k=3"] == pytest.approx(4 / 5)
+
+
+def test_fallback_follows_a_change_of_costs():
+    policy = AdaptiveDraftLength(COSTS, memory=0.9)
+    run_cycles(policy, {1: 1.0, 2: 3.0, 3: 5.0, 4: 7.0}, cycles=200)
+    # Long drafts became cheap. An arm's rate only moves at its own cycles (one in 30 for each checked arm), so the
+    # choice climbs k = 2, 3, 4 over some hundreds of cycles each.
+    lengths = run_cycles(policy, {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0}, cycles=1500)
+    assert (torch.tensor(lengths[-100:]) == 4).double().mean().item() >= 0.85
+
+
+def test_without_fallback_the_rule_drafts_every_cycle():
+    policy = AdaptiveDraftLength(COSTS, num_bins=20, fallback=False)
+    expected = brute_force_best_length([policy.predicted_acceptance(torch.tensor([0.5])).item()] * 4, COSTS)
+    assert policy.arms == [None]
+    assert set(run_cycles(policy, {j: 1.0 for j in range(1, 5)}, cycles=50)) == {expected}
+
+
+def test_measured_cycle_costs_replace_the_calibrated_ones_per_batch_size():
+    policy = AdaptiveDraftLength(StepCosts(draft=0.1, verify=(1.0, 1.1, 1.2)), fallback=False)
+    policy.begin_cycle(batch_size=8)
+    assert policy.cycle_cost(2) == pytest.approx(1.2 + 0.2)  # calibrated until every length is timed
+    for _ in range(3):
+        for length, seconds in ((1, 0.5), (2, 2.0)):
+            policy.begin_cycle(batch_size=8)
+            policy.end_cycle(length, tokens=length + 1, seconds=seconds)
+    policy.begin_cycle(batch_size=8)
+    assert (policy.cycle_cost(1), policy.cycle_cost(2)) == (pytest.approx(0.5), pytest.approx(2.0))
+    # With long drafts measured this dear, a confident head stops at one draft, where the calibration drafted two.
+    assert drafted_length(policy, 0.95) == 1
+    policy.begin_cycle(batch_size=1)  # another batch size has its own timings, none yet
+    assert policy.cycle_cost(2) == pytest.approx(1.4) and drafted_length(policy, 0.95) == 2
+
+
+@pytest.mark.parametrize("kwargs", [{"exploration": 0.0}, {"exploration": 1.0}, {"memory": 1.0}, {"memory": 0.0}])
+def test_bad_fallback_settings_are_refused(kwargs):
+    with pytest.raises(ValueError, match="exploration and memory"):
+        AdaptiveDraftLength(COSTS, **kwargs)

@@ -131,7 +131,13 @@ class CoinFlipDraftLength:
             self.lengths.append(int(torch.randint(1, self.max_draft_tokens + 1, (1,), generator=self.generator)))
         return len(confidences) < self.lengths[-1]
 
+    def begin_cycle(self, batch_size) -> None:
+        pass
+
     def update(self, confidences, num_accepted) -> None:
+        pass
+
+    def end_cycle(self, num_drafts, tokens, seconds) -> None:
         pass
 
 
@@ -153,7 +159,9 @@ def test_a_wrong_residual_is_detected_with_a_draft_length_chosen_per_cycle(polic
 def test_the_confidence_rule_varies_the_draft_length_and_counts_every_draft(policy, head):
     # With these costs and a prior that never moves (acceptance = the head's top probability), one row drafts 1 to 3
     # tokens depending on the head's confidence at each cycle.
-    draft_length = AdaptiveDraftLength(StepCosts(draft=0.05, verify=(1.0, 1.1, 1.2, 1.3)), prior_weight=1e9)
+    draft_length = AdaptiveDraftLength(
+        StepCosts(draft=0.05, verify=(1.0, 1.1, 1.2, 1.3)), prior_weight=1e9, fallback=False
+    )
     engine = SpeculativeGenerator(policy, head, 3, draft_length=draft_length)
     input_ids, attention_mask = left_pad([PROMPTS[0]], pad_token_id=0)
     stats = engine.generate(

@@ -147,3 +147,44 @@ def test_completions_follow_the_policy_law(exactness_policy, case, monkeypatch):
     pvalues = exactness.pvalues(exactness_policy, engine, **sampling)
     for prompt, pvalue in zip(exactness.PROMPTS, pvalues, strict=True):
         assert pvalue > 1e-4, f"prompt {prompt}: chi-square p-value {pvalue:.2e}"
+
+
+def test_autotuning_keeps_one_path_per_shape_and_row_count(policy, prompts, monkeypatch):
+    monkeypatch.setattr(small_batch_module, "_autotuned", {})
+    expected = cached_logits(policy, prompts.input_ids, 4)
+    with torch.no_grad():
+        cache = cache_of(policy(input_ids=prompts.input_ids[:, :-4], use_cache=True))
+        with small_batch_linear(policy, autotune=True):
+            actual = policy(input_ids=prompts.input_ids[:, -4:], **with_cache(cache)).logits
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    decisions = small_batch_module._autotuned
+    shapes = {tuple(m.weight.shape) for m in linears(policy)}
+    # One decision per weight shape, for the 8 rows of 2 prompts x 4 new tokens.
+    assert {key[:2] for key in decisions} == shapes and {key[2] for key in decisions} == {8}
+    assert all(isinstance(choice, bool) for choice in decisions.values())
+    # A decision is reused, not timed again.
+    monkeypatch.setattr(small_batch_module, "_fastest", lambda *args: pytest.fail("timed twice"))
+    with torch.no_grad(), small_batch_linear(policy, autotune=True):
+        policy(input_ids=prompts.input_ids[:, -4:])
+
+
+def test_autotuning_follows_the_timings(policy, prompts, monkeypatch):
+    # Whichever path times faster is taken: here `W @ x.T` is made to look twice as fast for every shape.
+    times = iter([2.0, 1.0] * 100)
+    monkeypatch.setattr(small_batch_module, "_autotuned", {})
+    monkeypatch.setattr(small_batch_module, "_fastest", lambda function, device: next(times))
+    with torch.no_grad(), small_batch_linear(policy, autotune=True):
+        policy(input_ids=prompts.input_ids[:, :4])
+    assert small_batch_module._autotuned and all(small_batch_module._autotuned.values())
+
+
+def test_the_engine_takes_auto(policy, head, prompts):
+    greedy = [
+        SpeculativeGenerator(policy, head, num_speculative_tokens=2, small_batch_linear=mode)
+        .generate(prompts.input_ids, prompts.attention_mask, max_new_tokens=12, temperature=0.0)
+        .completion_ids
+        for mode in (False, "auto")
+    ]
+    assert torch.equal(*greedy)
+    with pytest.raises(ValueError, match="small_batch_linear"):
+        SpeculativeGenerator(policy, head, small_batch_linear="always")
