@@ -8,9 +8,10 @@ vocabulary (see `smollm2_task.py`). A full-vocabulary head also runs restricted 
 "auto"; a head trained on its own draft vocabulary runs only so ("D" rows). All engines run
 the same batches in turn (rotating order, same seeds), so the speed-ups are ratios measured side by side. Besides
 the measured speed-up, the table gives the accepted tokens per unit cost that the acceptance and the calibrated
-step costs imply.
+step costs imply. Before the timed runs every engine generates `--warmup-prompts` prompts of the training split
+untimed, so that "auto" is timed in the steady state of a long run (its acceptance table learnt, its cycles timed).
 
-    .venv/bin/python benchmarks/bench_draft_length.py              # batch 1 and 8, about 30 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench_draft_length.py          # batch 1 and 8, about 15 minutes on 2 CPU cores
 """
 
 import argparse
@@ -29,7 +30,9 @@ from bebop_trl.rollout.measure import compare_engine_speeds
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompts", type=int, default=16, help="Held-out prompts per batch size.")
+    parser.add_argument(
+        "--prompts", type=int, nargs="+", default=[16, 32], help="Held-out prompts, one count per batch size."
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
@@ -41,6 +44,14 @@ def main() -> None:
         help="Also run a full-vocabulary head restricted to this many tokens (0: not).",
     )
     parser.add_argument("--train-prompts", type=int, default=96, help="Prompts whose samples choose the subset.")
+    parser.add_argument(
+        "--warmup-prompts",
+        type=int,
+        default=32,
+        help="Training-split prompts every engine generates untimed first, per batch size: the steady state of a "
+        "long run, where the 'auto' policy has learnt acceptance and timed its cycles (0: from a cold start).",
+    )
+    parser.add_argument("--max-k", type=int, default=4, help="Longest fixed draft length run.")
     parser.add_argument("--output", default="benchmarks/results/draft_length.json")
     args = parser.parse_args()
     if args.threads:
@@ -49,7 +60,8 @@ def main() -> None:
     policy, tokenizer = load_smollm2()
     head = load_smollm2_head(policy) if args.head is None else MTPHead.from_pretrained(args.head, policy=policy)
     train, held_out = task_prompt_split(tokenizer)
-    prompts = held_out[: args.prompts]
+    if len(args.prompts) != len(args.batch_sizes):
+        parser.error("--prompts needs one count per batch size.")
     # Engines named "D ..." draft from a draft vocabulary: the head's own, or the full head restricted to one.
     heads = {"": head}
     if head.draft_vocab is not None:
@@ -60,17 +72,20 @@ def main() -> None:
             draft_vocab_from_samples(tokenizer, policy.config.vocab_size, samples, args.draft_vocab_size)
         )
     results = {"threads": torch.get_num_threads(), "args": vars(args), "batch_sizes": {}}
-    for batch_size in args.batch_sizes:
+    for batch_size, num_prompts in zip(args.batch_sizes, args.prompts, strict=True):
+        prompts = held_out[:num_prompts]
         batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
         engines = {"plain": SpeculativeGenerator(policy, None)}
         for prefix, drafter in heads.items():
-            for k in (1, 2, 3, 4) if drafter.draft_vocab is None else (1, 2, 3):
+            for k in range(1, args.max_k + 1) if drafter.draft_vocab is None else (1, 2, 3):
                 engines[f"{prefix}k={k}"] = SpeculativeGenerator(policy, drafter, k)
             engines[f"{prefix}auto"] = SpeculativeGenerator(policy, drafter, "auto")
+        warmup = train[len(train) - args.warmup_prompts :] if args.warmup_prompts else []
         measured = compare_engine_speeds(
             engines,
             tokenizer,
             batches,
+            warmup_batches=[warmup[i : i + batch_size] for i in range(0, len(warmup), batch_size)],
             repeats=args.repeats,
             max_new_tokens=args.max_new_tokens,
             temperature=1.0,

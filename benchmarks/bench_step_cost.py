@@ -1,21 +1,22 @@
 """What each step of a draft/verify cycle costs on SmolLM2-135M-Instruct, in units of one decode step.
 
-With a cached prefix of `--cache-length` tokens, at each batch size, and for both linear paths of the engine
-(`F.linear`, and the `small_batch_linear` option: `(W @ x.T).T` for inputs of at most 16 rows), it times:
+With a cached prefix of `--cache-length` tokens, at each batch size, and for the three linear paths of the engine
+(`F.linear`; the `small_batch_linear=True` option: `(W @ x.T).T` for every input of at most 16 rows; and
+`small_batch_linear="auto"`: that path only for the weight shapes and row counts where it timed faster), it times:
 
 - `engine verify n`: the engine's verify pass over n = 1..5 new tokens (policy forward with hidden states, processed
   distributions, rejection sampling, state update); n = 1 is the engine's plain sampling step;
 - `forward n`: a bare Hugging Face forward of the same model over the same cache and n new tokens;
 - `engine draft`: the engine's draft step with the shipped head (head forward, lm_head, sampling);
 - `engine cycle k`: a whole k-token engine cycle (k draft steps, one verify pass over k + 1 tokens);
-- `engine draft D=m`, `engine cycle k D=m`: the same with the head restricted to a draft vocabulary of m tokens
-  (`--draft-vocab-size`; which tokens does not change the cost);
+- `engine draft D=m`, `engine cycle k D=m`: the same with a full-vocabulary head restricted to a draft vocabulary of
+  m tokens (`--draft-vocab-size`; which tokens does not change the cost); the shipped head has its own;
 - `lm_head F.linear m`, `lm_head W @ x.T m`: the lm_head weight [V, H] times m = 1 and 4 rows, alone (the same
   operations under both paths: the spread of their time ratio around 1 shows the run's noise).
 
 All steps run in turn over `--repeats` rounds after a warm-up round (so that load bursts on a shared machine hit
-them alike) and every step restores the caches it grew; each cost is a median divided by the median of `forward 1`
-of the same linear path. The cycle cost is `k * draft + verify(k + 1)`; the speed-up limits divide the tokens a
+them alike) and every step restores the caches it grew; the tables divide each median by the median of `forward 1`
+with `F.linear`, and give each path's time against `F.linear`'s. The cycle cost is `k * draft + verify(k + 1)`; the speed-up limits divide the tokens a
 cycle emits (k + 1 with every draft accepted, or `1 + sum_j a_j` at the acceptances `--acceptance`) by that cost in
 units of the engine's own 1-token step (plain sampling with the same engine).
 
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 from bebop_trl.embedded import load_smollm2, load_smollm2_head
 from bebop_trl.rollout.measure import implied_speedup_limit
 from bebop_trl.speculative import SpeculativeGenerator
-from bebop_trl.speculative.engine import _DecodeState, _SamplingParams
+from bebop_trl.speculative.engine import _Batch, _Completions, _Drafts, _Queue, _SamplingParams
+from bebop_trl.speculative.slot_cache import SlotCache
 from bebop_trl.speculative.small_batch_linear import small_batch_linear
 from bebop_trl.speculative.step_costs import interleaved_medians
 
@@ -47,7 +49,8 @@ from bebop_trl.speculative.step_costs import interleaved_medians
 # Acceptance per position (first j drafts accepted) of the shipped head, probabilistic drafting at T = 1, from the
 # `make quickstart` run recorded in docs/benchmarks.md.
 QUICKSTART_ACCEPTANCE = [0.430, 0.191, 0.060]
-LINEAR_PATHS = {"F.linear": False, "small-batch": True}
+# The engine's `small_batch_linear` settings: off, every small product as `W @ x.T`, or per shape and row count.
+LINEAR_PATHS = {"F.linear": False, "small-batch": True, "auto": "auto"}
 MAX_NEW_TOKENS = 5
 
 
@@ -67,28 +70,23 @@ class StepBench:
         self.engine, self.k, self.restricted = engine, k, restricted
         model = engine.model
         vocab_size = model.get_output_embeddings().weight.shape[0]
-        # Costs do not depend on the token values: fixed random ids stand in for a prompt.
+        # Costs do not depend on the token values: fixed random ids stand in for distinct prompts.
         ids = torch.randint(vocab_size, (batch_size, cache_length), generator=torch.Generator().manual_seed(0))
         self.sampling = _SamplingParams(1.0, 0, 1.0, torch.Generator().manual_seed(0))
+        # The rows as the engine admits them: the prompts in both caches, the newest slot pending for the head, so
+        # that the next draft step is one catch-up step.
+        queue = _Queue(ids, torch.ones_like(ids))
+        completions = _Completions(batch_size, MAX_NEW_TOKENS, k, 0, torch.tensor([], dtype=torch.long))
+        self.batch = _Batch(
+            requests=torch.zeros(batch_size, dtype=torch.long),
+            policy_cache=SlotCache(engine._num_layers, batch_size, cache_length + 2 * MAX_NEW_TOKENS, "cpu"),
+            head_cache=SlotCache(len(engine.head.model.layers), batch_size, cache_length + 2 * MAX_NEW_TOKENS, "cpu"),
+            next_token=torch.zeros(batch_size, dtype=torch.long),
+        )
         with torch.no_grad():
-            state, _ = engine._prefill(ids, torch.ones_like(ids), self.sampling)
-            # The state after a cycle that kept one slot: the head has caught up on all slots but the newest, so
-            # that the next draft step is a single head step.
-            newest = {
-                name: getattr(state, name)[:, -1:] for name in ("pending_hidden", "pending_ids", "pending_positions")
-            }
-            older = {name: getattr(state, name)[:, :-1] for name in newest}
-            engine._draft(
-                dataclasses.replace(
-                    state,
-                    attention_mask=state.attention_mask[:, :-1],
-                    pending_newest=state.pending_newest - 1,
-                    **older,
-                ),
-                1,
-                self.sampling,
+            engine._refill(
+                self.batch, torch.ones(batch_size, dtype=torch.bool), queue, completions, self.sampling, None
             )
-        self.state = dataclasses.replace(state, pending_newest=torch.zeros_like(state.next_token), **newest)
         self.draft_tokens = torch.randint(
             vocab_size, (batch_size, MAX_NEW_TOKENS - 1), generator=self.sampling.generator
         )
@@ -98,42 +96,52 @@ class StepBench:
         self.rows = {m: torch.randn(m, self.lm_head_weight.shape[1]) for m in (1, 4)}
 
     @contextlib.contextmanager
-    def _restored(self) -> Iterator[_DecodeState]:
-        """Yields a shallow copy of the state and crops both caches back to their lengths afterwards."""
-        lengths = [cache.get_seq_length() for cache in (self.state.policy_cache, self.state.head_cache)]
+    def _restored(self) -> Iterator[_Batch]:
+        """Yields a copy of the rows' state and puts the caches back to their lengths afterwards (slots past a row's
+        length are never read, so that undoes every step)."""
+        batch = self.batch
+        lengths = [cache.lengths.clone() for cache in (batch.policy_cache, batch.head_cache)]
         try:
-            yield dataclasses.replace(self.state)
+            yield dataclasses.replace(batch)
         finally:
-            for cache, length in zip((self.state.policy_cache, self.state.head_cache), lengths, strict=True):
-                if cache.get_seq_length() > length:
-                    cache.crop(length - cache.get_seq_length())
+            for cache, length in zip((batch.policy_cache, batch.head_cache), lengths, strict=True):
+                cache.lengths = length
+                cache.discard()
 
     def forward(self, num_tokens: int) -> None:
-        state = self.state
-        batch_size = state.next_token.shape[0]
-        with self._restored():
+        with self._restored() as batch:
+            cache = batch.policy_cache
+            mask = cache.open(num_tokens)
             self.engine.model(
-                input_ids=torch.cat([state.next_token.unsqueeze(-1), self.draft_tokens[:, : num_tokens - 1]], dim=-1),
-                attention_mask=torch.cat(
-                    [state.attention_mask, state.attention_mask.new_ones(batch_size, num_tokens)], dim=-1
-                ),
-                position_ids=state.position.unsqueeze(-1) + torch.arange(num_tokens),
-                past_key_values=state.policy_cache,
+                input_ids=torch.cat([batch.next_token.unsqueeze(-1), self.draft_tokens[:, : num_tokens - 1]], dim=-1),
+                attention_mask=mask,
+                position_ids=cache.write_positions,
+                past_key_values=cache,
                 use_cache=True,
             )
 
     def verify(self, num_tokens: int) -> None:
-        with self._restored() as state:
+        with self._restored() as batch:
             drafts = num_tokens - 1
-            self.engine._verify(state, self.draft_tokens[:, :drafts], self.draft_probs[:, :drafts], self.sampling)
+            tokens = self.draft_tokens[:, :drafts]
+            self.engine._verify(
+                batch,
+                _Drafts(
+                    tokens,
+                    self.draft_probs[:, :drafts],
+                    torch.full_like(batch.next_token, drafts),
+                    torch.ones_like(batch.next_token, dtype=torch.bool),
+                ),
+                self.sampling,
+            )
 
     def draft(self, engine: SpeculativeGenerator) -> None:
-        with self._restored() as state:
-            engine._draft(state, 1, self.sampling)
+        with self._restored() as batch:
+            engine._draft(batch, 1, self.sampling, None)
 
     def cycle(self, engine: SpeculativeGenerator) -> None:
-        with self._restored() as state:
-            engine._decode_cycle(state, self.k, self.sampling)
+        with self._restored() as batch:
+            engine._decode_cycle(batch, self.k, self.sampling, None)
 
     def steps(self) -> dict[str, Callable[[], Any]]:
         """Name -> step, for one linear path."""
@@ -153,12 +161,12 @@ class StepBench:
         return steps
 
 
-def routed(engines: list[SpeculativeGenerator], step: Callable[[], Any]) -> Callable[[], Any]:
-    """`step` run with the small-batch linear path on the engines' models and heads (entering the context is part of
+def routed(engines: list[SpeculativeGenerator], step: Callable[[], Any], autotune: bool) -> Callable[[], Any]:
+    """`step` run with a small-batch linear path on the engines' models and heads (entering the context is part of
     the timed cost)."""
 
     def run() -> Any:
-        with small_batch_linear(engines[0].model, *(engine.head for engine in engines)):
+        with small_batch_linear(engines[0].model, *(engine.head for engine in engines), autotune=autotune):
             return step()
 
     return run
@@ -181,28 +189,44 @@ def summarize(medians: dict[str, float], k: int, acceptance: list[float]) -> dic
 
 
 def markdown(results: dict[str, dict[str, Any]], k: int) -> str:
-    """One table per batch size: every step's cost per linear path, and the small-batch path's time against F.linear's."""
+    """One table per batch size: every step's cost per linear path, and each small-row path's time against F.linear's."""
     lines = []
+    paths = list(LINEAR_PATHS)
     for batch, by_path in results.items():
-        plain, small = by_path["F.linear"], by_path["small-batch"]
+        plain = by_path["F.linear"]
         lines += [
-            f"\nBatch {batch} (cost in 1-token forwards of the same path; last column: small-batch / F.linear time)\n",
-            "| step | F.linear | small-batch | time ratio |",
-            "| --- | --- | --- | --- |",
+            f"\nBatch {batch} (cost in 1-token forwards of F.linear; last columns: time against F.linear's)\n",
+            "| step | " + " | ".join(paths) + " | " + " | ".join(f"{p} time" for p in paths[1:]) + " |",
+            "| --- |" + " --- |" * (2 * len(paths) - 1),
         ]
+        unit = plain["seconds"]["forward 1"]
         for name in plain["decode_steps"]:
-            ratio = small["seconds"][name] / plain["seconds"][name]
+            costs = [by_path[p]["seconds"][name] / unit for p in paths]
+            ratios = [by_path[p]["seconds"][name] / plain["seconds"][name] for p in paths[1:]]
             lines.append(
-                f"| {name} | {plain['decode_steps'][name]:.2f} | {small['decode_steps'][name]:.2f} | {ratio:.2f} |"
+                f"| {name} | "
+                + " | ".join(f"{c:.2f}" for c in costs)
+                + " | "
+                + " | ".join(f"{r:.2f}" for r in ratios)
+                + " |"
             )
+        cycles = [by_path[p]["cycle_cost"] * by_path[p]["seconds"]["forward 1"] / unit for p in paths]
         lines.append(
-            f"| cycle k={k} ({k} x draft + verify {k + 1}) | {plain['cycle_cost']:.2f} | {small['cycle_cost']:.2f} | |"
+            f"| cycle k={k} ({k} x draft + verify {k + 1}) | "
+            + " | ".join(f"{c:.2f}" for c in cycles)
+            + " |"
+            + " |" * (len(paths) - 1)
         )
         for key, label in (
             ("speedup_limit_all_accepted", "all drafts accepted"),
             ("speedup_limit_at_acceptance", "at the quickstart acceptance"),
         ):
-            lines.append(f"| speed-up limit, {label} | {plain[key]:.2f}x | {small[key]:.2f}x | |")
+            lines.append(
+                f"| speed-up limit, {label} (own path) | "
+                + " | ".join(f"{by_path[p][key]:.2f}x" for p in paths)
+                + " |"
+                + " |" * (len(paths) - 1)
+            )
     return "\n".join(lines)
 
 
@@ -234,7 +258,7 @@ def main() -> None:
     engine = SpeculativeGenerator(model, load_smollm2_head(model), num_speculative_tokens=args.k)
     engine.head.eval()
     restricted = None
-    if args.draft_vocab_size:
+    if args.draft_vocab_size and engine.head.draft_vocab is None:
         head = engine.head.with_draft_vocab(torch.arange(args.draft_vocab_size))
         restricted = SpeculativeGenerator(model, head, num_speculative_tokens=args.k)
     results: dict[str, dict[str, Any]] = {}
@@ -242,7 +266,9 @@ def main() -> None:
         bench = StepBench(engine, batch_size, args.cache_length, args.k, restricted)
         steps = bench.steps()
         timed = {
-            f"{path}: {name}": routed([engine, *([restricted] if restricted else [])], step) if on else step
+            f"{path}: {name}": routed([engine, *([restricted] if restricted else [])], step, on == "auto")
+            if on
+            else step
             for path, on in LINEAR_PATHS.items()
             for name, step in steps.items()
         }

@@ -39,7 +39,8 @@ class Tally:
         self.drafted_per_position = [a + b for a, b in zip(earlier, drafted, strict=True)]
 
     def summary(self) -> dict[str, Any]:
-        """JSON figures: tokens, seconds, tokens/s, mean entropy and, with drafts, the acceptance figures."""
+        """JSON figures: tokens, seconds, tokens/s, mean entropy and, with drafts, the acceptance figures (and the
+        rollout drafts' share of the draft cycles and their acceptance, where there were any)."""
         result: dict[str, Any] = {
             "tokens": self.tokens,
             "seconds": self.seconds,
@@ -55,6 +56,12 @@ class Tally:
                 acceptance_per_position=counts.acceptance_per_position,
                 acceptance_rate=counts.acceptance_rate,
                 accepted_drafts_per_cycle=counts.accepted_drafts_per_cycle,
+            )
+        if counts.num_rollout_drafts:
+            result.update(
+                rollout_draft_share=counts.num_rollout_drafts / counts.num_drafts,
+                rollout_acceptance_rate=counts.num_rollout_accepted_tokens / counts.num_rollout_draft_tokens,
+                rollout_accepted_per_cycle=counts.num_rollout_accepted_tokens / counts.num_rollout_drafts,
             )
         return result
 
@@ -157,6 +164,7 @@ def compare_engine_speeds(
     max_new_tokens: int,
     temperature: float,
     seed: int,
+    warmup_batches: Sequence[list[list[int]]] = (),
 ) -> dict[str, Any]:
     """Tokens per second of several engines on the same batches, runs interleaved, against the one named `plain`.
 
@@ -168,6 +176,8 @@ def compare_engine_speeds(
         engines: Name -> engine; `plain` (no head) is the baseline.
         batches: Prompt batches (token id lists), all of one batch size.
         repeats: Rounds over all batches.
+        warmup_batches: Batches every engine generates untimed first (other prompts than `batches`): engines that
+            learn as they generate (the `"auto"` draft length, rollout drafts) are then timed in a steady state.
 
     Returns:
         One tally summary per engine, `speedup` (tokens/s over plain's, per engine) and `speedup_per_repeat`.
@@ -175,6 +185,9 @@ def compare_engine_speeds(
     policy = engines["plain"].model
     for engine in engines.values():  # untimed warm-up: first calls allocate (and "auto" engines calibrate)
         _generate(engine, tokenizer, batches[0], min(4, max_new_tokens), temperature, seed)
+    for index, batch in enumerate(tqdm(warmup_batches, desc="Warm-up", unit="batch", disable=not warmup_batches)):
+        for engine in engines.values():
+            _generate(engine, tokenizer, batch, max_new_tokens, temperature, seed - 1 - index)
     names = list(engines)
     per_repeat: dict[str, list[float]] = {name: [] for name in names if name != "plain"}
     totals = {name: Tally() for name in names}

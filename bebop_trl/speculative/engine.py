@@ -35,8 +35,8 @@ from .rollout_drafts import DraftSession, RolloutDrafter
 from .sampling import probs_from_logits, sample, validate_sampling_params
 from .slot_cache import SlotCache, strip_left_padding
 from .small_batch_linear import small_batch_linear
-from .step_costs import synchronize
 from .stats import AcceptanceStats
+from .step_costs import synchronize
 
 
 # Attention implementations that read the engine's 4D masks; the engine runs any other one as "sdpa".
