@@ -10,6 +10,8 @@ the same batches in turn (rotating order, same seeds), so the speed-ups are rati
 the measured speed-up, the table gives the accepted tokens per unit cost that the acceptance and the calibrated
 step costs imply. Before the timed runs every engine generates `--warmup-prompts` prompts of the training split
 untimed, so that "auto" is timed in the steady state of a long run (its acceptance table learnt, its cycles timed).
+At batch sizes above 1 each call generates `--queue` prompts, `batch size` rows at a time with continuous batching,
+as a GRPO round does (`rollout_max_batch_size`).
 
     .venv/bin/python benchmarks/bench_draft_length.py          # batch 1 and 8, about 15 minutes on 2 CPU cores
 """
@@ -52,6 +54,13 @@ def main() -> None:
         "long run, where the 'auto' policy has learnt acceptance and timed its cycles (0: from a cold start).",
     )
     parser.add_argument("--max-k", type=int, default=4, help="Longest fixed draft length run.")
+    parser.add_argument(
+        "--queue",
+        type=int,
+        default=32,
+        help="At batch sizes above 1, prompts per generate call, decoded `batch size` rows at a time with continuous "
+        "batching (a finished row takes the next prompt), as GRPO rounds run; 0: static batches of `batch size`.",
+    )
     parser.add_argument("--output", default="benchmarks/results/draft_length.json")
     args = parser.parse_args()
     if args.threads:
@@ -74,7 +83,8 @@ def main() -> None:
     results = {"threads": torch.get_num_threads(), "args": vars(args), "batch_sizes": {}}
     for batch_size, num_prompts in zip(args.batch_sizes, args.prompts, strict=True):
         prompts = held_out[:num_prompts]
-        batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+        per_call = args.queue if batch_size > 1 and args.queue else batch_size
+        batches = [prompts[i : i + per_call] for i in range(0, len(prompts), per_call)]
         engines = {"plain": SpeculativeGenerator(policy, None)}
         for prefix, drafter in heads.items():
             for k in range(1, args.max_k + 1) if drafter.draft_vocab is None else (1, 2, 3):
@@ -85,7 +95,8 @@ def main() -> None:
             engines,
             tokenizer,
             batches,
-            warmup_batches=[warmup[i : i + batch_size] for i in range(0, len(warmup), batch_size)],
+            warmup_batches=[warmup[i : i + per_call] for i in range(0, len(warmup), per_call)],
+            max_batch_size=batch_size,
             repeats=args.repeats,
             max_new_tokens=args.max_new_tokens,
             temperature=1.0,
@@ -116,8 +127,12 @@ def main() -> None:
             for name, engine in engines.items()
             if name.endswith("auto")
         }
-        results["batch_sizes"][batch_size] = {"calibrated_costs": calibrated, "rows": rows}
-        print(f"\nBatch {batch_size}: calibrated costs in decode steps {calibrated}")
+        results["batch_sizes"][batch_size] = {
+            "calibrated_costs": calibrated,
+            "prompts_per_call": per_call,
+            "rows": rows,
+        }
+        print(f"\nBatch {batch_size} ({per_call} prompts per call): calibrated costs in decode steps {calibrated}")
         print("| engine | mean draft length | tokens per cycle | tokens per unit cost (implied) | measured speed-up |")
         print("|---|---|---|---|---|")
         for name, row in rows.items():

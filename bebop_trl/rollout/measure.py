@@ -165,6 +165,7 @@ def compare_engine_speeds(
     temperature: float,
     seed: int,
     warmup_batches: Sequence[list[list[int]]] = (),
+    max_batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Tokens per second of several engines on the same batches, runs interleaved, against the one named `plain`.
 
@@ -178,16 +179,17 @@ def compare_engine_speeds(
         repeats: Rounds over all batches.
         warmup_batches: Batches every engine generates untimed first (other prompts than `batches`): engines that
             learn as they generate (the `"auto"` draft length, rollout drafts) are then timed in a steady state.
+        max_batch_size: Rows decoded at once within a batch (continuous batching; default: the whole batch).
 
     Returns:
         One tally summary per engine, `speedup` (tokens/s over plain's, per engine) and `speedup_per_repeat`.
     """
     policy = engines["plain"].model
     for engine in engines.values():  # untimed warm-up: first calls allocate (and "auto" engines calibrate)
-        _generate(engine, tokenizer, batches[0], min(4, max_new_tokens), temperature, seed)
+        _generate(engine, tokenizer, batches[0], min(4, max_new_tokens), temperature, seed, max_batch_size)
     for index, batch in enumerate(tqdm(warmup_batches, desc="Warm-up", unit="batch", disable=not warmup_batches)):
         for engine in engines.values():
-            _generate(engine, tokenizer, batch, max_new_tokens, temperature, seed - 1 - index)
+            _generate(engine, tokenizer, batch, max_new_tokens, temperature, seed - 1 - index, max_batch_size)
     names = list(engines)
     per_repeat: dict[str, list[float]] = {name: [] for name in names if name != "plain"}
     totals = {name: Tally() for name in names}
@@ -206,6 +208,7 @@ def compare_engine_speeds(
                         max_new_tokens,
                         temperature,
                         seed + 1000 * repeat + index,
+                        max_batch_size,
                     )
                     tallies[name].add(output, seconds)
                     totals[name].add(output, seconds)
@@ -252,11 +255,17 @@ def _generate(
     max_new_tokens: int,
     temperature: float,
     seed: int,
+    max_batch_size: int | None = None,
 ) -> GenerationOutput:
     input_ids, attention_mask = padded_prompts(engine.model, tokenizer, prompts)
     generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     return engine.generate(
-        input_ids, attention_mask, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator
+        input_ids,
+        attention_mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        generator=generator,
+        max_batch_size=max_batch_size,
     )
 
 
