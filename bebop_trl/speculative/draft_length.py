@@ -14,9 +14,10 @@ rejection sampling, and the output keeps the policy's law whatever the draft len
 Costs measured once can be wrong: a timing on a loaded machine, or costs that change with the batch size and the
 cache length. So the policy also times every cycle it runs, and once it has timed cycles of every length at a batch
 size, it decides there with those measured cycle costs instead of the calibrated ones. And it does not trust its own
-rule blindly: it also drafts some cycles at each fixed length 1..k, and drafts most cycles with whichever of the
-rule and the fixed lengths has given the most tokens per second so far (a few cycles keep checking the others), so
-that it ends up no slower than the best fixed draft length, k = 1 included, up to what the checks cost.
+rule blindly: it also drafts some cycles at each fixed length 1..k, estimates the tokens per second of each fixed
+length from the measured cycle times and acceptance per position, and drafts most cycles with whichever of the rule
+and the fixed lengths is fastest (a few cycles keep checking the others), so that it ends up no slower than the best
+fixed draft length, k = 1 included, up to what the checks cost.
 """
 
 from collections.abc import Sequence
@@ -71,10 +72,29 @@ class StepCosts:
         return num_drafts * self.draft + self.verify[num_drafts]
 
 
-# The cycles each arm (the rule, each fixed length) drafts at first, in turn, before the fastest is preferred.
+# Cycles of the rule, and of each fixed draft length, timed at a batch size before the policy chooses there by
+# measured rates rather than in turn.
 _WARMUP_CYCLES = 6
-# Timed cycles of a draft length at a batch size before its measured cost replaces the calibrated one.
+# Timed cycles of a draft length at a batch size before its measured cost replaces the calibrated one in the rule.
 _MEASURED_CYCLES = 3
+
+
+@dataclass
+class _Decayed:
+    """A decayed sum and weight (`value / weight` is the recent mean) and the raw count of what was added."""
+
+    value: float = 0.0
+    weight: float = 0.0
+    count: int = 0
+
+    def add(self, value: float, weight: float, decay: float) -> None:
+        self.value = decay * self.value + value
+        self.weight = decay * self.weight + weight
+        self.count += 1
+
+    @property
+    def mean(self) -> float:
+        return self.value / self.weight
 
 
 class AdaptiveDraftLength:
@@ -85,17 +105,24 @@ class AdaptiveDraftLength:
     draft step, [`update`][bebop_trl.speculative.draft_length.AdaptiveDraftLength.update] with the verified cycle
     and [`end_cycle`][bebop_trl.speculative.draft_length.AdaptiveDraftLength.end_cycle] with its tokens and time.
 
+    With `fallback`, each cycle is drafted by one of several *arms*: the confidence rule, or a fixed length 1..k.
+    A fixed length's tokens per second are estimated from pooled measurements, which are far less noisy than its own
+    cycles' yield: the measured time of cycles of that length at the batch size, and the acceptance per position of
+    every fixed-length cycle (a fixed length does not depend on the head's confidence, so these cycles measure the
+    acceptance without the rule's selection). The rule's rate is its own cycles' tokens over their time. Most cycles
+    go to the fastest arm; the share `exploration` goes to the others in turn, which keeps every estimate fresh.
+
     Args:
         costs: The step costs (from a calibration, or given), in units of a decode step.
         num_bins: Bins of the head's top probability in the calibration table.
         prior_weight: Pseudo-counts of the prior in each bin (the prior predicts the top probability itself, what
             a calibrated greedy drafter would get).
         fallback: Also draft with every fixed length 1..k, and draft most cycles with whichever of the confidence
-            rule and the fixed lengths has given the most tokens per second (see the module's docs). False always
-            applies the rule.
+            rule and the fixed lengths is measured fastest (see above). False always applies the rule.
         exploration: With `fallback`, the share of cycles that keep checking the arms that are not the fastest.
-        memory: Each arm's tokens and seconds decay by this factor at each of its cycles, so that its rate follows
-            changes (the policy's entropy, the cache length) over the last `1 / (1 - memory)` cycles or so.
+        memory: Measured times, yields and acceptances decay by this factor at each cycle they are measured on, so
+            that they follow changes (the policy's entropy, the cache length) over the last `1 / (1 - memory)`
+            such cycles or so.
 
     Example:
         ```python
@@ -123,17 +150,18 @@ class AdaptiveDraftLength:
         centres = (torch.arange(num_bins, dtype=torch.float64) + 0.5) / num_bins
         self.accepted = centres * prior_weight
         self.verified = torch.full((num_bins,), prior_weight, dtype=torch.float64)
-        # Arms: the rule (None) first, then each fixed length; their decayed tokens and seconds.
+        # Arms: the rule (None) first, then each fixed length.
         self.arms: list[int | None] = [None, *range(1, costs.max_draft_tokens + 1)] if fallback else [None]
-        self.arm_tokens = [0.0] * len(self.arms)
-        self.arm_seconds = [0.0] * len(self.arms)
-        self.arm_cycles = [0] * len(self.arms)
         self.exploration, self.memory = exploration, memory
         self._cycles = 0
         self._arm = 0
         self._batch_size: int | None = None
-        # (batch size, draft length) -> [seconds, cycles] of the timed cycles.
-        self._timed: dict[tuple[int, int], list[float]] = {}
+        # (batch size, draft length) -> seconds per cycle; batch size -> the rule's tokens per second.
+        self._timed: dict[tuple[int, int], _Decayed] = {}
+        self._rule_rate: dict[int, _Decayed] = {}
+        # Per draft position j: rows of fixed-length cycles that drafted >= j tokens, and those that accepted >= j.
+        self._reached = torch.zeros(costs.max_draft_tokens, dtype=torch.float64)
+        self._passed = torch.zeros(costs.max_draft_tokens, dtype=torch.float64)
 
     @property
     def max_draft_tokens(self) -> int:
@@ -144,25 +172,54 @@ class AdaptiveDraftLength:
         """The fixed draft length of the current cycle, or None where the confidence rule decides."""
         return self.arms[self._arm]
 
-    def rates(self) -> dict[str, float]:
-        """Tokens per second measured for each arm (`"rule"`, `"k=1"`, ...), for the arms that ran."""
-        return {
-            "rule" if arm is None else f"k={arm}": tokens / seconds
-            for arm, tokens, seconds in zip(self.arms, self.arm_tokens, self.arm_seconds, strict=True)
-            if seconds > 0
-        }
+    def rates(self, batch_size: int | None = None) -> dict[str, float]:
+        """Estimated tokens per second of each arm (`"rule"`, `"k=1"`, ...) at `batch_size` (default: the current
+        cycle's), for the arms measured there."""
+        batch_size = self._batch_size if batch_size is None else batch_size
+        rates = {}
+        for arm in self.arms:
+            rate = self._rate(arm, batch_size)
+            if rate is not None:
+                rates["rule" if arm is None else f"k={arm}"] = rate
+        return rates
+
+    def _rate(self, arm: int | None, batch_size: int) -> float | None:
+        if arm is None:
+            rule = self._rule_rate.get(batch_size)
+            return rule.mean if rule is not None and rule.weight > 0 else None
+        timed = self._timed.get((batch_size, arm))
+        if timed is None:
+            return None
+        # P(the first j drafts all accepted), from the fixed-length cycles that drafted >= j.
+        survival = self._passed[:arm] / self._reached[:arm].clamp(min=1e-12)
+        return batch_size * (1.0 + survival.sum().item()) / timed.mean
+
+    def _measured(self, batch_size: int) -> bool:
+        """Whether every arm has been timed often enough at `batch_size` to be chosen by its rate."""
+        rule = self._rule_rate.get(batch_size)
+        if rule is None or rule.count < _WARMUP_CYCLES or self._reached[-1] == 0:
+            return False
+        return all(
+            (timed := self._timed.get((batch_size, arm))) is not None and timed.count >= _MEASURED_CYCLES
+            for arm in self.arms[1:]
+        )
 
     def begin_cycle(self, batch_size: int) -> None:
-        """Chooses how the next cycle, of `batch_size` rows, is drafted: by the rule or at a fixed length."""
+        """Chooses how the next cycle, of `batch_size` rows, is drafted: by the rule or at a fixed length.
+
+        Where the arms are not all measured at this batch size, the nearest measured batch size stands for it; where
+        none is, the arms take turns."""
         self._batch_size = batch_size
         self._cycles += 1
         count = len(self.arms)
         if count == 1:
             return
-        if min(self.arm_cycles) < _WARMUP_CYCLES:
+        measured = [b for b in {b for b, _ in self._timed} if self._measured(b)]
+        if not measured:
             self._arm = self._cycles % count
             return
-        rates = [tokens / seconds for tokens, seconds in zip(self.arm_tokens, self.arm_seconds, strict=True)]
+        reference = min(measured, key=lambda b: (abs(b - batch_size), -b))
+        rates = [self._rate(arm, reference) for arm in self.arms]
         best = max(range(count), key=rates.__getitem__)
         period = round(1 / self.exploration)
         if self._cycles % period:
@@ -174,21 +231,16 @@ class AdaptiveDraftLength:
     def end_cycle(self, num_drafts: int, tokens: int, seconds: float) -> None:
         """Records the cycle begun last: it drafted `num_drafts` per row and emitted `tokens` in `seconds`."""
         decay = self.memory
-        arm = self._arm
-        self.arm_tokens[arm] = decay * self.arm_tokens[arm] + tokens
-        self.arm_seconds[arm] = decay * self.arm_seconds[arm] + seconds
-        self.arm_cycles[arm] += 1
-        timed = self._timed.setdefault((self._batch_size, num_drafts), [0.0, 0])
-        timed[0] += seconds
-        timed[1] += 1
+        self._timed.setdefault((self._batch_size, num_drafts), _Decayed()).add(seconds, 1.0, decay)
+        if self.arm is None:
+            self._rule_rate.setdefault(self._batch_size, _Decayed()).add(tokens, seconds, decay)
 
     def cycle_cost(self, num_drafts: int) -> float:
         """Cost of a cycle of `num_drafts` drafts at the current batch size, in the units the rule compares: timed
         seconds once every length has been timed there often enough, else the calibrated decode steps."""
         timed = [self._timed.get((self._batch_size, j)) for j in range(1, self.max_draft_tokens + 1)]
-        if all(t is not None and t[1] >= _MEASURED_CYCLES for t in timed):
-            seconds, cycles = timed[num_drafts - 1]
-            return seconds / cycles
+        if all(t is not None and t.count >= _MEASURED_CYCLES for t in timed):
+            return timed[num_drafts - 1].mean
         return self.costs.cycle(num_drafts)
 
     def _bin(self, confidence: torch.Tensor) -> torch.Tensor:
@@ -229,7 +281,16 @@ class AdaptiveDraftLength:
             confidences: [B, j] top probabilities of the cycle's drafts.
             num_accepted: [B] drafts accepted per row.
         """
-        positions = torch.arange(confidences.shape[1], device=confidences.device)
+        drafted = confidences.shape[1]
+        if self.arm is not None and drafted:
+            decay = self.memory
+            rows = float(len(num_accepted))
+            passed = (num_accepted.unsqueeze(-1) >= torch.arange(1, drafted + 1, device=num_accepted.device)).sum(0)
+            self._reached *= decay
+            self._passed *= decay
+            self._reached[:drafted] += rows
+            self._passed[:drafted] += passed.double().cpu()
+        positions = torch.arange(drafted, device=confidences.device)
         verified = positions <= num_accepted.unsqueeze(-1)
         accepted = positions < num_accepted.unsqueeze(-1)
         bins = self._bin(confidences[verified])

@@ -384,8 +384,8 @@ class SpeculativeGenerator:
         num_speculative_tokens: Tokens drafted per cycle (k >= 1), or the most drafted per cycle with a
             `draft_length` policy. `"auto"` drafts up to 4 per cycle with an
             [`AdaptiveDraftLength`][bebop_trl.speculative.draft_length.AdaptiveDraftLength] whose step costs are
-            measured on the first batch generated (a few policy and head steps; the costs depend on the batch size,
-            so build one generator per batch size).
+            calibrated on the first batch generated (a few policy and head steps over as many rows as are decoded
+            at once), then replaced by the cycle times it measures at each batch size.
         draft_sampling: `"probabilistic"` samples drafts from the head's processed distribution q and accepts with
             `min(1, p/q)`; `"greedy"` drafts the head's argmax and accepts with probability `p(draft)`.
         small_batch_linear: Compute the `nn.Linear` layers of the policy and the head as `(W @ x.T).T` when their
@@ -551,14 +551,19 @@ class SpeculativeGenerator:
             else contextlib.nullcontext()
         )
         with eval_mode(self.model, self.head), linear_path, self._masked_attention():
-            if self._calibrate_draft_length:
-                self.draft_length = calibrate_draft_length(
-                    self.model, self.head, input_ids, attention_mask, max_draft_tokens=k, temperature=temperature
-                )
-                self._calibrate_draft_length = False
             completions = _Completions(input_ids.shape[0], max_new_tokens, k, self._pad_token_id(), eos_ids)
             queue = _Queue(input_ids, attention_mask)
             rows = max_batch_size or len(queue)
+            if self._calibrate_draft_length:  # on as many rows as are decoded at once
+                self.draft_length = calibrate_draft_length(
+                    self.model,
+                    self.head,
+                    input_ids[:rows],
+                    attention_mask[:rows],
+                    max_draft_tokens=k,
+                    temperature=temperature,
+                )
+                self._calibrate_draft_length = False
             decode = self._decode if self._slot_cache else self._decode_static
             with tqdm(total=max_new_tokens * len(queue), disable=not progress, desc="Generating") as bar:
                 decode(queue, completions, min(rows, len(queue)), k, sampling, bar)
