@@ -77,6 +77,9 @@ class StepCosts:
 _WARMUP_CYCLES = 6
 # Timed cycles of a draft length at a batch size before its measured cost replaces the calibrated one in the rule.
 _MEASURED_CYCLES = 3
+# The rule's rate is measured from its own cycles, a noisier estimate than the fixed lengths' pooled ones, and the
+# larger of noisy estimates is biased up: the rule drafts only where it beats the best fixed length by this factor.
+_RULE_MARGIN = 1.03
 
 
 @dataclass
@@ -109,8 +112,9 @@ class AdaptiveDraftLength:
     A fixed length's tokens per second are estimated from pooled measurements, which are far less noisy than its own
     cycles' yield: the measured time of cycles of that length at the batch size, and the acceptance per position of
     every fixed-length cycle (a fixed length does not depend on the head's confidence, so these cycles measure the
-    acceptance without the rule's selection). The rule's rate is its own cycles' tokens over their time. Most cycles
-    go to the fastest arm; the share `exploration` goes to the others in turn, which keeps every estimate fresh.
+    acceptance without the rule's selection). The rule's rate is its own cycles' tokens over their time, noisier, so
+    the rule is preferred only where it beats the best fixed length by 3%. Most cycles go to the fastest arm; the
+    share `exploration` goes to the others in turn, which keeps every estimate fresh.
 
     Args:
         costs: The step costs (from a calibration, or given), in units of a decode step.
@@ -120,9 +124,9 @@ class AdaptiveDraftLength:
         fallback: Also draft with every fixed length 1..k, and draft most cycles with whichever of the confidence
             rule and the fixed lengths is measured fastest (see above). False always applies the rule.
         exploration: With `fallback`, the share of cycles that keep checking the arms that are not the fastest.
-        memory: Measured times, yields and acceptances decay by this factor at each cycle they are measured on, so
-            that they follow changes (the policy's entropy, the cache length) over the last `1 / (1 - memory)`
-            such cycles or so.
+        memory: Measured times, yields and acceptances decay by this factor at each cycle that measures them (a
+            cycle of that length, of the rule, or one that drafts that deep), so that they follow changes (the
+            policy's entropy, the cache length) over the last `1 / (1 - memory)` such cycles or so.
 
     Example:
         ```python
@@ -220,7 +224,9 @@ class AdaptiveDraftLength:
             return
         reference = min(measured, key=lambda b: (abs(b - batch_size), -b))
         rates = [self._rate(arm, reference) for arm in self.arms]
-        best = max(range(count), key=rates.__getitem__)
+        best = max(range(1, count), key=rates.__getitem__)
+        if rates[0] > _RULE_MARGIN * rates[best]:
+            best = 0
         period = round(1 / self.exploration)
         if self._cycles % period:
             self._arm = best
@@ -286,10 +292,10 @@ class AdaptiveDraftLength:
             decay = self.memory
             rows = float(len(num_accepted))
             passed = (num_accepted.unsqueeze(-1) >= torch.arange(1, drafted + 1, device=num_accepted.device)).sum(0)
-            self._reached *= decay
-            self._passed *= decay
-            self._reached[:drafted] += rows
-            self._passed[:drafted] += passed.double().cpu()
+            # Each position decays at the cycles that measure it only: the deep ones, drafted by a few cycles,
+            # keep as many samples as the shallow ones.
+            self._reached[:drafted] = decay * self._reached[:drafted] + rows
+            self._passed[:drafted] = decay * self._passed[:drafted] + passed.double().cpu()
         positions = torch.arange(drafted, device=confidences.device)
         verified = positions <= num_accepted.unsqueeze(-1)
         accepted = positions < num_accepted.unsqueeze(-1)
